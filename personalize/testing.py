@@ -1,0 +1,176 @@
+"""A tiny, offline Stable Diffusion pipeline built in code, for tests and the demo.
+
+Nothing here downloads: the tokenizer is a byte-level CLIP BPE with no merges (every
+byte is a token), the text encoder has 2 layers, and the UNet/VAE are a few hundred
+thousand parameters each. The classes are the real diffusers/transformers ones, so
+every trainer, loader and saver runs unchanged against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_RESOLUTION = 32
+TINY_TEXT_WIDTH = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def tiny_tokenizer(model_max_length: int = 77):
+    """A byte-level CLIP tokenizer: 512 byte tokens (plain and end-of-word) + 2 specials."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    return tok
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=TINY_TEXT_WIDTH,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+    )
+
+
+def tiny_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
+    )
+
+
+def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A complete StableDiffusionPipeline with random tiny weights (deterministic in seed)."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(len(tokenizer), seed),
+        tokenizer=tokenizer,
+        unet=tiny_unet(seed),
+        scheduler=tiny_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny pipeline as a diffusers model folder, loadable by `from_pretrained`."""
+    path = Path(path)
+    tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_synthetic_images(
+    folder: str | Path,
+    count: int = 4,
+    size: int = 48,
+    caption: str | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Write `count` PNGs of one recognizable 'subject': a red disc on a striped ground.
+
+    The subject stays the same, its position and the stripe phase vary, so a trainer has
+    something consistent to learn. With `caption`, a same-name .txt sidecar is written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    paths = []
+    for i in range(count):
+        stripes = ((xx + yy + rng.integers(0, 8)) // 6) % 2
+        img = np.where(stripes[..., None] == 1, [30, 60, 200], [230, 230, 90]).astype(np.uint8)
+        cx, cy = rng.integers(size // 3, 2 * size // 3, size=2)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < (size // 5) ** 2
+        img[disc] = [220, 30, 30]
+        p = folder / f"subject_{i:02d}.png"
+        Image.fromarray(img).save(p)
+        if caption is not None:
+            p.with_suffix(".txt").write_text(caption, encoding="utf-8")
+        paths.append(p)
+    return paths
