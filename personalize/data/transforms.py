@@ -1,0 +1,190 @@
+"""Image loading and training transforms with PIL + numpy only (no torchvision).
+
+Two halves:
+
+* `load_image` turns whatever a user's folder holds (phone JPEGs with EXIF rotation,
+  transparent PNGs, palette GIFs, print CMYK, 16-bit scans) into an upright 8-bit RGB
+  image, so the rest of the pipeline only ever sees one kind of picture.
+* `prepare_image` does the training view: shorter side to `resolution`, square crop,
+  optional flip, then a [3, H, W] float tensor in [-1, 1] (what the SD VAE expects).
+
+Randomness is always passed in as a `numpy.random.Generator`; nothing here touches
+global RNG state, so the dataset can make augmentation a pure function of
+(seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps
+
+ImageSource = str | Path | bytes | BinaryIO
+
+# Greyscale modes wider than 8 bits. PIL cannot convert them to RGB faithfully on its
+# own ("I;16" -> "RGB" clips instead of scaling), so they go through numpy.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.Image:
+    """Open `source` (path, bytes or binary file) as an upright RGB image, fully decoded.
+
+    `draft_size` lets JPEG decode at a reduced scale (at least that many pixels a side):
+    a cheap way to check that the whole file decodes without paying for full size.
+    Raises whatever PIL raises for unreadable files (OSError, UnidentifiedImageError,
+    DecompressionBombError, ...); the caller adds the file name.
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with Image.open(source) as image:
+        check_pixel_count(image)
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(None, (draft_size, draft_size))
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        rgb = to_rgb(upright)
+        # Never hand back the object the `with` block is about to close.
+        return rgb.copy() if rgb is image else rgb
+
+
+def check_pixel_count(image: Image.Image) -> None:
+    """Refuse images above PIL's decompression-bomb limit.
+
+    PIL only *raises* at twice `MAX_IMAGE_PIXELS` and merely warns above it; a training
+    set has no business holding either, and checking here is thread-safe where turning
+    the warning into an error with `warnings.catch_warnings` would not be.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height} pixels is over the decompression-bomb "
+            f"limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale the image"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _WIDE_GREY_MODES:
+        return _wide_grey_to_rgb(image)
+    if mode == "P":
+        # A palette image may carry transparency in `info`; RGBA keeps it for compositing.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in _ALPHA_MODES:
+        # White, not black: transparent product shots and logos are drawn for white pages,
+        # and black fills would teach the model dark halos.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    # L, 1, YCbCr, HSV, LAB ...: PIL knows these conversions.
+    return image.convert("RGB")
+
+
+def _wide_grey_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scaled = values.astype(np.float32) / 257.0  # 65535 -> 255 exactly
+    else:
+        scaled = _guess_range(values.astype(np.float64), image.mode)
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _guess_range(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map an "I" (int32) or "F" (float32) image to 0..255.
+
+    These modes carry no bit depth, so the value range decides: 0..1 floats, 8-bit or
+    16-bit integers (older Pillow opens 16-bit PNGs as "I"), else min-max stretch.
+    """
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        return values * 255.0
+    if low >= 0.0 and high <= 255.0:
+        return values
+    if low >= 0.0 and high <= 65535.0:
+        return values / 257.0
+    if high == low:
+        return np.zeros_like(values)
+    return (values - low) * (255.0 / (high - low))
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    # PIL's built-in CMYK->RGB ignores ink profiles and looks washed out; when the file
+    # embeds its profile (print files usually do), let littleCMS convert to sRGB.
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            converted = ImageCms.profileToProfile(
+                image,
+                ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                ImageCms.createProfile("sRGB"),
+                outputMode="RGB",
+            )
+            if converted is not None:
+                return converted
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile is not worth losing the image over
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is exactly `size`, keeping the aspect ratio."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size == image.size:
+        return image
+    # LANCZOS is sharpest when shrinking; when enlarging it rings, BICUBIC does not.
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    return image.resize(new_size, resample=resample)
+
+
+def crop_offsets(
+    width: int, height: int, size: int, rng: np.random.Generator | None = None
+) -> tuple[int, int]:
+    """(left, top) of a `size` square inside a width x height image: centered, or
+    uniformly random when `rng` is given."""
+    if width < size or height < size:
+        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
+    if rng is None:
+        return (width - size) // 2, (height - size) // 2
+    return int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 tensor [3, H, W] in [-1, 1]."""
+    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(pixels)) / 127.5 - 1.0
+
+
+def prepare_image(
+    image: Image.Image,
+    resolution: int,
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    crop_rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """Resize shorter side -> square crop (center, or random from `crop_rng`) -> flip -> tensor."""
+    image = resize_shorter_side(image, resolution)
+    if center_crop or crop_rng is None:
+        left, top = crop_offsets(*image.size, resolution)
+    else:
+        left, top = crop_offsets(*image.size, resolution, crop_rng)
+    if image.size != (resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
