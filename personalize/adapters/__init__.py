@@ -1,0 +1,1 @@
+"""Learned artifacts in other tools' layouts: key conversion, safe reading and writing."""

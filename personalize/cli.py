@@ -1,0 +1,118 @@
+"""Command line: `personalize {train,sample,demo,...}`; also `accelerate launch -m personalize`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from personalize.config import METHODS
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from personalize import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg)
+    print(f"artifact saved in {out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from personalize import load
+    from personalize.inference import generate, make_grid
+    from personalize.models import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    if args.device:
+        pipe.to(args.device)
+    for artifact in args.load or []:
+        load(pipe, artifact, strength=args.strength)
+    seeds = list(range(args.seed, args.seed + args.num_images))
+    images = generate(pipe, args.prompt, seeds, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, resolution=args.resolution,
+                      negative_prompt=args.negative_prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p, row in enumerate(images):
+        for seed, img in zip(seeds, row):
+            img.save(out / f"prompt{p:02d}_seed{seed}.png")
+    make_grid(images, row_labels=args.prompt,
+              col_labels=[f"seed {s}" for s in seeds]).save(out / "grid.png")
+    print(f"wrote {len(args.prompt) * len(seeds)} images and grid.png to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from personalize.demo import run_demo
+
+    summary = run_demo(method=args.method, out=args.out, steps=args.steps)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="personalize", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a method from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="generate images, optionally with learned artifacts")
+    p.add_argument("--model", required=True, help="diffusers folder, single file or hub id")
+    p.add_argument("--load", action="append", help="artifact to load (repeatable)")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model is")
+    p.add_argument("--out", default="outputs/samples")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("demo", help="train on a tiny offline model and show before/after")
+    p.add_argument("--method", choices=METHODS, default="lora")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--steps", type=int, default=60)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _warn_single_cpu_process() -> None:
+    """`accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is set
+    up; say so instead of letting a user believe N processes are training."""
+    env = os.environ
+    launched_for_many = "MASTER_ADDR" in env and env.get("ACCELERATE_USE_CPU", "").lower() in (
+        "1", "true", "yes")
+    has_ranks = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if launched_for_many and not has_ranks:
+        logging.getLogger("personalize").warning(
+            "accelerate launch --cpu runs a single process without mpirun. For N CPU "
+            "processes use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N -m personalize ... (see launch/README.md)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _warn_single_cpu_process()
+    from personalize.config import ConfigError
+    from personalize.data import DataError
+    from personalize.inference import ArtifactError
+    from personalize.models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelLoadError, ArtifactError, FileExistsError,
+            FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

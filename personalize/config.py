@@ -1,0 +1,366 @@
+"""Typed configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+One `PersonalizeConfig` describes a run. Sections are plain dataclasses so a config
+reads like the YAML it came from; `from_dict` checks every key and type and names the
+dotted key at fault, because a typo that silently falls back to a default costs a user
+a whole training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the dotted key and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    # A local diffusers folder (model_index.json), a single-file .safetensors/.ckpt
+    # checkpoint, or a hub id (only when the machine is online).
+    path: str = ""
+    revision: str | None = None
+    variant: str | None = None
+    # Override the scheduler's prediction type ("epsilon" | "v_prediction"); None keeps it.
+    prediction_type: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # A folder of images (+ optional .txt captions), a metadata.jsonl/.csv, or a saved
+    # `datasets` dataset.
+    path: str = ""
+    # The instance prompt, used for every image that has no caption.
+    prompt: str | None = None
+    caption_extension: str = ".txt"
+    image_column: str = "image"
+    caption_column: str = "text"
+    repeats: int = 1
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    center_crop: bool = True
+    random_flip: bool = False
+    # strict: a corrupt image stops the run instead of being skipped with a warning.
+    strict: bool = False
+    # Held-out images for the validation loss: a fraction of data.path, or a folder.
+    validation_split: float = 0.0
+    validation_path: str | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 500
+    resolution: int = 512
+    batch_size: int = 1
+    lr: float = 1e-4
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (needs bitsandbytes)
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    # Min-SNR loss weighting (Hang et al. 2023); 5.0 is the paper's value. None = off.
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    # Save a resumable checkpoint every N optimizer steps (0 = only at the end).
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int = 3
+    # Stop when the validation loss has not improved for this many evaluations (0 = off).
+    early_stopping_patience: int = 0
+    # Stop after this many consecutive non-finite losses.
+    max_nonfinite_steps: int = 5
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+
+
+@dataclass
+class ValidationConfig:
+    # Sample images with these prompts every `every_steps` steps (0 = off).
+    prompts: list[str] = field(default_factory=list)
+    every_steps: int = 0
+    num_images: int = 2
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    # Denoising loss on held-out images at fixed timesteps and noise, every N steps (0 = off).
+    loss_every_steps: int = 0
+    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float | None = None  # None = rank (scale 1.0)
+    dropout: float = 0.0
+    unet_target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    text_encoder_lr: float | None = None  # None = train.lr
+    use_dora: bool = False
+
+
+@dataclass
+class TextualInversionConfig:
+    placeholder_token: str = "<concept>"
+    initializer_token: str | None = None
+    num_vectors: int = 1
+    learnable_property: str = "object"  # object | style | caption
+    save_every: int = 0  # intermediate learned_embeds-steps-N.safetensors
+
+
+@dataclass
+class DreamBoothConfig:
+    # Settings shared by `method: dreambooth` and `method: lora` (DreamBooth-LoRA).
+    with_prior_preservation: bool = False
+    class_prompt: str | None = None
+    class_data_dir: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    class_num_inference_steps: int = 50
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
+    stop_text_encoder_training: int | None = None
+    train_unet_blocks: list[str] | None = None
+    weight_constraint: str | None = None  # None | l2sp
+    weight_constraint_lambda: float = 0.0
+    prior: str = "class_images"  # class_images | distillation
+    distillation_weight: float = 1.0
+    save_single_file: bool = False
+
+
+@dataclass
+class HypernetworkConfig:
+    layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
+    activation: str = "linear"
+    layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: list[float] | None = None
+    last_layer_dropout: bool = False
+    weight_init: str = "Normal"
+    activate_output: bool = False
+    enable_sizes: list[int] = field(default_factory=lambda: [768, 320, 640, 1280])
+    name: str | None = None
+
+
+@dataclass
+class PersonalizeConfig:
+    method: str = "lora"  # lora | textual_inversion | dreambooth | hypernetwork
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    # A checkpoint folder, or "latest" (the newest complete one in output_dir/checkpoints).
+    resume: str | None = None
+    # Allow writing into an output_dir that already holds another run.
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    ti: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    db: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    hn: HypernetworkConfig = field(default_factory=HypernetworkConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+METHODS = ("lora", "textual_inversion", "dreambooth", "hypernetwork")
+
+
+# --------------------------------------------------------------------------- parsing
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of options, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads `1e-4` (no dot) as a string (YAML 1.1); accept what is clearly a number.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(where + k for k in unknown)}. "
+            f"Valid keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "data.path=imgs"]` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> PersonalizeConfig:
+    cfg = _build(PersonalizeConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> PersonalizeConfig:
+    """Load YAML (optional), apply `base` defaults underneath and dotted overrides on top."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of options at the top level")
+        data = _merge(data, loaded)
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(data)
+
+
+def validate(cfg: PersonalizeConfig) -> None:
+    """Range checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.method in METHODS, "method",
+         f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    t = cfg.train
+    need(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    need(t.resolution >= 8 and t.resolution % 8 == 0, "train.resolution",
+         f"must be a positive multiple of 8, got {t.resolution}")
+    need(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
+    need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+         f"must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    need(t.optimizer in ("adamw", "adamw8bit"), "train.optimizer",
+         f"must be adamw or adamw8bit, got {t.optimizer!r}")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)")
+    need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", "must be > 0 or null")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
+    need(t.report_to in ("tensorboard", "wandb", "none"), "train.report_to",
+         f"must be tensorboard, wandb or none, got {t.report_to!r}")
+    d = cfg.data
+    need(0.0 <= d.validation_split < 1.0, "data.validation_split", "must be in [0, 1)")
+    need(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
+    need(d.repeats >= 1, "data.repeats", "must be >= 1")
+    m = cfg.model
+    need(m.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
+         "must be epsilon, v_prediction or null")
+    v = cfg.validation
+    need(all(0 <= ts < 1000 for ts in v.loss_timesteps), "validation.loss_timesteps",
+         "must be timesteps in [0, 1000)")
+    need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    need(cfg.ti.num_vectors >= 1, "ti.num_vectors", "must be >= 1")
+    need(cfg.ti.learnable_property in ("object", "style", "caption"), "ti.learnable_property",
+         "must be object, style or caption")
+    need(cfg.db.prior in ("class_images", "distillation"), "db.prior",
+         "must be class_images or distillation")
+    need(cfg.db.weight_constraint in (None, "l2sp"), "db.weight_constraint", "must be l2sp or null")

@@ -1,0 +1,171 @@
+"""Use what was learned: load any artifact into a pipeline with one call, and generate.
+
+`load(pipe, path)` recognizes the artifact by its files and hands it to the loader of its
+kind. Each loader is a pair (detect, apply) registered in `LOADERS`, so a new artifact
+type is one entry, not a new branch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+
+class ArtifactError(ValueError):
+    """The file is not a learned artifact we know, or does not fit this pipeline."""
+
+
+# ------------------------------------------------------------------------------ LoRA
+
+
+def _lora_file(path: Path) -> Path | None:
+    from personalize.methods.lora import LORA_WEIGHTS
+
+    if path.is_dir() and (path / LORA_WEIGHTS).is_file():
+        return path / LORA_WEIGHTS
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        if any(".lora" in k or "lora_" in k for k in keys):
+            return path
+    return None
+
+
+def _load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
+    file = _lora_file(path)
+    # Several LoRAs can be stacked; remember each one's strength on the pipeline.
+    weights: dict[str, float] = getattr(pipe, "_personalize_lora_strengths", {})
+    name = adapter_name or f"personalize_{len(weights)}"
+    n_before = sum(1 for k in pipe.unet.state_dict() if "lora" in k)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ArtifactError(f"{file} does not fit this pipeline's UNet/text encoder: {e}") from e
+    if sum(1 for k in pipe.unet.state_dict() if "lora" in k) == n_before:
+        raise ArtifactError(f"{file}: no LoRA key matched this pipeline's UNet modules")
+    weights[name] = strength
+    pipe._personalize_lora_strengths = weights
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+
+
+# ------------------------------------------------------------------------------ full pipelines
+
+
+def _is_pipeline_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def _load_pipeline_dir(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
+    """A fine-tuned (DreamBooth) pipeline: swap in its UNet and text encoder."""
+    from diffusers import UNet2DConditionModel
+
+    if strength != 1.0:
+        raise ArtifactError("a full fine-tuned pipeline has no strength; use strength=1.0")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+        raise ArtifactError(f"{path}: UNet cross-attention width "
+                            f"{unet.config.cross_attention_dim} != pipeline's "
+                            f"{pipe.unet.config.cross_attention_dim}")
+    pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
+    if (path / "text_encoder").is_dir():
+        te = type(pipe.text_encoder).from_pretrained(path, subfolder="text_encoder")
+        pipe.text_encoder = te.to(pipe.device, pipe.text_encoder.dtype)
+    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
+
+
+Detect = Callable[[Path], object]
+Apply = Callable[..., None]
+
+# (name, detect(path) -> truthy when it is this kind, apply(pipe, path, strength, adapter_name))
+LOADERS: list[tuple[str, Detect, Apply]] = [
+    ("lora", _lora_file, _load_lora),
+    ("pipeline", _is_pipeline_dir, _load_pipeline_dir),
+]
+
+
+def detect_artifact(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"artifact {path} does not exist")
+    for name, detect, _ in LOADERS:
+        if detect(path):
+            return name
+    raise ArtifactError(
+        f"{path} is not a learned artifact personalize knows: expected a LoRA "
+        "(pytorch_lora_weights.safetensors), a Textual Inversion embedding, a hypernetwork "
+        "or a fine-tuned diffusers pipeline folder"
+    )
+
+
+def load(pipe, path: str | Path, strength: float = 1.0, adapter_name: str | None = None):
+    """Load a learned artifact (file or training output folder) into `pipe`; return `pipe`."""
+    path = Path(path)
+    kind = detect_artifact(path)
+    for name, _, apply in LOADERS:
+        if name == kind:
+            apply(pipe, path, strength, adapter_name)
+            logger.info("loaded %s from %s (strength %s)", kind, path, strength)
+    return pipe
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int = 25,
+             guidance_scale: float = 7.5, resolution: int | None = None,
+             negative_prompt: str | None = None) -> list[list[Image.Image]]:
+    """images[p][s]: prompt p with seed s. Each image has its own generator, so an image
+    depends only on (prompt, seed), not on batch size or order."""
+    out = []
+    for prompt in prompts:
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        images = pipe(
+            [prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds)
+            if negative_prompt else None, generator=generators,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            height=resolution, width=resolution,
+        ).images
+        out.append(images)
+    return out
+
+
+def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,
+              col_labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
+    """Images in a labelled grid (rows x columns), upscaled so small images stay readable."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    size = cell or max(128, rows[0][0].width)
+    label_w = 200 if row_labels else 0
+    label_h = 24 if col_labels else 0
+    grid = Image.new("RGB", (label_w + n_cols * size, label_h + n_rows * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels or []):
+        draw.text((label_w + c * size + 4, 6), text[:40], fill="black")
+    for r, row in enumerate(rows):
+        if row_labels:
+            _draw_wrapped(draw, row_labels[r], (4, label_h + r * size + 4), width_chars=30)
+        for c, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((size, size), Image.NEAREST),
+                       (label_w + c * size, label_h + r * size))
+    return grid
+
+
+def _draw_wrapped(draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int],
+                  width_chars: int) -> None:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > width_chars and line:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    draw.multiline_text(xy, "\n".join(lines[:6]), fill="black")

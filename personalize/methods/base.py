@@ -1,0 +1,123 @@
+"""The Method interface: what a personalization method adds to the one training loop.
+
+Every method answers three questions (see docs/architecture.md): what is trainable,
+what is added to the loss, and what is saved in which format. The loop owns
+everything else (accelerate, precision, accumulation, optimizer, noise, checkpoints,
+validation, logging), so a new method never needs a new loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from personalize.config import PersonalizeConfig
+from personalize.models import SDParts
+
+
+@dataclass
+class StepOutputs:
+    """What the loop computed for one micro-batch, handed to `Method.extra_loss`."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    model_pred: torch.Tensor
+    target: torch.Tensor
+    unet: torch.nn.Module  # the (possibly DDP-wrapped) UNet used for the forward pass
+
+
+class Method:
+    """Base class with the defaults every method shares; subclasses override what differs."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: PersonalizeConfig):
+        self.cfg = cfg
+
+    # --- what is trainable -------------------------------------------------------------
+
+    def setup(self, parts: SDParts) -> list[dict[str, Any]]:
+        """Freeze/unfreeze modules, add tokens or adapters; return optimizer param groups."""
+        raise NotImplementedError
+
+    def caption_fn(self) -> Callable[[str], str] | None:
+        """A function applied to every training caption (e.g. TI's templates), or None."""
+        return None
+
+    def wrap_train_dataset(self, dataset: torch.utils.data.Dataset, parts: SDParts,
+                           accelerator) -> torch.utils.data.Dataset:
+        """Return the dataset the loop trains on. DreamBooth pairs each instance example with a
+        class example here: an item may carry `"prior": {"pixel_values", "caption"}`, and the
+        loop's collate appends those after the instance examples and marks them in
+        `batch["is_prior"]`."""
+        return dataset
+
+    # --- what is added to the loss -----------------------------------------------------
+
+    def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Combine per-example losses into the batch loss (DreamBooth weighs class examples)."""
+        return per_example.mean()
+
+    def extra_loss(self, batch: dict[str, Any], outputs: StepOutputs,
+                   parts: SDParts) -> torch.Tensor | None:
+        """A regularizer added to the denoising loss (weight constraint, distillation), or None."""
+        return None
+
+    def after_optimizer_step(self, parts: SDParts, step: int) -> None:
+        """Runs after each optimizer step (e.g. TI restores every embedding row but its own)."""
+
+    # --- what is saved -----------------------------------------------------------------
+
+    def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        """Write the learned artifact where loaders expect it; return its path."""
+        raise NotImplementedError
+
+    def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint must hold to resume: all parameters that require grad."""
+        state = {}
+        for module_name, module in parts.modules().items():
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    state[f"{module_name}.{name}"] = p.detach().contiguous()
+        return state
+
+    def load_trainable_state_dict(self, parts: SDParts, state: dict[str, torch.Tensor]) -> None:
+        expected = self.trainable_state_dict(parts)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                "checkpoint does not match this run's trainable weights "
+                f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
+                "was it written by another method or config?"
+            )
+        modules = parts.modules()
+        with torch.no_grad():
+            for key, value in state.items():
+                module_name, pname = key.split(".", 1)
+                modules[module_name].get_parameter(pname).copy_(value)
+
+    # --- the demo ----------------------------------------------------------------------
+
+    @classmethod
+    def demo_overrides(cls) -> dict[str, Any]:
+        """Config values that make `personalize demo --method NAME` learn in ~a minute on CPU."""
+        return {}
+
+
+def get_method(name: str) -> type[Method]:
+    """The Method class for `name`, imported lazily so one method's deps don't load the rest."""
+    import importlib
+
+    module = importlib.import_module(f"personalize.methods.{name}")
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, Method) and obj.name == name:
+            return obj
+    raise ValueError(f"no Method named {name!r} in personalize.methods.{name}")

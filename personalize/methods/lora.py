@@ -1,0 +1,145 @@
+"""LoRA: low-rank adapters (peft) on the UNet's attention and optionally the text encoder.
+
+The base weights never change (peft adds separate lora_A/lora_B matrices), so the saved file
+is small and the base model stays exactly itself when the adapter is off.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalize.methods.base import Method
+from personalize.models import SDParts
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
+
+
+def _lora_config(rank: int, alpha: float | None, dropout: float, targets: list[str],
+                 use_dora: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                      lora_dropout=dropout, init_lora_weights="gaussian",
+                      target_modules=targets, use_dora=use_dora)
+
+
+def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) -> None:
+    names = [n for n, _ in module.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"{key}: no module named {missing} in this model; "
+                         "examples of names: " + ", ".join(n for n in names[-8:] if n))
+
+
+class LoRA(Method):
+    name = "lora"
+
+    def setup(self, parts: SDParts) -> list[dict[str, Any]]:
+        c = self.cfg.lora
+        _check_targets_exist(parts.unet, c.unet_target_modules, "lora.unet_target_modules")
+        parts.unet.add_adapter(_lora_config(c.rank, c.alpha, c.dropout,
+                                            c.unet_target_modules, c.use_dora))
+        groups = [{"params": [p for p in parts.unet.parameters() if p.requires_grad]}]
+        if c.train_text_encoder:
+            _check_targets_exist(parts.text_encoder, c.text_encoder_target_modules,
+                                 "lora.text_encoder_target_modules")
+            parts.text_encoder.add_adapter(_lora_config(
+                c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora))
+            groups.append({
+                "params": [p for p in parts.text_encoder.parameters() if p.requires_grad],
+                "lr": c.text_encoder_lr or self.cfg.train.lr,
+            })
+        return groups
+
+    def _layers(self, parts: SDParts) -> tuple[dict, dict | None]:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        unet = convert_state_dict_to_diffusers(get_peft_model_state_dict(parts.unet))
+        te = None
+        if self.cfg.lora.train_text_encoder:
+            te = convert_state_dict_to_diffusers(get_peft_model_state_dict(parts.text_encoder))
+        return unet, te
+
+    def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        from diffusers import StableDiffusionPipeline
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        c = self.cfg.lora
+        unet_layers, te_layers = self._layers(parts)
+        unet_layers = {k: v.float().contiguous() for k, v in unet_layers.items()}
+        te_layers = {k: v.float().contiguous() for k, v in (te_layers or {}).items()} or None
+        meta = {"r": c.rank, "lora_alpha": c.alpha if c.alpha is not None else c.rank,
+                "target_modules": c.unet_target_modules, "use_dora": c.use_dora}
+        te_meta = dict(meta, target_modules=c.text_encoder_target_modules) if te_layers else None
+        StableDiffusionPipeline.save_lora_weights(
+            out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+            safe_serialization=True, unet_lora_adapter_metadata=meta,
+            text_encoder_lora_adapter_metadata=te_meta,
+        )
+        self._save_kohya(out_dir, unet_layers, te_layers, step, parts)
+        return out_dir / LORA_WEIGHTS
+
+    def _save_kohya(self, out_dir: Path, unet_layers: dict, te_layers: dict | None, step: int,
+                    parts: SDParts) -> Path:
+        """The kohya/webui key layout (lora_unet_*, lora_te_*, .alpha), for those UIs."""
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        from personalize.adapters.formats import atomic_save_safetensors
+
+        c = self.cfg.lora
+        alpha = c.alpha if c.alpha is not None else c.rank
+        peft_sd = {f"unet.{k}": v for k, v in _to_peft_keys(unet_layers).items()}
+        if te_layers:
+            peft_sd.update({f"text_encoder.{k}": v for k, v in _to_peft_keys(te_layers).items()})
+        kohya = convert_state_dict_to_kohya(peft_sd)
+        kohya = {k.replace("lora_text_encoder_", "lora_te_"): v for k, v in kohya.items()}
+        for k in list(kohya):
+            if k.endswith(".lora_down.weight"):
+                kohya[k.replace(".lora_down.weight", ".alpha")] = torch.tensor(float(alpha))
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(c.rank),
+            "ss_network_alpha": str(alpha),
+            "ss_base_model_version": "sd_v1",
+            "ss_steps": str(step),
+            "personalize_base_model": parts.source,
+            "personalize_cross_attention_dim": str(parts.unet.config.cross_attention_dim),
+        }
+        return atomic_save_safetensors(kohya, out_dir / KOHYA_WEIGHTS, metadata)
+
+    @classmethod
+    def demo_overrides(cls) -> dict[str, Any]:
+        return {"train": {"lr": 1e-3}, "lora": {"rank": 8}}
+
+
+def _to_peft_keys(diffusers_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' saved names (lora.down/up or lora_A/B) -> peft's lora_A/lora_B names."""
+    out = {}
+    for k, v in diffusers_layers.items():
+        k = k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+        k = k.replace(".lora_linear_layer.down.", ".lora_A.").replace(
+            ".lora_linear_layer.up.", ".lora_B.")
+        k = k.replace("unet.", "", 1) if k.startswith("unet.") else k
+        k = k.replace("text_encoder.", "", 1) if k.startswith("text_encoder.") else k
+        out[k] = v
+    return out
+
+
+def effective_scale(path: str | Path) -> dict[str, Any]:
+    """alpha / rank as saved, so "my LoRA has no effect" can be answered from the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    info = json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
+    if "unet.r" in info:
+        rank, alpha = info["unet.r"], info["unet.lora_alpha"]
+        return {"rank": rank, "alpha": alpha, "scale": alpha / rank}
+    return {}

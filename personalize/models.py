@@ -1,0 +1,123 @@
+"""Load the Stable Diffusion components a trainer needs, with errors a user can act on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The model path is missing, not a Stable Diffusion model, or unreadable."""
+
+
+@dataclass
+class SDParts:
+    """The pieces of a Stable Diffusion pipeline that training touches."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # a DDPMScheduler configured like the model's own scheduler
+    source: str = ""
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+
+
+def resolve_model_path(path: str) -> str:
+    """Check a local path early; let a hub id through (it only works when online)."""
+    if not path:
+        raise ModelLoadError("model.path is empty: set it to a diffusers folder or a hub id")
+    p = Path(path).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{p} is not a diffusers Stable Diffusion folder (no model_index.json). "
+                "Point model.path at the folder that holds model_index.json, unet/, vae/, "
+                "text_encoder/ and tokenizer/, or at a single .safetensors checkpoint."
+            )
+        if p.is_file() and p.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(
+                f"{p} is a file but not a .safetensors/.ckpt checkpoint; "
+                "model.path must be a diffusers folder or a single-file checkpoint"
+            )
+        return str(p)
+    if _looks_like_hub_id(path):
+        return path
+    raise ModelLoadError(f"model path {path} does not exist")
+
+
+def load_pipeline(path: str, revision: str | None = None, variant: str | None = None,
+                  torch_dtype: torch.dtype | None = None):
+    """A StableDiffusionPipeline from a diffusers folder, single file, or hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model_path(path)
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        if Path(path).is_file():
+            pipe = StableDiffusionPipeline.from_single_file(path, **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, revision=revision, variant=variant, **kwargs
+            )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load a Stable Diffusion model from {path}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_parts(path: str, revision: str | None = None, variant: str | None = None,
+               prediction_type: str | None = None) -> SDParts:
+    """The components for training, with a DDPM noise scheduler for the forward process."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(path, revision=revision, variant=variant)
+    scheduler_config = dict(pipe.scheduler.config)
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    return SDParts(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet,
+        noise_scheduler=noise_scheduler,
+        source=path,
+    )
+
+
+def pipeline_from_parts(parts: SDParts, scheduler: Any = None):
+    """A sampling pipeline sharing the (possibly training) modules of `parts`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if scheduler is None:
+        scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

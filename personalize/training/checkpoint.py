@@ -1,0 +1,104 @@
+"""Resumable checkpoints: written atomically, pruned to the last K, found again by step.
+
+A checkpoint is `output_dir/checkpoints/step-000123/` holding accelerate's state (optimizer,
+LR scheduler, grad scaler, every process's RNG states), the method's trainable weights as
+safetensors, and `state.json` (step, epoch, ...) written last. It is built under a temporary
+name and renamed into place, so a run killed mid-save never leaves a folder that looks
+complete; `latest` only ever picks folders whose `state.json` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint folder to resume from, or None to start fresh."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            logger.warning("resume=latest but %s has no complete checkpoint: starting fresh",
+                           checkpoint_root(output_dir))
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE}); "
+            f"use 'latest' or one of {[str(p) for p in complete_checkpoints(output_dir)]}"
+        )
+    return path
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Every process calls this (accelerate writes per-process RNG files); returns the folder."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed mid-save
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    found = complete_checkpoints(root.parent)
+    for old in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)

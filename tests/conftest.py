@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny Stable Diffusion model on disk and a few instance images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from personalize.testing import save_tiny_pipeline, write_synthetic_images
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("model") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("instance")
+    write_synthetic_images(folder, count=4)
+    return folder
+
+
+def base_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
+    """A fast config on the tiny model; tests override what they check."""
+    cfg = {
+        "method": "lora",
+        "output_dir": str(out),
+        "seed": 0,
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data_dir), "prompt": "a photo of sks disc"},
+        "train": {"max_steps": 4, "resolution": 32, "batch_size": 2, "lr": 1e-3,
+                  "report_to": "none", "log_every": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    return cfg
