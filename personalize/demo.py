@@ -55,7 +55,8 @@ def run_demo(method: str = "lora", out: str | Path = "outputs/demo", steps: int 
     run_dir = train(cfg)
     summary_train = json.loads((run_dir / "summary.json").read_text())
 
-    prompts = [DEMO_PROMPT, "a photo of a dog"]
+    # The method may change the instance prompt (e.g. TI's placeholder token); sample with it.
+    prompts = [(cfg.validation.prompts or [cfg.data.prompt or DEMO_PROMPT])[0], "a photo of a dog"]
     base = load_pipeline(str(out / "base_model"))
     before = generate(base, prompts, list(seeds), num_inference_steps=20, resolution=32)
     tuned = load(load_pipeline(str(out / "base_model")), run_dir)
