@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,25 +87,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warn_single_cpu_process() -> None:
-    """`accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is set
-    up; say so instead of letting a user believe N processes are training."""
-    env = os.environ
-    launched_for_many = "MASTER_ADDR" in env and env.get("ACCELERATE_USE_CPU", "").lower() in (
-        "1", "true", "yes")
-    has_ranks = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if launched_for_many and not has_ranks:
+def _parent_num_processes() -> int | None:
+    """`--num_processes N` from the command line of the launcher that started us (Linux)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    args = raw.decode(errors="replace").split("\0")
+    for i, arg in enumerate(args):
+        value = None
+        if arg == "--num_processes" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--num_processes="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _cpu_ranks_to_start(env: dict[str, str]) -> int | None:
+    """accelerate's simple launcher (`accelerate launch --cpu --num_processes N`) starts ONE
+    process unless mpirun is set up. Recognize that case and return N, so we can start the
+    N gloo ranks the user asked for instead of silently training on one."""
+    cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    has_ranks = any(k in env for k in ("WORLD_SIZE", "RANK", "PMI_SIZE",
+                                       "OMPI_COMM_WORLD_SIZE"))
+    if not (cpu and "MASTER_ADDR" in env and not has_ranks):
+        return None
+    n = _parent_num_processes()
+    if n is None:
         logging.getLogger("personalize").warning(
-            "accelerate launch --cpu runs a single process without mpirun. For N CPU "
-            "processes use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            "--num_processes N -m personalize ... (see launch/README.md)"
-        )
+            "accelerate launch --cpu runs a single process without mpirun, and the number "
+            "of processes could not be read; for N CPU processes use launch/cpu_2proc.sh")
+    return n if n and n > 1 else None
+
+
+def _start_cpu_ranks(n: int, argv: list[str]) -> int:
+    env = dict(os.environ)
+    logging.getLogger("personalize").info(
+        "starting %d CPU processes (gloo) with torch.distributed.run", n)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+           "--master_addr", env["MASTER_ADDR"], "--master_port", env.get("MASTER_PORT", "29500"),
+           "-m", "personalize", *argv]
+    return subprocess.call(cmd, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _warn_single_cpu_process()
+    ranks = _cpu_ranks_to_start(dict(os.environ))
+    if ranks:
+        return _start_cpu_ranks(ranks, argv)
     from personalize.config import ConfigError
     from personalize.data import DataError
     from personalize.inference import ArtifactError

@@ -144,12 +144,12 @@ def test_two_process_cpu_run_saves_once(tiny_model_dir, instance_dir, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(base_config(
         tiny_model_dir, instance_dir, out, train={"max_steps": 4, "checkpoint_every": 2})))
-    # accelerate's own `--cpu --num_processes 2` starts one process unless mpirun is set up;
-    # torchrun-style launching with ACCELERATE_USE_CPU gives real gloo ranks (launch/README.md).
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
+    # The literal user command. accelerate's simple launcher starts one process on CPU;
+    # our CLI recognizes that and starts the 2 gloo ranks asked for (cli._cpu_ranks_to_start).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", "29517", "-m", "personalize", "train", str(cfg_path)],
         env=env, capture_output=True, text=True, timeout=300,
     )
