@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,23 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Drop rows with a step past `step` (and a torn last line) from a JSONL log."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
                     keep: int) -> Path:
     """Every process calls this (accelerate writes per-process RNG files); returns the folder."""
@@ -86,6 +104,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fault_point("checkpoint-before-commit", step)
         write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
         if final.exists():
             shutil.rmtree(final)
@@ -94,6 +113,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for the kill/resume tests: PERSONALIZE_FAULT=name:step SIGKILLs this
+    process here, the way a power cut or the OOM killer would, so the tests can prove a
+    half-written checkpoint is never used."""
+    if os.environ.get("PERSONALIZE_FAULT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -273,6 +273,9 @@ class Trainer:
         self.accelerator.load_state(str(path))
         state = ckpt.read_state(path)
         self.global_step = int(state["step"])
+        if self.accelerator.is_main_process:
+            # Rows logged after this checkpoint belong to the killed run's lost steps.
+            ckpt.truncate_jsonl_after(self.out / LOG_FILE, self.global_step)
         self.best = state.get("best", self.best)
         self.patience_used = state.get("patience_used", 0)
         logger.info("resumed from %s at step %d", path, self.global_step)
