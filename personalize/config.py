@@ -151,16 +151,22 @@ class DreamBoothConfig:
 
 @dataclass
 class HypernetworkConfig:
+    # Width multipliers of each MLP; starts and ends with 1 (webui default [1, 2, 1]).
     layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
+    # linear | relu | leakyrelu | elu | swish (= Hardswish) | tanh | sigmoid | any torch.nn
+    # activation by lower-cased class name (gelu, silu, mish, ...).
     activation: str = "linear"
     layer_norm: bool = False
     use_dropout: bool = False
+    # One probability per layer_structure entry; None = the webui's rule (0.3 on hidden
+    # layers, the last one only with last_layer_dropout). Needs use_dropout.
     dropout_structure: list[float] | None = None
     last_layer_dropout: bool = False
-    weight_init: str = "Normal"
+    weight_init: str = "Normal"  # Normal | XavierUniform | XavierNormal | KaimingUniform | ...
     activate_output: bool = False
+    # Context widths that get a (k, v) pair: SD1 text 768 + self-attention 320/640/1280.
     enable_sizes: list[int] = field(default_factory=lambda: [768, 320, 640, 1280])
-    name: str | None = None
+    name: str | None = None  # file name and webui display name; None = output_dir's name
 
 
 @dataclass
@@ -364,3 +370,23 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(cfg.db.prior in ("class_images", "distillation"), "db.prior",
          "must be class_images or distillation")
     need(cfg.db.weight_constraint in (None, "l2sp"), "db.weight_constraint", "must be l2sp or null")
+    _validate_hypernetwork(cfg.hn)
+
+
+def _validate_hypernetwork(hn: HypernetworkConfig) -> None:
+    from personalize.adapters.hypernetwork import HypernetworkOptions
+
+    if hn.dropout_structure is not None and any(hn.dropout_structure) and not hn.use_dropout:
+        raise ConfigError("hn.dropout_structure has non-zero entries but hn.use_dropout is "
+                          "false; set hn.use_dropout: true (or drop dropout_structure)")
+    if not hn.enable_sizes or any(w <= 0 for w in hn.enable_sizes):
+        raise ConfigError(f"hn.enable_sizes: must list positive widths, got {hn.enable_sizes}")
+    options = HypernetworkOptions(
+        layer_structure=hn.layer_structure, activation_func=hn.activation,
+        weight_initialization=hn.weight_init, use_dropout=hn.use_dropout,
+        last_layer_dropout=hn.last_layer_dropout,
+        dropout_structure=hn.dropout_structure if hn.use_dropout else None)
+    names = {"activation_func": "activation", "weight_initialization": "weight_init"}
+    for problem in options.problems():
+        key, msg = problem.split(": ", 1)
+        raise ConfigError(f"hn.{names.get(key, key)}: {msg}")

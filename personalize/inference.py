@@ -81,6 +81,22 @@ def _load_pipeline_dir(pipe, path: Path, strength: float, adapter_name: str | No
     pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
 
 
+# ------------------------------------------------------------------------------ hypernetworks
+
+
+def _hypernetwork_file(path: Path) -> Path | None:
+    """A webui hypernetwork .pt, our .safetensors layout, or a folder holding one."""
+    from personalize.adapters.hypernetwork import find_hypernetwork_file
+
+    return find_hypernetwork_file(path)
+
+
+def _load_hypernetwork(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
+    from personalize.adapters.hypernetwork import load_into_pipeline
+
+    load_into_pipeline(pipe, path, strength, name=adapter_name)
+
+
 Detect = Callable[[Path], object]
 Apply = Callable[..., None]
 
@@ -88,6 +104,7 @@ Apply = Callable[..., None]
 LOADERS: list[tuple[str, Detect, Apply]] = [
     ("lora", _lora_file, _load_lora),
     ("pipeline", _is_pipeline_dir, _load_pipeline_dir),
+    ("hypernetwork", _hypernetwork_file, _load_hypernetwork),
 ]
 
 

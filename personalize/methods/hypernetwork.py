@@ -1,0 +1,108 @@
+"""Hypernetwork: small residual MLPs on the attention keys/values, the webui's way.
+
+Every pretrained weight stays frozen; the trainable part is one (k, v) pair of MLPs per
+attention context width (`hn.enable_sizes`), applied through attention processors (see
+personalize/adapters/hypernetwork.py). Saved as a webui `.pt` (drop it into the webui's
+models/hypernetworks folder) and as `.safetensors`, both loadable with `personalize.load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from personalize.adapters.hypernetwork import (
+    Hypernetwork,
+    HypernetworkAttnProcessor,
+    HypernetworkOptions,
+    attach,
+    attention_widths,
+    save_hypernetwork,
+)
+from personalize.config import ConfigError
+from personalize.methods.base import Method, StepOutputs
+from personalize.models import SDParts
+
+
+class HypernetworkMethod(Method):
+    name = "hypernetwork"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.hypernetwork: Hypernetwork | None = None
+        self._checkpoint_hash: str | None = None
+        self._checked_processors = False
+
+    def _file_name(self) -> str:
+        return self.cfg.hn.name or Path(self.cfg.output_dir).name or "hypernetwork"
+
+    def setup(self, parts: SDParts) -> list[dict[str, Any]]:
+        c = self.cfg.hn
+        have = attention_widths(parts.unet)
+        missing = sorted(set(c.enable_sizes) - set(have))
+        if missing:
+            raise ConfigError(
+                f"hn.enable_sizes: widths {missing} have no attention layer in this UNet; its "
+                f"attention context widths are {sorted(have)} (text context width "
+                f"{parts.unet.config.cross_attention_dim}). SD1 uses [768, 320, 640, 1280], "
+                "SD2 [1024, 320, 640, 1280]."
+            )
+        options = HypernetworkOptions(
+            layer_structure=c.layer_structure, activation_func=c.activation,
+            is_layer_norm=c.layer_norm, weight_initialization=c.weight_init,
+            activate_output=c.activate_output, use_dropout=c.use_dropout,
+            last_layer_dropout=c.last_layer_dropout, dropout_structure=c.dropout_structure)
+        source = parts.source
+        self.hypernetwork = Hypernetwork(
+            sorted(set(c.enable_sizes)), options, name=self._file_name(),
+            sd_checkpoint_name=Path(source).stem if Path(source).is_file()
+            else Path(source).name,
+            optional_info=f"trained with personalize on {source} (text context width "
+                          f"{parts.unet.config.cross_attention_dim})")
+        attach(parts.unet, self.hypernetwork, strength=1.0)
+        return [{"params": list(self.hypernetwork.parameters())}]
+
+    def extra_loss(self, batch: dict[str, Any], outputs: StepOutputs,
+                   parts: SDParts) -> torch.Tensor | None:
+        if not self._checked_processors:
+            # Something that sets attention processors after setup (e.g. enabling xformers
+            # on the UNet) would drop ours, and the run would train nothing.
+            replaced = [n for n, m in parts.unet.named_modules()
+                        if isinstance(m, Attention)
+                        and not isinstance(m.processor, HypernetworkAttnProcessor)]
+            if replaced:
+                raise RuntimeError(
+                    f"the hypernetwork's attention processors were replaced on {replaced[:3]} "
+                    "after Method.setup; set attention processors (xformers, ...) before the "
+                    "method's setup, which wraps whatever is there")
+            self._checked_processors = True
+        return None
+
+    def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        hn = self.hypernetwork
+        hn.step = step
+        hn.sd_checkpoint = self._short_hash(parts.source)
+        out_dir = Path(out_dir)
+        save_hypernetwork(hn, out_dir / f"{hn.name}.pt")
+        return save_hypernetwork(hn, out_dir / f"{hn.name}.safetensors")
+
+    def _short_hash(self, source: str) -> str | None:
+        """The webui's checkpoint short hash (sha256[:10] of the checkpoint file), computed
+        once; a diffusers folder has no single file to hash."""
+        if self._checkpoint_hash is None and Path(source).is_file():
+            h = hashlib.sha256()
+            with open(source, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._checkpoint_hash = h.hexdigest()[:10]
+        return self._checkpoint_hash
+
+    @classmethod
+    def demo_overrides(cls) -> dict[str, Any]:
+        # The tiny model's widths: text context 32, self-attention 32 and 64. Its MLPs start
+        # near zero (Normal init), so the demo needs a higher LR than SD's 5e-6..5e-5.
+        return {"train": {"lr": 1e-3}, "hn": {"enable_sizes": [32, 64]}}
