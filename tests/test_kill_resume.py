@@ -29,6 +29,7 @@ MAX_STEPS = 12
 # Per method: config sections for a fast run, and the artifact file whose tensors we compare.
 METHODS = {
     "lora": ({"lora": {"rank": 4, "dropout": 0.1}}, "pytorch_lora_weights.safetensors"),
+    "hypernetwork": ({"hn": {"enable_sizes": [32, 64], "name": "kill"}}, "kill.safetensors"),
 }
 
 
