@@ -130,23 +130,40 @@ class TextualInversionConfig:
 
 @dataclass
 class DreamBoothConfig:
-    # Settings shared by `method: dreambooth` and `method: lora` (DreamBooth-LoRA).
+    # Settings shared by `method: dreambooth` and `method: lora` (DreamBooth-LoRA);
+    # docs/dreambooth.md explains each one and what it costs in memory.
+    # Prior preservation (the paper's class-specific prior): train on class examples too.
     with_prior_preservation: bool = False
-    class_prompt: str | None = None
-    class_data_dir: str | None = None
-    num_class_images: int = 100
+    # How the prior is kept: class_images (generated/provided images of the class, loss
+    # instance + prior_loss_weight * class) | distillation (no images: match the frozen
+    # original model's noise prediction on class_prompt).
+    prior: str = "class_images"
+    class_prompt: str | None = None  # e.g. "a photo of a dog" (the instance prompt minus "sks")
+    class_data_dir: str | None = None  # None = output_dir/class_images
+    num_class_images: int = 100  # missing ones are generated before training
     prior_loss_weight: float = 1.0
-    sample_batch_size: int = 4
+    sample_batch_size: int = 4  # class-image generation batch
     class_num_inference_steps: int = 50
+    class_guidance_scale: float = 7.5
+    # Autocast dtype for class-image generation on a GPU: fp16 | bf16 | no; None = the
+    # training's mixed_precision. Ignored on CPU.
+    class_precision: str | None = None
+    distillation_weight: float = 1.0
+    # Fine-tune the text encoder too (dreambooth only; LoRA has lora.train_text_encoder).
     train_text_encoder: bool = False
-    text_encoder_lr: float | None = None
-    stop_text_encoder_training: int | None = None
+    text_encoder_lr: float | None = None  # None = train.lr
+    stop_text_encoder_training: int | None = None  # freeze it after this many steps
+    # Train only these UNet blocks (dotted prefixes, e.g. [up_blocks, mid_block]); None = all.
     train_unet_blocks: list[str] | None = None
+    # L2-SP: lambda * sum (theta - theta*)^2 toward the pretrained weights.
     weight_constraint: str | None = None  # None | l2sp
     weight_constraint_lambda: float = 0.0
-    prior: str = "class_images"  # class_images | distillation
-    distillation_weight: float = 1.0
+    # Where theta* lives: auto (GPU: fp16 on the GPU, CPU: fp32) | device (fp32 on the
+    # training device, exact) | cpu (fp32 in host memory, streamed every step).
+    weight_constraint_anchor: str = "auto"
+    # Also write <output_dir>/<name>.safetensors in the original SD layout (webui/ComfyUI).
     save_single_file: bool = False
+    save_precision: str = "fp32"  # fp32 | fp16 | bf16, for the saved pipeline and file
 
 
 @dataclass
@@ -367,9 +384,7 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(cfg.ti.num_vectors >= 1, "ti.num_vectors", "must be >= 1")
     need(cfg.ti.learnable_property in ("object", "style", "caption"), "ti.learnable_property",
          "must be object, style or caption")
-    need(cfg.db.prior in ("class_images", "distillation"), "db.prior",
-         "must be class_images or distillation")
-    need(cfg.db.weight_constraint in (None, "l2sp"), "db.weight_constraint", "must be l2sp or null")
+    _validate_dreambooth(cfg)
     _validate_hypernetwork(cfg.hn)
 
 
@@ -390,3 +405,59 @@ def _validate_hypernetwork(hn: HypernetworkConfig) -> None:
     for problem in options.problems():
         key, msg = problem.split(": ", 1)
         raise ConfigError(f"hn.{names.get(key, key)}: {msg}")
+
+
+# Options of the db section that only `method: dreambooth` reads; LoRA has its own.
+_DREAMBOOTH_ONLY = {
+    "train_text_encoder": "lora.train_text_encoder",
+    "text_encoder_lr": "lora.text_encoder_lr",
+    "stop_text_encoder_training": None,
+    "train_unet_blocks": "lora.unet_target_modules",
+    "save_single_file": None,
+    "save_precision": None,
+}
+
+
+def _validate_dreambooth(cfg: PersonalizeConfig) -> None:
+    db = cfg.db
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"db.{key}: {msg}")
+
+    need(db.prior in ("class_images", "distillation"), "prior",
+         f"must be class_images or distillation, got {db.prior!r}")
+    need(db.weight_constraint in (None, "l2sp"), "weight_constraint",
+         f"must be l2sp or null, got {db.weight_constraint!r}")
+    need(db.weight_constraint_lambda >= 0, "weight_constraint_lambda", "must be >= 0")
+    need(db.weight_constraint_anchor in ("auto", "device", "cpu"), "weight_constraint_anchor",
+         f"must be auto, device or cpu, got {db.weight_constraint_anchor!r}")
+    need(db.num_class_images >= 1, "num_class_images", "must be >= 1")
+    need(db.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0")
+    need(db.distillation_weight >= 0, "distillation_weight", "must be >= 0")
+    need(db.sample_batch_size >= 1, "sample_batch_size", "must be >= 1")
+    need(db.class_num_inference_steps >= 1, "class_num_inference_steps", "must be >= 1")
+    need(db.class_precision in (None, "no", "fp16", "bf16"), "class_precision",
+         f"must be no, fp16, bf16 or null, got {db.class_precision!r}")
+    need(db.save_precision in ("fp32", "fp16", "bf16"), "save_precision",
+         f"must be fp32, fp16 or bf16, got {db.save_precision!r}")
+    need(db.text_encoder_lr is None or db.text_encoder_lr > 0, "text_encoder_lr", "must be > 0")
+    need(db.stop_text_encoder_training is None or db.stop_text_encoder_training > 0,
+         "stop_text_encoder_training",
+         "must be > 0 (to never train the text encoder set db.train_text_encoder: false)")
+    need(db.train_unet_blocks is None or len(db.train_unet_blocks) > 0, "train_unet_blocks",
+         "must list at least one block (or be null to train the whole UNet)")
+    if db.prior == "distillation":
+        need(db.with_prior_preservation, "prior",
+             "distillation is a kind of prior preservation: set db.with_prior_preservation: "
+             "true as well (or remove db.prior)")
+    if db.with_prior_preservation:
+        need(bool(db.class_prompt), "class_prompt",
+             "prior preservation needs the class prompt, e.g. 'a photo of a dog' "
+             "(the instance prompt without the identifier)")
+    if cfg.method == "lora":
+        defaults = DreamBoothConfig()
+        for key, instead in _DREAMBOOTH_ONLY.items():
+            if getattr(db, key) != getattr(defaults, key):
+                hint = f"; for LoRA use {instead}" if instead else ""
+                raise ConfigError(f"db.{key} is read by method dreambooth only{hint}")

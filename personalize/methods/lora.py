@@ -14,6 +14,8 @@ import torch
 
 from personalize.methods.base import Method
 from personalize.models import SDParts
+from personalize.training import prior
+from personalize.training.regularizers import build_regularizers
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
@@ -54,7 +56,22 @@ class LoRA(Method):
                 "params": [p for p in parts.text_encoder.parameters() if p.requires_grad],
                 "lr": c.text_encoder_lr or self.cfg.train.lr,
             })
+        # DreamBooth-LoRA: the db section's prior preservation and regularizers, the same
+        # code as method dreambooth (training/prior.py, training/regularizers.py).
+        self.regularizers = build_regularizers(self.cfg, parts, adapters=True)
         return groups
+
+    def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
+        return prior.wrap_with_prior(self.cfg, dataset, parts, accelerator)
+
+    def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        if not prior.uses_class_images(self.cfg):
+            return super().reduce_loss(per_example, batch)
+        return prior.prior_preservation_loss(per_example, batch, self.cfg.db.prior_loss_weight)
+
+    def extra_loss(self, batch, outputs, parts: SDParts) -> torch.Tensor | None:
+        regularizers = getattr(self, "regularizers", None)
+        return regularizers(batch, outputs, parts) if regularizers else None
 
     def _layers(self, parts: SDParts) -> tuple[dict, dict | None]:
         from diffusers.utils import convert_state_dict_to_diffusers

@@ -1,0 +1,196 @@
+"""diffusers Stable Diffusion 1.x weights -> one original-layout (CompVis/LDM) state dict.
+
+webui, ComfyUI and most model sites use the original single-file layout:
+`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.transformer.*` (CLIP text encoder). diffusers reads it
+(`from_single_file`) but ships its writer only as a script, so the mapping is done here.
+It is the inverse of diffusers' own reader and is derived from the model's config
+(blocks, layers per block), not hard-coded for SD's four blocks; the round trip is tested
+through `StableDiffusionPipeline.from_single_file`.
+
+SD 2.x text encoders (OpenCLIP) use another layout with fused q/k/v and one more layer
+than diffusers keeps; they are refused with a clear error rather than written wrongly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+_UNET_FIXED = {
+    "time_embedding.linear_1.": "time_embed.0.",
+    "time_embedding.linear_2.": "time_embed.2.",
+    "conv_in.": "input_blocks.0.0.",
+    "conv_norm_out.": "out.0.",
+    "conv_out.": "out.2.",
+}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_ATTENTION = {
+    "group_norm.": "norm.",
+    "to_q.": "q.",
+    "to_k.": "k.",
+    "to_v.": "v.",
+    "to_out.0.": "proj_out.",
+}
+
+
+class ConversionError(ValueError):
+    """The weights do not fit the original SD 1.x layout; the message says which."""
+
+
+def _has_prefix(state: dict[str, Any], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in state)
+
+
+def unet_prefix_map(unet_state: dict[str, torch.Tensor], config: Any) -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) pairs for the UNet's blocks."""
+    per_block = config.layers_per_block
+    if not isinstance(per_block, int):
+        raise ConversionError("layers_per_block differs between blocks; the original "
+                              "layout needs one value")
+    n = len(config.block_out_channels)
+    pairs: list[tuple[str, str]] = []
+    for i in range(n):
+        for j in range(per_block):
+            sd = f"input_blocks.{(per_block + 1) * i + j + 1}."
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", sd + "0."))
+            pairs.append((f"down_blocks.{i}.attentions.{j}.", sd + "1."))
+        if i < n - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.",
+                          f"input_blocks.{(per_block + 1) * (i + 1)}.0.op."))
+        up_has_attention = _has_prefix(unet_state, f"up_blocks.{i}.attentions.")
+        for j in range(per_block + 1):
+            sd = f"output_blocks.{(per_block + 1) * i + j}."
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", sd + "0."))
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", sd + "1."))
+        if i < n - 1:
+            sd = f"output_blocks.{(per_block + 1) * i + per_block}."
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", sd + ("2." if up_has_attention
+                                                                  else "1.")))
+    pairs.append(("mid_block.resnets.0.", "middle_block.0."))
+    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
+    pairs.append(("mid_block.resnets.1.", "middle_block.2."))
+    return pairs
+
+
+def convert_unet(unet_state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    if getattr(config, "addition_embed_type", None) or getattr(config, "class_embed_type", None):
+        raise ConversionError("UNet has class/added embeddings (SDXL-like); only SD 1.x/2.x "
+                              "UNets map to the original single-file layout here")
+    if _has_prefix(unet_state, "mid_block.") and not _has_prefix(unet_state,
+                                                                 "mid_block.attentions.0."):
+        raise ConversionError("UNet mid block without attention has no original-layout slot")
+    fixed = list(_UNET_FIXED.items())
+    blocks = unet_prefix_map(unet_state, config)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in unet_state.items():
+        new = None
+        for hf, sd in fixed:
+            if key.startswith(hf):
+                new = sd + key[len(hf):]
+                break
+        if new is None:
+            for hf, sd in blocks:
+                if key.startswith(hf):
+                    rest = key[len(hf):]
+                    if ".resnets." in hf:
+                        name, _, tail = rest.partition(".")
+                        rest = f"{_RESNET.get(name, name)}.{tail}"
+                    new = sd + rest
+                    break
+        if new is None:
+            raise ConversionError(f"UNet weight {key} has no place in the original SD layout")
+        out[UNET_PREFIX + new] = value
+    return out
+
+
+def vae_prefix_map(config: Any) -> list[tuple[str, str]]:
+    n = len(config.block_out_channels)
+    per_block = config.layers_per_block
+    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."),
+             ("decoder.conv_norm_out.", "decoder.norm_out.")]
+    for i in range(n):
+        for j in range(per_block):
+            pairs.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
+        if i < n - 1:
+            pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.",
+                          f"encoder.down.{i}.downsample."))
+            pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.",
+                          f"decoder.up.{n - 1 - i}.upsample."))
+        for j in range(per_block + 1):
+            pairs.append((f"decoder.up_blocks.{i}.resnets.{j}.",
+                          f"decoder.up.{n - 1 - i}.block.{j}."))
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            pairs.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
+        pairs.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
+    return pairs
+
+
+def convert_vae(vae_state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    pairs = vae_prefix_map(config)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in vae_state.items():
+        new = key
+        for hf, sd in pairs:
+            if key.startswith(hf):
+                rest = key[len(hf):]
+                if ".attentions." in hf:
+                    for a, b in _VAE_ATTENTION.items():
+                        if rest.startswith(a):
+                            rest = b + rest[len(a):]
+                            break
+                    # The original attention uses 1x1 convolutions, diffusers Linear layers.
+                    if rest.endswith(".weight") and value.ndim == 2:
+                        value = value[:, :, None, None]
+                elif "conv_shortcut" in rest:
+                    rest = rest.replace("conv_shortcut", "nin_shortcut")
+                new = sd + rest
+                break
+        out[VAE_PREFIX + new] = value
+    return out
+
+
+def convert_text_encoder(te_state: dict[str, torch.Tensor],
+                         config: Any) -> dict[str, torch.Tensor]:
+    if getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
+        raise ConversionError(
+            "this text encoder is OpenCLIP-style (SD 2.x); its original layout is not "
+            "written here. Use the diffusers folder (webui/ComfyUI load those too) or set "
+            "db.save_single_file: false")
+    # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); the original
+    # layout (and every reader of it) has that level.
+    return {TEXT_ENCODER_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in te_state.items() if not k.endswith("position_ids")}
+
+
+def to_original_sd(unet_config: Any, vae_config: Any, text_encoder_config: Any,
+                   states: dict[str, dict[str, torch.Tensor]],
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One original-layout state dict from the diffusers "unet", "vae" and "text_encoder"
+    state dicts in `states`, floating tensors cast to `dtype` when given."""
+    parts = [
+        convert_unet(states["unet"], unet_config),
+        convert_vae(states["vae"], vae_config),
+        convert_text_encoder(states["text_encoder"], text_encoder_config),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            v = v.detach().cpu()
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            out[k] = v.contiguous()
+    return out

@@ -1,0 +1,305 @@
+"""Prior preservation with class images, shared by `method: dreambooth` and `method: lora`.
+
+DreamBooth (Ruiz et al., 2023) trains on the subject ("a photo of sks dog") and, in the
+same batch, on images of its class ("a photo of a dog") that the model itself generated
+before training; the loss is `instance + prior_loss_weight * class`, which keeps the class
+from drifting toward the subject (language drift) and keeps its diversity.
+
+- `ensure_class_images` tops `class_data_dir` up to `num_class_images` with the base
+  pipeline: batched, with a progress bar, each process of a multi-process run generating
+  its own share. Image i is named by a hash of (prompt, seed, i) and drawn from a seed
+  derived the same way, so a rerun finds what exists and only adds what is missing, and
+  an interrupted generation continues where it stopped with the images it would have made.
+- `PriorPairedDataset` gives every instance example a class example under "prior"; the
+  loop's collate appends those after the instance examples and marks them in is_prior.
+- `prior_preservation_loss` is the reduction `instance mean + weight * class mean`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from personalize.data import DataError, ImageCaptionDataset, load_records
+from personalize.data.dataset import IMAGE_EXTENSIONS
+from personalize.models import SDParts
+
+logger = logging.getLogger(__name__)
+
+CLASS_IMAGES_DIR = "class_images"
+_TMP_MARK = ".tmp-"
+
+
+# ------------------------------------------------------------------------------ naming
+
+
+def _digest(prompt: str, seed: int, index: int) -> str:
+    return hashlib.sha256(f"{prompt}\x00{seed}\x00{index}".encode()).hexdigest()
+
+
+def class_image_name(prompt: str, seed: int, index: int) -> str:
+    """The file name of generated class image `index`: the same on every rerun/process."""
+    return f"class-{_digest(prompt, seed, index)[:24]}.png"
+
+
+def class_image_seed(prompt: str, seed: int, index: int) -> int:
+    """Image `index`'s own generator seed: it does not depend on batching or sharding."""
+    return int(_digest(prompt, seed, index)[24:40], 16) & (2**63 - 1)
+
+
+def class_data_dir(cfg) -> Path:
+    """db.class_data_dir, or output_dir/class_images when unset."""
+    return Path(cfg.db.class_data_dir or Path(cfg.output_dir) / CLASS_IMAGES_DIR)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def missing_indices(existing_names: set[str], prompt: str, seed: int, count: int) -> list[int]:
+    """The first `count` image indices whose hash-named file does not exist yet."""
+    out, index = [], 0
+    while len(out) < count:
+        if class_image_name(prompt, seed, index) not in existing_names:
+            out.append(index)
+        index += 1
+    return out
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def _process_state(state):
+    if state is not None:
+        return state
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _save_png_atomic(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def ensure_class_images(
+    folder: str | Path,
+    prompt: str,
+    num_images: int,
+    make_pipeline: Callable[[], Any],
+    *,
+    seed: int,
+    batch_size: int = 4,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    state=None,
+) -> list[int]:
+    """Generate the class images `folder` lacks to hold `num_images` images; every process
+    of the run must call this. Returns the indices this process generated.
+
+    Every image file in the folder counts, the user's own included. The processes list the
+    folder before any of them writes, so they agree on what is missing; process k takes
+    every num_processes-th missing index. `make_pipeline` is only called when this process
+    has something to generate."""
+    state = _process_state(state)
+    folder = Path(folder)
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f".*{_TMP_MARK}*"):  # half-written by an interrupted run
+            stale.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    files = _image_files(folder)
+    todo = missing_indices({p.name for p in files}, prompt, seed,
+                           max(0, num_images - len(files)))
+    state.wait_for_everyone()  # everyone has listed the folder; now writing may begin
+    mine = todo[state.process_index::state.num_processes]
+    if todo and state.is_main_process:
+        logger.info("class images: %d of %d in %s; generating %d with %r on %d process(es)",
+                    len(files), num_images, folder, len(todo), prompt, state.num_processes)
+    if mine:
+        logger.info("process %d generates class images %s", state.process_index, mine)
+        pipe = make_pipeline()
+        device = getattr(pipe, "device", torch.device("cpu"))
+        use_autocast = autocast_dtype is not None and device.type != "cpu"
+        batches = range(0, len(mine), batch_size)
+        for start in tqdm(batches, desc="class images", unit="batch",
+                          disable=not state.is_local_main_process):
+            chunk = mine[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(class_image_seed(prompt, seed, i))
+                          for i in chunk]
+            autocast = torch.autocast(device.type, dtype=autocast_dtype) if use_autocast \
+                else contextlib.nullcontext()
+            with autocast, torch.no_grad():
+                images = pipe([prompt] * len(chunk), generator=generators,
+                              num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale,
+                              height=resolution, width=resolution).images
+            for index, image in zip(chunk, images):
+                _save_png_atomic(image, folder / class_image_name(prompt, seed, index))
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        have = len(_image_files(folder))
+        if have < num_images:
+            raise DataError(f"class images: {folder} holds {have} images after generation, "
+                            f"expected {num_images}; is the folder writable and the disk "
+                            "not full?")
+    state.wait_for_everyone()
+    return mine
+
+
+def _generation_pipeline(parts: SDParts, device: torch.device):
+    from personalize.models import pipeline_from_parts
+
+    pipe = pipeline_from_parts(parts)
+    pipe.to(device)
+    return pipe
+
+
+# ------------------------------------------------------------------------------ the dataset
+
+
+class PriorPairedDataset(torch.utils.data.Dataset):
+    """Instance item i plus a class example under "prior".
+
+    One epoch is one pass over the instance data (its length, its sampler); class examples
+    rotate with the epoch, (epoch * len + i) mod num_class, so every class image is used
+    over the epochs. A class image is fitted to its instance partner's size when the two
+    differ (aspect-ratio buckets), because a batch must stack."""
+
+    def __init__(self, instance: torch.utils.data.Dataset, prior: ImageCaptionDataset,
+                 vae_scale_factor: int = 8):
+        if len(prior) == 0:
+            raise DataError("prior preservation: no class images")
+        self.instance = instance
+        self.prior = prior
+        self.vae_scale_factor = vae_scale_factor
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.instance, "epoch", self._epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+        if hasattr(self.instance, "set_epoch"):
+            self.instance.set_epoch(epoch)
+        self.prior.set_epoch(epoch)
+
+    def __getattr__(self, name: str):
+        # Everything else (records, sizes, latents...) is the instance dataset's.
+        if name in ("instance", "prior"):
+            raise AttributeError(name)
+        return getattr(self.instance, name)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.instance[i])
+        epoch = self.epoch
+        # The loop sets the epoch on the instance dataset; the class data follows it.
+        if self.prior.epoch != epoch:
+            self.prior.set_epoch(epoch)
+        j = (epoch * len(self.instance) + (i % len(self.instance))) % len(self.prior)
+        example = self.prior[j]
+        pixels = _fit(example["pixel_values"], self._pixel_size(item))
+        item["prior"] = {"pixel_values": pixels, "caption": example["caption"],
+                         "key": example["key"]}
+        return item
+
+    def _pixel_size(self, item: dict[str, Any]) -> tuple[int, int]:
+        if "pixel_values" in item:
+            return tuple(item["pixel_values"].shape[-2:])
+        h, w = item["latent_dist"].shape[-2:]
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+
+def _fit(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover `size` (h, w), then center-crop to it."""
+    h, w = size
+    ph, pw = pixels.shape[-2:]
+    if (ph, pw) == (h, w):
+        return pixels
+    scale = max(h / ph, w / pw)
+    nh, nw = max(h, round(ph * scale)), max(w, round(pw * scale))
+    resized = F.interpolate(pixels[None].float(), size=(nh, nw), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return resized[:, top:top + h, left:left + w].clamp(-1, 1).to(pixels.dtype)
+
+
+# ------------------------------------------------------------------------------ for methods
+
+
+def _autocast_dtype(cfg) -> torch.dtype | None:
+    precision = cfg.db.class_precision or cfg.train.mixed_precision
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+
+def uses_class_images(cfg) -> bool:
+    return cfg.db.with_prior_preservation and cfg.db.prior == "class_images"
+
+
+def wrap_with_prior(cfg, dataset: torch.utils.data.Dataset, parts: SDParts,
+                    accelerator) -> torch.utils.data.Dataset:
+    """`Method.wrap_train_dataset` for prior preservation with class images: generate the
+    missing ones with the base model (adapters off), then pair them with the instances."""
+    if not uses_class_images(cfg):
+        return dataset
+    from personalize.training.regularizers import adapters_disabled
+
+    db = cfg.db
+    folder = class_data_dir(cfg)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    with adapters_disabled(parts.unet, parts.text_encoder):
+        ensure_class_images(
+            folder, db.class_prompt, db.num_class_images,
+            lambda: _generation_pipeline(parts, device),
+            seed=cfg.seed, batch_size=db.sample_batch_size,
+            num_inference_steps=db.class_num_inference_steps,
+            guidance_scale=db.class_guidance_scale, resolution=cfg.train.resolution,
+            autocast_dtype=_autocast_dtype(cfg), state=accelerator,
+        )
+    d = cfg.data
+    records = load_records(folder, caption_extension=d.caption_extension, strict=d.strict)
+    records = records[:db.num_class_images]
+    prior = ImageCaptionDataset(records, resolution=cfg.train.resolution, center_crop=True,
+                                random_flip=d.random_flip, instance_prompt=db.class_prompt,
+                                seed=cfg.seed + 1)
+    vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    logger.info("prior preservation: %d class images from %s, prior_loss_weight %g",
+                len(records), folder, db.prior_loss_weight)
+    return PriorPairedDataset(dataset, prior, vae_scale)
+
+
+def prior_preservation_loss(per_example: torch.Tensor, batch: dict[str, Any],
+                            prior_loss_weight: float) -> torch.Tensor:
+    """instance mean + prior_loss_weight * class mean; the plain mean without class rows.
+    Masked sums, not boolean indexing, so the GPU never waits for the host."""
+    is_prior = batch.get("is_prior")
+    if is_prior is None:
+        return per_example.mean()
+    prior = is_prior.to(per_example.device, per_example.dtype)
+    instance = 1.0 - prior
+    instance_loss = (per_example * instance).sum() / instance.sum().clamp(min=1.0)
+    prior_loss = (per_example * prior).sum() / prior.sum().clamp(min=1.0)
+    return instance_loss + prior_loss_weight * prior_loss

@@ -1,0 +1,352 @@
+"""Regularizers against forgetting, added to the loss through `Method.extra_loss`.
+
+Shared by `method: dreambooth` (the whole UNet, optionally the text encoder, trains) and
+`method: lora` (only adapters train), configured in the `db` section:
+
+- **L2-SP** (Li et al., 2018, "Explicit inductive bias for transfer learning"):
+  lambda * sum (theta - theta*)^2 pulls the trained weights toward the pretrained ones.
+  Full fine-tuning keeps theta* (the "anchor") per `db.weight_constraint_anchor`; LoRA
+  needs no anchor at all, because its effective weight change is exactly s * B @ A.
+- **Distillation prior**: a frozen teacher (the original model) predicts the noise for the
+  class prompt on the step's noisy latents and the student is pulled to match it, so the
+  class keeps its meaning without any class images. The teacher is a half-precision copy
+  for full fine-tuning, and the very same weights with the adapters switched off for LoRA.
+
+docs/dreambooth.md lists what each one costs in memory and time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from personalize.models import SDParts
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / compile wrapper. A second forward through the bare module
+    still sends its gradients into the same parameters (DDP syncs them once, at the
+    parameters' hooks), whereas a second forward through the DDP wrapper in one step
+    would arm its reducer twice."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module)
+
+
+def has_adapters(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "_hf_peft_config_loaded", False))
+
+
+@contextmanager
+def adapters_disabled(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run the base model of peft-adapted modules (diffusers / transformers integration).
+
+    peft's enable_adapters() re-enables requires_grad on every active adapter, which would
+    also undo a deliberate freeze; the flags are therefore restored exactly as they were."""
+    adapted = [m for m in modules if has_adapters(m)]
+    flags = [(p, p.requires_grad) for m in adapted for p in m.parameters()]
+    for m in adapted:
+        m.disable_adapters()
+    try:
+        yield
+    finally:
+        for m in adapted:
+            m.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------ L2-SP
+
+
+class AnchorStore:
+    """theta* for a list of parameters, captured at set-up (before any step or resume, so a
+    resumed run keeps the true pretrained weights) and placed on first use:
+
+    - `device`: fp32 on the training device: exact, 4 bytes per trained parameter there.
+    - `auto`: on a GPU, fp16 on the GPU (2 bytes per parameter, relative rounding <= 2^-11,
+      far below a fine-tuning step); on a CPU, fp32 (exact: host memory is the device).
+    - `cpu`: fp32 in (pinned) host memory, streamed to the device in forward and backward:
+      exact and no device memory, for 8 bytes per parameter of host->device traffic a step.
+    """
+
+    FP16_MAX = 65000.0
+
+    def __init__(self, params: list[torch.nn.Parameter], mode: str):
+        if mode not in ("auto", "device", "cpu"):
+            raise ValueError(f"db.weight_constraint_anchor must be auto, device or cpu, "
+                             f"got {mode!r}")
+        self.mode = mode
+        self._host = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        self._placed: list[torch.Tensor] | None = None
+        self.device: torch.device | None = None
+
+    def __len__(self) -> int:
+        return len(self._host) if self._placed is None else len(self._placed)
+
+    def _place(self, device: torch.device) -> None:
+        self.device = device
+        if self.mode == "cpu":
+            if device.type == "cuda":
+                self._host = [a.pin_memory() for a in self._host]
+            self._placed = self._host
+            return
+        half = self.mode == "auto" and device.type != "cpu"
+        placed = []
+        for a in self._host:
+            keep_fp32 = not half or a.abs().max().item() > self.FP16_MAX
+            placed.append(a.to(device, torch.float32 if keep_fp32 else torch.float16))
+        self._placed = placed
+        self._host = []  # the device copy is the anchor now; free the host one
+
+    def get(self, index: int, device: torch.device) -> torch.Tensor:
+        """theta*[index] as fp32 on `device` (a temporary when stored in fp16 or on the host)."""
+        if self._placed is None:
+            self._place(device)
+        return self._placed[index].to(device, torch.float32, non_blocking=True)
+
+    def nbytes(self) -> int:
+        tensors = self._placed if self._placed is not None else self._host
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """sum (p - anchor)^2 for one parameter. Autograd would keep (p - anchor) for the
+    backward pass, a full fp32 copy of every trained tensor until then; this saves only `p`
+    (a reference) and recomputes the difference in backward, one tensor at a time."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, store: AnchorStore, index: int) -> torch.Tensor:
+        ctx.save_for_backward(param)
+        ctx.store, ctx.index = store, index
+        diff = param.detach().float() - store.get(index, param.device)
+        return torch.dot(diff.flatten(), diff.flatten())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (param,) = ctx.saved_tensors
+        diff = param.detach().float() - ctx.store.get(ctx.index, param.device)
+        return (2.0 * grad_output * diff).to(param.dtype), None, None
+
+
+class L2SP:
+    """lambda * sum over the trained parameters of (theta - theta*)^2."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lam: float, anchor: str = "auto"):
+        if not params:
+            raise ValueError("L2-SP: no trained parameters to constrain")
+        self.params = params
+        self.lam = float(lam)
+        self.store = AnchorStore(params, anchor)
+        count = sum(p.numel() for p in params)
+        logger.info("L2-SP: lambda=%g over %d tensors (%.1fM weights), anchors: %s",
+                    self.lam, len(params), count / 1e6, anchor)
+
+    def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor:
+        terms = [_SquaredDistance.apply(p, self.store, i) for i, p in enumerate(self.params)]
+        return self.lam * torch.stack(terms).sum()
+
+
+class LoRAL2SP:
+    """L2-SP for adapters: the adapted weight is W* + s * B @ A with W* frozen, so
+    sum (W - W*)^2 = sum_layers ||s * B @ A||_F^2, exact and without any anchor copy.
+    ||B A||_F^2 = sum((B^T B) * (A A^T)): two r x r products instead of the out x in one."""
+
+    def __init__(self, modules: list[torch.nn.Module], lam: float):
+        from peft.tuners.lora import LoraLayer
+
+        self.lam = float(lam)
+        self.layers = []
+        for module in modules:
+            for name, layer in module.named_modules():
+                if not isinstance(layer, LoraLayer):
+                    continue
+                if any(layer.use_dora.get(a, False) for a in layer.active_adapters):
+                    raise ValueError(
+                        "db.weight_constraint=l2sp is not defined for DoRA adapters "
+                        "(lora.use_dora): their magnitude vector rescales W* itself. "
+                        "Turn one of them off.")
+                if getattr(layer, "lora_embedding_A", None) and any(
+                        a in layer.lora_embedding_A for a in layer.active_adapters):
+                    raise ValueError(f"db.weight_constraint=l2sp: embedding adapter {name} "
+                                     "is not supported; target Linear/Conv layers only")
+                self.layers.append(layer)
+        if not self.layers:
+            raise ValueError("db.weight_constraint=l2sp: the model has no LoRA layers")
+        logger.info("L2-SP on LoRA: lambda=%g over %d adapted layers (no anchor copy)",
+                    self.lam, len(self.layers))
+
+    def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor:
+        terms = []
+        for layer in self.layers:
+            for adapter in layer.active_adapters:
+                if adapter not in layer.lora_A:
+                    continue
+                a = layer.lora_A[adapter].weight.float().flatten(1)  # [r, in * k * k]
+                b = layer.lora_B[adapter].weight.float().flatten(1)  # [out, r]
+                scale = float(layer.scaling[adapter])
+                terms.append(scale * scale * ((b.T @ b) * (a @ a.T)).sum())
+        return self.lam * torch.stack(terms).sum()
+
+
+# ------------------------------------------------------------------------------ distillation
+
+
+def teacher_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """Half precision on an accelerator (the teacher only runs forward), fp32 on a CPU,
+    where half-precision kernels are slow or missing."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+class DistillationPrior:
+    """weight * MSE(student(x_t, t, class prompt), teacher(x_t, t, class prompt)).
+
+    x_t and t are the step's own noisy latents and timesteps: the question "what does the
+    class prompt predict for this input?" must keep the original model's answer. With
+    `teacher_unet=None` the teacher is the live UNet with its adapters disabled (LoRA);
+    otherwise it is a frozen copy taken before training."""
+
+    def __init__(self, parts: SDParts, class_prompt: str, weight: float, *,
+                 copy_teacher: bool, mixed_precision: str):
+        self.class_prompt = class_prompt
+        self.weight = float(weight)
+        self.mixed_precision = mixed_precision
+        self.copy_teacher = copy_teacher
+        self.teacher_unet: torch.nn.Module | None = None
+        self.teacher_text_encoder: torch.nn.Module | None = None
+        te_trains = any(p.requires_grad for p in parts.text_encoder.parameters())
+        if copy_teacher:
+            self.teacher_unet = _frozen_copy(parts.unet)
+            if te_trains:
+                self.teacher_text_encoder = _frozen_copy(parts.text_encoder)
+        elif not (has_adapters(parts.unet) and
+                  (not te_trains or has_adapters(parts.text_encoder))):
+            raise ValueError("distillation with a shared teacher needs adapters on every "
+                             "trained module (the teacher is the model with them disabled)")
+        self._ids: torch.Tensor | None = None
+        self._placed = False
+        logger.info("distillation prior: weight %g, class prompt %r, teacher: %s",
+                    self.weight, class_prompt,
+                    "frozen copy" if copy_teacher else "base weights (adapters disabled)")
+
+    def _place(self, device: torch.device) -> None:
+        dtype = teacher_dtype(device, self.mixed_precision)
+        for teacher in (self.teacher_unet, self.teacher_text_encoder):
+            if teacher is not None:
+                teacher.to(device=device, dtype=dtype)
+        self._placed = True
+
+    def _class_ids(self, parts: SDParts, device: torch.device) -> torch.Tensor:
+        if self._ids is None or self._ids.device != device:
+            from personalize.training.data import tokenize
+
+            self._ids = tokenize(parts.tokenizer, [self.class_prompt]).to(device)
+        return self._ids
+
+    def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor:
+        unet = unwrap(outputs.unet)
+        noisy = outputs.noisy_latents.detach()
+        timesteps = outputs.timesteps
+        device = noisy.device
+        if self.copy_teacher and not self._placed:
+            self._place(device)
+        ids = self._class_ids(parts, device)
+        text_encoder = unwrap(parts.text_encoder)
+        te_trains = any(p.requires_grad for p in text_encoder.parameters())
+        if te_trains:
+            student_context = text_encoder(ids)[0]
+        else:
+            with torch.no_grad():
+                student_context = text_encoder(ids)[0]
+        batch_size = noisy.shape[0]
+        with torch.no_grad():
+            teacher_context = student_context.detach()
+            if te_trains and self.teacher_text_encoder is not None:
+                teacher_context = _run_teacher(self.teacher_text_encoder, ids)[0]
+            elif te_trains:
+                with adapters_disabled(text_encoder):
+                    teacher_context = text_encoder(ids)[0]
+            teacher_context = teacher_context.expand(batch_size, -1, -1)
+            if self.teacher_unet is not None:
+                target = _run_teacher(self.teacher_unet, noisy, timesteps, teacher_context,
+                                      return_dict=False)[0]
+            else:
+                with adapters_disabled(unet):
+                    target = unet(noisy, timesteps, teacher_context, return_dict=False)[0]
+        student = unet(noisy, timesteps, student_context.expand(batch_size, -1, -1),
+                       return_dict=False)[0]
+        return self.weight * F.mse_loss(student.float(), target.float())
+
+
+def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def _run_teacher(module: torch.nn.Module, *args, **kwargs):
+    """Forward in the teacher's own dtype (the loop's autocast may want another)."""
+    dtype = next(module.parameters()).dtype
+    device = next(module.parameters()).device
+    cast = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    with torch.autocast(device.type, enabled=False):
+        return module(*cast, **kwargs)
+
+
+# ------------------------------------------------------------------------------ together
+
+
+Term = Callable[[dict[str, Any], Any, SDParts], torch.Tensor]
+
+
+class Regularizers:
+    """The configured terms; `__call__` is a Method.extra_loss."""
+
+    def __init__(self, terms: dict[str, Term] | None = None):
+        self.terms = dict(terms or {})
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor | None:
+        total = None
+        for term in self.terms.values():
+            value = term(batch, outputs, parts)
+            total = value if total is None else total + value
+        return total
+
+
+def build_regularizers(cfg, parts: SDParts, *, adapters: bool) -> Regularizers:
+    """The db section's regularizers for a model whose trainable parameters are already
+    marked (call at the end of `Method.setup`). `adapters`: the trained weights are LoRA
+    adapters on frozen base weights (method lora)."""
+    db = cfg.db
+    terms: dict[str, Term] = {}
+    if db.weight_constraint == "l2sp":
+        if db.weight_constraint_lambda == 0:
+            logger.warning("db.weight_constraint=l2sp with weight_constraint_lambda=0 has no "
+                           "effect; set a positive lambda")
+        if adapters:
+            terms["l2sp"] = LoRAL2SP([parts.unet, parts.text_encoder],
+                                     db.weight_constraint_lambda)
+        else:
+            params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters()
+                      if p.requires_grad]
+            terms["l2sp"] = L2SP(params, db.weight_constraint_lambda,
+                                 db.weight_constraint_anchor)
+    if db.with_prior_preservation and db.prior == "distillation":
+        terms["distillation"] = DistillationPrior(
+            parts, db.class_prompt, db.distillation_weight, copy_teacher=not adapters,
+            mixed_precision=cfg.train.mixed_precision)
+    return Regularizers(terms)
