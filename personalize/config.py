@@ -56,6 +56,22 @@ class DataConfig:
     validation_split: float = 0.0
     validation_path: str | None = None
     num_workers: int = 0
+    pin_memory: bool = True  # page-locked batches, copied to the GPU without a sync (CUDA only)
+    # Encode each image view once with the VAE and reuse it (both flips when random_flip);
+    # not with random crops (center_crop=false), where every epoch crops differently.
+    cache_latents: bool = True
+    # Encode each caption once when the method leaves the text encoder frozen and the
+    # captions are a fixed set (no shuffle_tags, no per-step caption templates).
+    cache_text_embeddings: bool = True
+    # Where cache entries live (keyed by content hash, so a shared folder is safe across
+    # runs); None = output_dir/cache.
+    cache_dir: str | None = None
+    # Aspect-ratio bucketing: each image trains at the bucket (w, h), sides multiples of
+    # bucket_step in [bucket_min_size, bucket_max_size], with about resolution**2 pixels.
+    bucketing: bool = False
+    bucket_min_size: int = 256
+    bucket_max_size: int = 1024
+    bucket_step: int = 64
 
 
 @dataclass
@@ -87,6 +103,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | wandb | none
+    # Fast paths (docs/benchmarks.md measures each). attention: sdpa (PyTorch's fused
+    # scaled-dot-product attention) | xformers (needs the xformers package, CUDA only).
+    attention: str = "sdpa"
+    allow_tf32: bool = True  # TF32 matmuls/convolutions on Ampere+ GPUs
+    channels_last: bool = False  # NHWC memory format for the UNet's convolutions
+    compile_unet: bool = False  # torch.compile the UNet (first steps are slow: compiling)
+    # Fused AdamW (one kernel for all parameters; also lets the NaN guard skip a step on the
+    # device, without a host sync); falls back to foreach where unsupported.
+    fused_optimizer: bool = True
 
 
 @dataclass
@@ -369,10 +394,21 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
     need(t.report_to in ("tensorboard", "wandb", "none"), "train.report_to",
          f"must be tensorboard, wandb or none, got {t.report_to!r}")
+    need(t.attention in ("sdpa", "xformers"), "train.attention",
+         f"must be sdpa or xformers, got {t.attention!r}")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
     d = cfg.data
     need(0.0 <= d.validation_split < 1.0, "data.validation_split", "must be in [0, 1)")
     need(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
     need(d.repeats >= 1, "data.repeats", "must be >= 1")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if d.bucketing:
+        need(d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step",
+             f"must be a positive multiple of 8, got {d.bucket_step}")
+        need(d.bucket_min_size <= t.resolution <= d.bucket_max_size, "data.bucket_min_size",
+             f"data.bucket_min_size ({d.bucket_min_size}) <= train.resolution "
+             f"({t.resolution}) <= data.bucket_max_size ({d.bucket_max_size}) must hold")
     m = cfg.model
     need(m.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
          "must be epsilon, v_prediction or null")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -187,6 +187,8 @@ class ImageCaptionDataset(Dataset):
         repeats: int = 1,
         seed: int = 0,
         caption_fn: Callable[[str], str] | None = None,
+        sizes: list[tuple[int, int]] | None = None,
+        latents: Mapping[tuple[int, bool], torch.Tensor] | None = None,
     ) -> None:
         if not records:
             raise DataError("No training images: the record list is empty.")
@@ -209,6 +211,14 @@ class ImageCaptionDataset(Dataset):
         self.repeats = repeats
         self.seed = seed
         self.caption_fn = caption_fn
+        # Aspect-ratio buckets (data/buckets.py): record j is cropped to sizes[j] (w, h)
+        # instead of a resolution x resolution square.
+        if sizes is not None and len(sizes) != len(self.records):
+            raise DataError(f"sizes has {len(sizes)} entries for {len(self.records)} records.")
+        self.sizes = sizes
+        # Cached VAE latent distributions (data/cache.py), keyed by (record index, flipped):
+        # items then carry "latent_dist" instead of "pixel_values", with the same flip draw.
+        self.latents = latents
         # Fail now, not at the first batch, when an image has nothing to be trained on.
         uncaptioned = [r for r in self.records if r.caption is None]
         if uncaptioned and self.instance_prompt is None:
@@ -244,13 +254,10 @@ class ImageCaptionDataset(Dataset):
             (self.seed, self.epoch, i)
         ).spawn(4)
         flip = self.random_flip and flip_rng.random() < 0.5
-        pixel_values = prepare_image(
-            read_image(record),
-            self.resolution,
-            center_crop=self.center_crop,
-            flip=flip,
-            crop_rng=crop_rng,
-        )
+        if self.latents is not None:
+            image = {"latent_dist": self.latents[(i % len(self.records), flip)]}
+        else:
+            image = {"pixel_values": self.view(i % len(self.records), flip, crop_rng)}
         caption = record.caption or self.instance_prompt
         if caption is None:  # records mutated after __init__; keep the message anyway
             raise DataError(_no_caption_message(record, 1))
@@ -260,7 +267,26 @@ class ImageCaptionDataset(Dataset):
             caption = ""
         if self.caption_fn is not None:
             caption = self.caption_fn(caption)
-        return {"pixel_values": pixel_values, "caption": caption, "key": record.key}
+        return {**image, "caption": caption, "key": record.key}
+
+    def view(self, index: int, flip: bool,
+             crop_rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Record `index` as a training tensor: cropped (centered unless `crop_rng` and
+        random crops), to its bucket's size when bucketing, flipped when asked."""
+        record = self.records[index]
+        if self.sizes is not None:
+            from personalize.data.buckets import prepare_image_to_size
+
+            return prepare_image_to_size(read_image(record), self.sizes[index],
+                                         center_crop=self.center_crop, flip=flip,
+                                         crop_rng=crop_rng)
+        return prepare_image(
+            read_image(record),
+            self.resolution,
+            center_crop=self.center_crop,
+            flip=flip,
+            crop_rng=crop_rng,
+        )
 
 
 def shuffle_caption_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:

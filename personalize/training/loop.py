@@ -4,20 +4,28 @@ It owns: the accelerator, precision casts, gradient accumulation, the optimizer 
 schedule, noise and the denoising loss, a NaN/inf guard, validation (held-out loss, early
 stopping, best weights, sample images), logging, checkpoints and resume. A `Method`
 (personalize/methods) decides what trains, what joins the loss and what is saved.
+
+Speed (docs/benchmarks.md): latents and, when the method leaves the text encoder frozen,
+text embeddings are computed once (data/cache.py) and those encoders leave the accelerator;
+aspect-ratio buckets (data/buckets.py); the switchable fast paths of training/fastpaths.py;
+and no host-device sync inside a step: the NaN guard (training/guard.py) decides on the
+device and the host reads numbers only at log/check steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -27,6 +35,8 @@ from personalize.methods.base import Method, StepOutputs, get_method
 from personalize.models import SDParts, load_parts
 from personalize.training import checkpoint as ckpt
 from personalize.training.data import build_dataloader, tokenize
+from personalize.training.fastpaths import apply_fast_paths, make_optimizer
+from personalize.training.guard import NonFiniteError, NonFiniteGuard
 from personalize.training.noise import (
     per_example_loss,
     sample_noise,
@@ -78,6 +88,9 @@ def _make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=log_with,
+        # Batches come from pinned memory: the copy to the GPU need not wait for it.
+        dataloader_config=DataLoaderConfiguration(
+            non_blocking=cfg.data.pin_memory and torch.cuda.is_available()),
         project_config=ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
         ),
@@ -100,26 +113,12 @@ def _cast_for_training(parts: SDParts, dtype: torch.dtype, device: torch.device)
                 p.data = p.data.float()
 
 
-def _make_optimizer(cfg: PersonalizeConfig, param_groups: list[dict[str, Any]]):
-    t = cfg.train
-    kwargs = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                  weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError(
-                "train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes"
-            ) from e
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
-
-
 class Trainer:
     """One run: build everything from the config, then `run()`."""
 
     def __init__(self, cfg: PersonalizeConfig, method: Method | None = None,
                  parts: SDParts | None = None):
+        self.created = time.perf_counter()
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = _make_accelerator(cfg)
@@ -157,17 +156,36 @@ class Trainer:
             records, val_records = split_records(records, d.validation_split, self.cfg.seed)
         common = dict(resolution=t.resolution, instance_prompt=d.prompt,
                       caption_fn=self.method.caption_fn(), seed=self.cfg.seed)
+        sizes = None
+        if d.bucketing:
+            from personalize.data.buckets import record_sizes
+
+            sizes = record_sizes(records, t.resolution, d.bucket_min_size, d.bucket_max_size,
+                                 d.bucket_step)
+            logger.info("aspect buckets (w x h: images): %s", ", ".join(
+                f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))))
         self.train_dataset = ImageCaptionDataset(
             records, center_crop=d.center_crop, random_flip=d.random_flip,
             caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags,
-            keep_tokens=d.keep_tokens, repeats=d.repeats, **common,
+            keep_tokens=d.keep_tokens, repeats=d.repeats, sizes=sizes, **common,
         )
         self.val_dataset = ImageCaptionDataset(val_records, center_crop=True, **common) \
             if val_records else None
         dataset = self.method.wrap_train_dataset(self.train_dataset, self.parts, self.accelerator)
+        bucket_of = None
+        if sizes is not None:
+            if len(dataset) != len(self.train_dataset):
+                raise TrainingError(
+                    f"data.bucketing=true: method {self.cfg.method} changed the number of "
+                    f"training examples ({len(self.train_dataset)} -> {len(dataset)}), so "
+                    "examples cannot be matched to buckets; set data.bucketing=false.")
+            bucket_of = [sizes[i % len(records)] for i in range(len(dataset))]
         self.dataloader = build_dataloader(
-            dataset, batch_size=t.batch_size, seed=self.cfg.seed, num_workers=d.num_workers
+            dataset, batch_size=t.batch_size, seed=self.cfg.seed, num_workers=d.num_workers,
+            tokenizer=self.parts.tokenizer, bucket_of=bucket_of,
+            num_processes=self.accelerator.num_processes, pin_memory=d.pin_memory,
         )
+        self.batch_sampler = self.dataloader.batch_sampler if bucket_of is not None else None
         logger.info("training on %d images (%d examples per epoch), %d held out, "
                     "%d process(es)", len(records), len(dataset), len(val_records),
                     self.accelerator.num_processes)
@@ -178,14 +196,13 @@ class Trainer:
         _cast_for_training(self.parts, self.weight_dtype, acc.device)
         self.trains = {name: any(p.requires_grad for p in m.parameters())
                        for name, m in self.parts.modules().items()}
-        if t.gradient_checkpointing:
-            if self.trains["unet"]:
-                self.parts.unet.enable_gradient_checkpointing()
-            if self.trains["text_encoder"]:
-                self.parts.text_encoder.gradient_checkpointing_enable()
+        apply_fast_paths(self.cfg, self.parts, self.trains, acc.device)
         for name, module in self.parts.modules().items():
             module.train(self.trains[name])
-        optimizer = _make_optimizer(self.cfg, param_groups)
+        started = time.perf_counter()
+        self._setup_caches()
+        self.cache_seconds = time.perf_counter() - started
+        optimizer = make_optimizer(self.cfg, param_groups, acc.device)
         from diffusers.optimization import get_scheduler
 
         n = acc.num_processes
@@ -205,6 +222,86 @@ class Trainer:
         acc.register_save_state_pre_hook(self._save_model_hook)
         acc.register_load_state_pre_hook(self._load_model_hook)
 
+    def _setup_caches(self) -> None:
+        """Latents and text embeddings computed once, when that cannot change training."""
+        from personalize.data.cache import cache_latents, cache_text_embeddings
+
+        acc, d = self.accelerator, self.cfg.data
+        folder = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
+        self.text_cache: dict[str, torch.Tensor] | None = None
+        self.offloaded: set[str] = set()
+        ds = self.train_dataset
+        if d.cache_latents and not self.trains["vae"]:
+            if not ds.center_crop:
+                logger.warning("latents are not cached: data.center_crop=false asks for random "
+                               "crops, which differ every epoch. Set data.center_crop=true to "
+                               "cache (each image is then encoded once, both flips if "
+                               "random_flip) or data.cache_latents=false to silence this.")
+            else:
+                ds.latents = cache_latents(ds, self.parts.vae, folder / "latents",
+                                           accelerator=acc, device=acc.device,
+                                           batch_size=max(4, self.cfg.train.batch_size))
+                self._offload("vae")
+        # The text encoder's output is fixed only when nothing in it trains and nothing
+        # outside the UNet trains either (a method might feed it new embeddings).
+        unet_params = {id(p) for p in self.parts.unet.parameters()}
+        only_unet = all(id(p) in unet_params for p in self.trainable)
+        captions = self._fixed_captions()
+        if d.cache_text_embeddings and only_unet and captions is not None:
+            cache = cache_text_embeddings(
+                captions, self.parts.tokenizer, self.parts.text_encoder, folder / "text",
+                tokenize=tokenize, accelerator=acc, device=acc.device, autocast=acc.autocast)
+            self.text_cache = {c: h.to(acc.device) for c, h in cache.items()}
+            self._offload("text_encoder")
+        elif d.cache_text_embeddings:
+            why = ("the method trains more than the UNet" if not only_unet else
+                   "captions change from step to step (shuffle_tags or a caption function)")
+            logger.info("text embeddings are not cached: %s", why)
+
+    def _fixed_captions(self) -> list[str] | None:
+        """Every caption training and validation can show, or None when they vary per step."""
+        d = self.cfg.data
+        if d.shuffle_tags or self.method.caption_fn() is not None:
+            return None
+        captions = {r.caption or d.prompt or "" for r in self.train_dataset.records}
+        if self.val_dataset is not None:
+            captions |= {r.caption or d.prompt or "" for r in self.val_dataset.records}
+        if d.caption_dropout > 0:
+            captions.add("")
+        if self.cfg.db.class_prompt:  # class images' captions, if the method uses them
+            captions.add(self.cfg.db.class_prompt)
+        return sorted(captions)
+
+    def _offload(self, name: str) -> None:
+        """A module whose outputs are all cached leaves the accelerator (frees its memory)."""
+        if self.accelerator.device.type != "cpu":
+            self.parts.modules()[name].to("cpu")
+        self.offloaded.add(name)
+
+    def _bring_back(self, name: str) -> torch.nn.Module:
+        """An offloaded module that is needed after all (an uncached class image or caption)
+        comes back for good; said once."""
+        module = self.parts.modules()[name]
+        if name in self.offloaded:
+            logger.info("%s back on %s: a training example was not in the cache", name,
+                        self.accelerator.device)
+            module.to(self.accelerator.device)
+            self.offloaded.discard(name)
+        return module
+
+    @contextlib.contextmanager
+    def _all_on_device(self):
+        """Validation and sampling use every module; offloaded ones visit the device."""
+        away = sorted(self.offloaded)
+        for name in away:
+            self.parts.modules()[name].to(self.accelerator.device)
+        self.offloaded.clear()
+        try:
+            yield
+        finally:
+            for name in away:
+                self._offload(name)
+
     def _save_model_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
             state = self.method.trainable_state_dict(self.parts)
@@ -219,20 +316,53 @@ class Trainer:
 
     # ------------------------------------------------------------------------ one step
 
+    def _scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.parts.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return ((latents - shift) * config.scaling_factor).float()
+
     def _encode_latents(self, pixel_values: torch.Tensor, generator) -> torch.Tensor:
-        vae = self.parts.vae
+        vae = self._bring_back("vae")
         with torch.no_grad():
             dist = vae.encode(pixel_values.to(self.accelerator.device, vae.dtype)).latent_dist
             latents = dist.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
+        return self._scale_latents(latents)
 
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = tokenize(self.parts.tokenizer, captions).to(self.accelerator.device)
+    def _batch_latents(self, batch: dict[str, Any], generator) -> torch.Tensor:
+        """Latents for the batch: sampled from cached distributions (as the VAE path samples
+        with the same generator), encoded from pixels, or both for a mixed batch."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        parts = []
+        if "latent_dist" in batch:
+            params = batch["latent_dist"].to(self.accelerator.device, non_blocking=True)
+            parts.append(self._scale_latents(
+                DiagonalGaussianDistribution(params).sample(generator=generator)))
+        if "pixel_values" in batch:
+            parts.append(self._encode_latents(batch["pixel_values"], generator))
+        if len(parts) == 1:
+            return parts[0]
+        cached = batch["cached"]
+        # Examples were split into cached rows then encoded rows; put them back in order.
+        order = sorted(range(len(cached)), key=lambda i: (not cached[i], i))
+        latents = torch.cat(parts)
+        if order != list(range(len(cached))):
+            inverse = [order.index(i) for i in range(len(cached))]
+            latents = latents[torch.tensor(inverse, device=latents.device)]
+        return latents
+
+    def _encode_text(self, captions: list[str], input_ids: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+            return torch.stack([self.text_cache[c] for c in captions])
+        text_encoder = self.text_encoder if self.trains["text_encoder"] \
+            else self._bring_back("text_encoder")
+        ids = input_ids if input_ids is not None else tokenize(self.parts.tokenizer, captions)
+        ids = ids.to(self.accelerator.device, non_blocking=True)
         if self.trains["text_encoder"]:
-            return self.text_encoder(ids)[0]
+            return text_encoder(ids)[0]
         with torch.no_grad():
-            return self.text_encoder(ids)[0]
+            return text_encoder(ids)[0]
 
     def _step_generator(self) -> torch.Generator:
         # Noise and timesteps come from (seed, step, rank) alone, so a resumed run draws
@@ -245,12 +375,14 @@ class Trainer:
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         sched = self.parts.noise_scheduler
         gen = self._step_generator()
-        latents = self._encode_latents(batch["pixel_values"], gen)
+        latents = self._batch_latents(batch, gen)
         noise = sample_noise(latents, gen, self.cfg.train.noise_offset)
         timesteps = sample_timesteps(latents.shape[0], sched.config.num_train_timesteps,
                                      latents.device, gen)
         noisy = sched.add_noise(latents, noise, timesteps)
-        hidden = self._encode_text(batch["captions"])
+        hidden = self._encode_text(batch["captions"], batch.get("input_ids"))
+        if self.cfg.train.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         model_pred = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
         target = training_target(sched, latents, noise, timesteps)
         per_example = per_example_loss(model_pred, target, sched, timesteps,
@@ -328,7 +460,12 @@ class Trainer:
         epoch, skip = divmod(skip, per_epoch)
         bar = tqdm(total=t.max_steps, initial=start_step, desc=f"train {self.cfg.method}",
                    disable=not acc.is_local_main_process)
-        nonfinite_streak, started, first_step_seconds = 0, time.perf_counter(), None
+        guard = NonFiniteGuard(self.optimizer, acc.device, max_streak=t.max_nonfinite_steps,
+                               check_every=min(t.log_every, t.max_nonfinite_steps),
+                               fp16=t.mixed_precision == "fp16")
+        guard.first_unchecked_step = start_step + 1
+        micro_loss = torch.zeros((), device=acc.device)
+        started, first_step_seconds, first_step_done = time.perf_counter(), None, None
         stop = self.global_step >= t.max_steps
         while not stop:
             batches = acc.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
@@ -336,6 +473,8 @@ class Trainer:
             # accelerate's loaders re-set the sampler's epoch from their own iteration count
             # on every __iter__; a resumed (or skipping) loader must be told the real epoch.
             batches.set_epoch(epoch)
+            if self.batch_sampler is not None:  # under BatchSamplerShard accelerate can't reach it
+                self.batch_sampler.set_epoch(epoch)
             self.train_dataset.set_epoch(epoch)
             for batch in batches:
                 with acc.accumulate(*[m for m in (self.unet, self.text_encoder)
@@ -343,61 +482,68 @@ class Trainer:
                     with acc.autocast():
                         loss = self.compute_loss(batch)
                     acc.backward(loss)
+                    micro_loss += loss.detach().float()
                     if not acc.sync_gradients:
                         continue
                     max_norm = t.max_grad_norm or float("inf")
-                    grad_norm = float(acc.clip_grad_norm_(self.trainable, max_norm))
-                    step_loss = float(acc.reduce(loss.detach(), "mean"))
-                    finite = math.isfinite(step_loss) and (
-                        math.isfinite(grad_norm) or t.mixed_precision == "fp16")
-                    if finite or t.mixed_precision == "fp16":
-                        # fp16's grad scaler skips inf/nan steps itself and lowers its scale.
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
+                    grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
+                    if grad_norm is None:  # DeepSpeed clips inside its own step
+                        grad_norm = torch.zeros((), device=acc.device)
+                    # A device-side all-reduce, not a host sync: every process then holds the
+                    # same loss, so the guard skips the same steps everywhere.
+                    step_loss = acc.reduce(micro_loss / t.gradient_accumulation_steps, "mean")
+                    micro_loss = torch.zeros((), device=acc.device)
+                    guard.step(step_loss, grad_norm)
+                    # The LR follows the step count, skipped steps included.
+                    self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.method.after_optimizer_step(self.parts, self.global_step)
                 self.global_step += 1
                 bar.update(1)
                 if first_step_seconds is None:
-                    first_step_seconds = time.perf_counter() - started
-                nonfinite_streak = 0 if finite else nonfinite_streak + 1
-                if not finite:
-                    logger.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); "
-                                   "step skipped", self.global_step, step_loss, grad_norm)
-                    if nonfinite_streak >= t.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"loss was non-finite for {nonfinite_streak} steps in a row at step "
-                            f"{self.global_step}; lower train.lr, use bf16 instead of fp16, or "
-                            "check the data. The last good checkpoint is kept in "
-                            f"{ckpt.checkpoint_root(self.out)}."
-                        )
-                row = {"step": self.global_step, "loss": step_loss,
-                       "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-                if self.global_step % t.log_every == 0 or self.global_step == 1:
-                    self._log(row)
+                    _synchronize(acc.device)  # the one sync that makes this number true
+                    first_step_done = time.perf_counter()
+                    first_step_seconds = first_step_done - started
                 stop = self.global_step >= t.max_steps
-                if self.validation_loss and self.global_step % v.loss_every_steps == 0:
-                    stop = self._validate() or stop
-                if v.prompts and v.every_steps and self.global_step % v.every_steps == 0:
-                    save_validation_samples(self, self.out / "samples")
-                if t.checkpoint_every and self.global_step % t.checkpoint_every == 0 \
-                        and not stop:
+                step = self.global_step
+                log_now = step % t.log_every == 0 or step == 1 or stop
+                validate_now = bool(self.validation_loss) and step % v.loss_every_steps == 0
+                sample_now = bool(v.prompts and v.every_steps and step % v.every_steps == 0)
+                checkpoint_now = bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+                if (log_now or stop or validate_now or sample_now or checkpoint_now
+                        or step % guard.check_every == 0):
+                    self._check(guard, step, log_now, bar)
+                if validate_now:
+                    with self._all_on_device():
+                        stop = self._validate() or stop
+                if sample_now:
+                    with self._all_on_device():
+                        save_validation_samples(self, self.out / "samples")
+                if checkpoint_now and not stop:
                     self._checkpoint()
                 if stop:
                     break
             epoch += 1
         bar.close()
-        elapsed = time.perf_counter() - started
+        _synchronize(acc.device)
+        ended = time.perf_counter()
+        elapsed = ended - started
         steps_done = self.global_step - start_step
         if t.checkpoint_every:
             self._checkpoint()
         self._save_artifact(self.out)
+        steady = (steps_done - 1) / (ended - first_step_done) \
+            if steps_done > 1 and ended > first_step_done else None
         summary = {
             "step": self.global_step,
             "seconds": elapsed,
             "it_per_s": steps_done / elapsed if elapsed > 0 else None,
+            # Steps after the first: no warm-up, compilation or cache effects.
+            "steady_it_per_s": steady,
             "first_step_seconds": first_step_seconds,
+            "setup_seconds": started - self.created,
+            "cache_seconds": self.cache_seconds,
+            "peak_memory_bytes": _peak_memory(acc.device),
             "best": self.best if self.best["step"] is not None else None,
         }
         if acc.is_main_process:
@@ -406,8 +552,38 @@ class Trainer:
         logger.info("done: %d steps in %.1fs; artifact in %s", steps_done, elapsed, self.out)
         return self.out
 
+    def _check(self, guard: NonFiniteGuard, step: int, log_now: bool, bar) -> None:
+        """Read the guard's counters (the only host sync of a step) and log when due."""
+        try:
+            numbers = guard.check(step, log=log_now)
+        except NonFiniteError as e:
+            raise TrainingError(
+                f"loss was non-finite for {e.args[0]} steps in a row at step {step}; lower "
+                "train.lr, use bf16 instead of fp16, or check the data. The last good "
+                f"checkpoint is kept in {ckpt.checkpoint_root(self.out)}."
+            ) from None
+        if log_now:
+            row = {"step": step, "loss": numbers["loss"],
+                   "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": numbers["grad_norm"]}
+            if numbers["skipped"]:
+                row["skipped_steps"] = numbers["skipped"]
+            self._log(row)
+            bar.set_postfix(loss=f"{numbers['loss']:.4f}")
+
     def _name(self, wrapped: torch.nn.Module) -> str:
         return "unet" if wrapped is self.unet else "text_encoder"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes: allocated on the GPU, or resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def train(cfg: PersonalizeConfig, **kwargs) -> Path:

@@ -1,0 +1,214 @@
+"""Latent and text-embedding caches: encode each image view and each caption once.
+
+The SD VAE encoder costs more than the UNet's forward pass at 512 px, and a frozen text
+encoder returns the same embedding for the same caption every step, so both are computed
+once, stored on disk and kept in memory; the VAE / text encoder then leave the accelerator.
+
+Correctness first (kohya#1750, diffusers#14430: cached latents paired with the wrong
+caption or the wrong augmentation):
+
+* A latent entry is keyed by the image file's content hash (not its name), the exact
+  transform (output size, crop mode, flip), the VAE's weights and dtype, and
+  `CACHE_VERSION`; editing an image, changing the resolution/bucket or the model gives a
+  new key, so a stale entry can never be read. Random flips are handled by caching both
+  views and letting the dataset's usual flip draw pick one. Random crops cannot be cached
+  (every epoch crops differently), so the loop does not cache latents then (and says so).
+* What is stored is the VAE's latent *distribution* (mean and log-variance), and the loop
+  samples from it every step with the step's generator, as the uncached path does; the
+  scale/shift factors are applied at use, so they are not part of the key.
+* A text entry is keyed by the token ids and the text encoder's weights; the loop only
+  uses this cache when the method leaves the text encoder frozen and captions are a fixed
+  set (no tag shuffling, no per-step caption function).
+
+Several processes: entry j of the sorted key list is computed by process j % world (only
+if its file is missing), every process then waits at a barrier and reads all entries. Each
+file is written under a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from personalize.adapters.formats import atomic_save_safetensors
+
+logger = logging.getLogger(__name__)
+
+# Bump when the transforms or what an entry holds change: old entries then stop matching.
+CACHE_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def _sha256(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def content_digest(record) -> str:
+    """sha256 of the record's image bytes (a file's contents, or a datasets row's bytes)."""
+    h = hashlib.sha256()
+    if record.image_path is not None:
+        with open(record.image_path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    else:
+        row = record.source
+        h.update(row.dataset[row.index][row.column]["bytes"])
+    return h.hexdigest()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap identity of a module's weights: its config, every parameter's name, shape,
+    dtype and sum, and the bytes of its first elements. Different checkpoints differ here;
+    hashing every byte of an 80M-parameter VAE would cost seconds at each start."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(repr(sorted(dict(config).items()) if hasattr(config, "items")
+                      else config.to_dict()).encode())
+    with torch.no_grad():
+        for name, p in module.state_dict().items():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{flat.double().sum().item():.10e}".encode())
+            h.update(flat[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class TensorCache:
+    """One safetensors file per key under `folder` (two-level fan-out keeps folders small)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            logger.warning("cache entry %s is unreadable (%s); computing it again", path, e)
+            return None
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        atomic_save_safetensors(tensors, self.path(key))
+
+
+def build_entries(cache: TensorCache, keys: Sequence[str], compute: Callable[[list[int]], list],
+                  accelerator=None, batch_size: int = 8,
+                  group_of: Sequence[Hashable] | None = None) -> tuple[list[dict], int]:
+    """Every entry of `keys`, computing the missing ones with `compute(indices) -> tensors`.
+
+    Process r computes the missing entries among keys[r::world] in batches of indices that
+    share a `group_of` value (e.g. a bucket size), so no two processes ever do the same
+    work; all then meet at one barrier and read everything. Returns (entries, computed here).
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    mine = [j for j in range(rank, len(keys), world) if not cache.exists(keys[j])]
+    groups: dict[Hashable, list[int]] = {}
+    for j in mine:
+        groups.setdefault(group_of[j] if group_of is not None else 0, []).append(j)
+    computed = 0
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            for j, tensors in zip(chunk, compute(chunk), strict=True):
+                cache.save(keys[j], tensors)
+            computed += len(chunk)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    entries = []
+    for j, key in enumerate(keys):
+        tensors = cache.load(key)
+        if tensors is None:  # vanished or unreadable: compute it here, no collective needed
+            tensors = compute([j])[0]
+            cache.save(key, tensors)
+            computed += 1
+        entries.append(tensors)
+    return entries, computed
+
+
+# --------------------------------------------------------------------------- latents
+
+
+def latent_views(dataset) -> list[tuple[int, bool]]:
+    """The (record index, flipped) views an ImageCaptionDataset can show with center crops."""
+    flips = (False, True) if dataset.random_flip else (False,)
+    return [(i, flip) for i in range(len(dataset.records)) for flip in flips]
+
+
+def cache_latents(dataset, vae: torch.nn.Module, folder: str | Path, *, accelerator=None,
+                  device: torch.device | str = "cpu", batch_size: int = 8,
+                  ) -> dict[tuple[int, bool], torch.Tensor]:
+    """Encode every view of `dataset` (center crops; both flips when it flips) once.
+
+    Returns {(record index, flipped): latent distribution parameters [2C, h, w]}, the
+    mapping `ImageCaptionDataset(latents=...)` takes. Needs center crops: with random
+    crops every epoch sees other pixels, which no cache can hold.
+    """
+    if not dataset.center_crop:
+        raise ValueError("latents can only be cached with center crops (data.center_crop=true)")
+    views = latent_views(dataset)
+    vae_id = module_fingerprint(vae)
+    digests = [content_digest(r) for r in dataset.records]
+    sizes = [dataset.sizes[i] if dataset.sizes is not None
+             else (dataset.resolution, dataset.resolution) for i, _ in views]
+    keys = [_sha256("latent", CACHE_VERSION, digests[i], list(size), "center", flip, vae_id,
+                    str(vae.dtype)) for (i, flip), size in zip(views, sizes)]
+
+    @torch.no_grad()
+    def encode(indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        pixels = torch.stack([dataset.view(views[j][0], views[j][1]) for j in indices])
+        params = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
+        return [{"latent_dist": p.cpu()} for p in params]
+
+    entries, computed = build_entries(TensorCache(folder), keys, encode, accelerator,
+                                      batch_size, group_of=[tuple(s) for s in sizes])
+    logger.info("latent cache %s: %d views, %d encoded now, %d reused", folder, len(views),
+                computed, len(views) - computed)
+    return {view: e["latent_dist"] for view, e in zip(views, entries)}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def cache_text_embeddings(captions: Sequence[str], tokenizer, text_encoder: torch.nn.Module,
+                          folder: str | Path, *, tokenize: Callable, accelerator=None,
+                          device: torch.device | str = "cpu", batch_size: int = 32,
+                          autocast=None) -> dict[str, torch.Tensor]:
+    """{caption: encoder hidden states [tokens, width]} for each distinct caption, on CPU."""
+    unique = sorted(set(captions))
+    ids = tokenize(tokenizer, unique) if unique else torch.zeros(0, 1, dtype=torch.long)
+    te_id = module_fingerprint(text_encoder)
+    keys = [_sha256("text", CACHE_VERSION, row.tolist(), te_id, str(text_encoder.dtype))
+            for row in ids]
+
+    @torch.no_grad()
+    def encode(indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        batch = ids[indices].to(device)
+        if autocast is not None:
+            with autocast():
+                hidden = text_encoder(batch)[0]
+        else:
+            hidden = text_encoder(batch)[0]
+        return [{"hidden": h.cpu()} for h in hidden]
+
+    entries, computed = build_entries(TensorCache(folder), keys, encode, accelerator,
+                                      batch_size)
+    logger.info("text-embedding cache %s: %d captions, %d encoded now", folder, len(unique),
+                computed)
+    return {c: e["hidden"] for c, e in zip(unique, entries)}

@@ -1,0 +1,197 @@
+"""Latent and text-embedding caches: same training as without them, invalidation when images,
+transforms or weights change, flips, what gets cached for which method, several processes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import base_config
+from PIL import Image
+from safetensors.torch import load_file
+
+from personalize.config import from_dict
+from personalize.data import ImageCaptionDataset, load_records
+from personalize.data.cache import TensorCache, build_entries, cache_latents
+from personalize.methods.lora import LORA_WEIGHTS
+from personalize.training.loop import Trainer
+
+
+def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path):
+    common = dict(train={"max_steps": 3, "batch_size": 2}, data={"random_flip": True})
+    cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
+                                           **common)))
+    # LoRA leaves the text encoder frozen: both encoders are cached and leave the device.
+    assert cached.offloaded == {"vae", "text_encoder"}
+    assert set(cached.text_cache) == {"a photo of sks disc"}
+    assert len(cached.train_dataset.latents) == 2 * 4  # both flips of 4 images
+    cached.run()
+    plain_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "p", **common)
+    plain_cfg["data"].update(cache_latents=False, cache_text_embeddings=False)
+    plain = Trainer(from_dict(plain_cfg))
+    assert plain.text_cache is None and plain.train_dataset.latents is None
+    plain.run()
+    a, b = load_file(tmp_path / "c" / LORA_WEIGHTS), load_file(tmp_path / "p" / LORA_WEIGHTS)
+    # Same flips, same latent samples, same noise: only batched-vs-single float rounding.
+    for k in a:
+        assert not torch.equal(a[k], torch.zeros_like(a[k])) or "lora_B" not in k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _vae(model_dir):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(model_dir / "vae").eval()
+
+
+def _dataset(folder, resolution=32, random_flip=True):
+    return ImageCaptionDataset(load_records(folder), resolution=resolution,
+                               random_flip=random_flip, instance_prompt="x")
+
+
+def _count_encodes(vae, monkeypatch):
+    calls = []
+    original = vae.encode
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", counting)
+    return calls
+
+
+def test_latent_cache_is_invalidated_by_images_transforms_and_weights(
+        tiny_model_dir, tmp_path, monkeypatch, caplog):
+    from personalize.testing import write_synthetic_images
+
+    data, folder = tmp_path / "data", tmp_path / "cache"
+    write_synthetic_images(data, count=3)
+    vae = _vae(tiny_model_dir)
+    calls = _count_encodes(vae, monkeypatch)
+    first = cache_latents(_dataset(data), vae, folder)
+    assert sum(calls) == 6 and len(first) == 6
+    # The flipped view is the VAE's encoding of the flipped image, not a flipped latent.
+    ds = _dataset(data)
+    with torch.no_grad():
+        flipped = vae.encode(ds.view(1, True)[None]).latent_dist.parameters[0]
+    torch.testing.assert_close(first[(1, True)], flipped, rtol=1e-4, atol=1e-5)
+    calls.clear()
+
+    again = cache_latents(_dataset(data), vae, folder)  # nothing changed: all reused
+    assert sum(calls) == 0
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+    # Same file name, new pixels: only that image's two views are encoded again.
+    path = sorted(data.glob("*.png"))[0]
+    Image.fromarray(np.full((48, 48, 3), 7, dtype=np.uint8)).save(path)
+    changed = cache_latents(_dataset(data), vae, folder)
+    assert sum(calls) == 2
+    assert not torch.equal(changed[(0, False)], first[(0, False)])
+    assert torch.equal(changed[(2, False)], first[(2, False)])
+    calls.clear()
+
+    cache_latents(_dataset(data, resolution=24), vae, folder)  # another transform
+    assert sum(calls) == 6
+    calls.clear()
+    cache_latents(_dataset(data, random_flip=False), vae, folder)  # a subset: all cached
+    assert sum(calls) == 0
+
+    with torch.no_grad():  # other weights (a fine-tuned VAE): nothing may be reused
+        next(vae.parameters()).add_(0.01)
+    cache_latents(_dataset(data), vae, folder)
+    assert sum(calls) == 6
+    calls.clear()
+
+    # A damaged entry is noticed and computed again, not trusted.
+    victim = max(folder.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    victim.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING):
+        cache_latents(_dataset(data), vae, folder)
+    assert sum(calls) == 1 and "unreadable" in caplog.text
+
+
+def test_random_crops_are_not_cached(tiny_model_dir, instance_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "r",
+                                                data={"center_crop": False})))
+    assert trainer.train_dataset.latents is None and "vae" not in trainer.offloaded
+    assert "random crops" in caplog.text
+    with pytest.raises(ValueError, match="center crops"):
+        cache_latents(trainer.train_dataset, trainer.parts.vae, tmp_path / "c")
+
+
+@pytest.mark.parametrize("sections, cached", [
+    ({"data": {"caption_dropout": 0.5}}, {"", "a photo of sks disc"}),
+    ({"lora": {"train_text_encoder": True}}, None),  # the text encoder trains
+    ({"data": {"shuffle_tags": True}}, None),  # captions change every step
+])
+def test_text_embeddings_are_cached_only_when_fixed(tiny_model_dir, instance_dir, tmp_path,
+                                                    sections, cached):
+    trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "t",
+                                            **sections)))
+    if cached is None:
+        assert trainer.text_cache is None and "text_encoder" not in trainer.offloaded
+    else:
+        assert set(trainer.text_cache) == cached
+        # The cached embedding is the text encoder's output for that caption.
+        hidden = trainer._encode_text([""])
+        trainer.text_cache = None
+        torch.testing.assert_close(hidden, trainer._encode_text([""]))
+
+
+def test_mixed_batches_keep_example_order(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "m")))
+    mean = torch.full((1, 4, 16, 16), 5.0)
+    params = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)  # ~zero variance
+    monkeypatch.setattr(trainer, "_encode_latents",
+                        lambda pixels, gen: torch.full((len(pixels), 4, 16, 16), -1.0))
+    batch = {"latent_dist": params, "pixel_values": torch.zeros(2, 3, 32, 32),
+             "cached": [False, True, False]}
+    latents = trainer._batch_latents(batch, torch.Generator().manual_seed(0))
+    scale = trainer.parts.vae.config.scaling_factor
+    assert latents[0].eq(-1).all() and latents[2].eq(-1).all()
+    torch.testing.assert_close(latents[1], torch.full((4, 16, 16), 5.0 * scale), atol=1e-5,
+                               rtol=0)
+
+
+class _FakeRank:
+    """What build_entries needs from an Accelerator, for threads standing in for ranks."""
+
+    def __init__(self, index, world, barrier):
+        self.process_index, self.num_processes, self.barrier = index, world, barrier
+        self.waits = 0
+
+    def wait_for_everyone(self):
+        self.waits += 1
+        self.barrier.wait(timeout=30)
+
+
+def test_processes_share_the_work_and_meet_once(tmp_path):
+    keys = [f"{i:064x}" for i in range(7)]
+    world, computed, results = 3, {}, {}
+    barrier = threading.Barrier(world)
+    ranks = [_FakeRank(r, world, barrier) for r in range(world)]
+
+    def run(rank):
+        def compute(indices):
+            computed.setdefault(rank.process_index, []).extend(indices)
+            return [{"x": torch.tensor([float(j)])} for j in indices]
+
+        results[rank.process_index] = build_entries(TensorCache(tmp_path), keys, compute, rank,
+                                                    batch_size=2)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r.waits == 1 for r in ranks)  # one barrier each: no rank can be left waiting
+    done = sorted(j for js in computed.values() for j in js)
+    assert done == list(range(7))  # every entry computed exactly once, by its owner
+    assert computed[1] == [1, 4]
+    for entries, _ in results.values():  # and every rank reads all of them
+        assert [float(e["x"]) for e in entries] == [float(j) for j in range(7)]
