@@ -30,6 +30,10 @@ MAX_STEPS = 12
 METHODS = {
     "lora": ({"lora": {"rank": 4, "dropout": 0.1}}, "pytorch_lora_weights.safetensors"),
     "hypernetwork": ({"hn": {"enable_sizes": [32, 64], "name": "kill"}}, "kill.safetensors"),
+    "dreambooth": ({"db": {"with_prior_preservation": True, "class_prompt": "a photo of a disc",
+                           "num_class_images": 4, "class_num_inference_steps": 2,
+                           "sample_batch_size": 2}},
+                   "unet/diffusion_pytorch_model.safetensors"),
 }
 
 
@@ -93,6 +97,8 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(method, tiny_model_d
                           train={"max_steps": MAX_STEPS, "checkpoint_every": 2,
                                  "batch_size": 3, "log_every": 1},
                           data={"random_flip": True}, **sections)
+        if "db" in cfg:  # each run generates (identical, seeded) class images of its own
+            cfg["db"] = dict(cfg["db"], class_data_dir=str(out) + "-class-images")
         path = out.parent / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
