@@ -1,0 +1,60 @@
+"""The speed benchmark's pieces that need no run: the numbers it derives from step stamps,
+and that both trainers get the same settings (ours through a config that must parse)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from personalize.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("train_speed",
+                                                  ROOT / "benchmarks" / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steady_rate_leaves_out_warmup_and_first_step_counts_from_launch(speed):
+    stamps = [110.0, 111.0, 111.5, 112.0, 112.5, 113.0]  # slow first steps, then 2 it/s
+    out = speed.summarize_run({"stamps": stamps, "peak_rss_bytes": 5}, launched=100.0, warmup=1)
+    assert out["first_step_seconds"] == 10.0
+    assert out["steady_it_per_s"] == pytest.approx(2.0)
+    assert out["peak_memory_bytes"] == 5
+    # On CUDA the events, not the host stamps (which only say when work was queued), count.
+    gpu = {"stamps": stamps, "peak_rss_bytes": 5, "max_memory_allocated": 7,
+           "gpu_seconds_since_first": [0.0, 0.5, 0.75, 1.0, 1.25, 1.5]}
+    out = speed.summarize_run(gpu, launched=100.0, warmup=1)
+    assert out["steady_it_per_s"] == pytest.approx(4.0) and out["peak_memory_bytes"] == 7
+
+
+@pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
+def test_both_trainers_get_the_same_settings(speed, method, tmp_path):
+    args = speed.parse_args(["--method", method, "--only", "ours", "--resolution", "48",
+                             "--batch-size", "3", "--steps", "7", "--mixed-precision", "bf16",
+                             "--gradient-checkpointing"])
+    cfg = speed.ours_config(args, tmp_path / "m", tmp_path / "d", tmp_path / "o",
+                            {"train.channels_last": True})
+    parsed = from_dict(cfg)  # a renamed config key would break the benchmark: caught here
+    t = parsed.train
+    assert (t.resolution, t.batch_size, t.max_steps, t.mixed_precision) == (48, 3, 7, "bf16")
+    assert t.gradient_checkpointing and t.channels_last and t.lr == speed.LRS[method]
+    args.reference = tmp_path / "ref.py"
+    command = speed.reference_command(args, tmp_path / "m", tmp_path / "d", tmp_path / "o")
+    flags = dict(zip(command[1::2], command[2::2]))
+    assert flags["--resolution"] == "48" and flags["--train_batch_size"] == "3"
+    assert flags["--max_train_steps"] == "7" and flags["--mixed_precision"] == "bf16"
+    assert float(flags["--learning_rate"]) == t.lr
+    assert "--gradient_checkpointing" in command
+    if method == "textual_inversion":
+        # textual_inversion.py flips half the images: ours must flip too.
+        assert parsed.data.random_flip and parsed.ti.placeholder_token == speed.PLACEHOLDER
+    if method == "lora":
+        assert flags["--rank"] == str(parsed.lora.rank)
