@@ -41,6 +41,22 @@ def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(tiny_model_dir, instance_dir,
+                                                               tmp_path):
+    trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "o")))
+    assert trainer.offloaded == {"vae", "text_encoder"}
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    trainer.parts.text_encoder(ids)  # e.g. a distillation prior's class prompt
+    assert trainer.offloaded == {"vae"}
+    trainer.parts.vae.encode(torch.zeros(1, 3, 32, 32))
+    assert trainer.offloaded == set()
+    trainer._offload("vae")
+    with trainer._all_on_device():  # validation: a visit, not a return for good
+        assert trainer.offloaded == set()
+        trainer.parts.vae.encode(torch.zeros(1, 3, 32, 32))
+    assert trainer.offloaded == {"vae"}
+
+
 def _vae(model_dir):
     from diffusers import AutoencoderKL
 

@@ -230,6 +230,7 @@ class Trainer:
         folder = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
         self.text_cache: dict[str, torch.Tensor] | None = None
         self.offloaded: set[str] = set()
+        self._return_hooks: dict[str, list] = {}
         ds = self.train_dataset
         if d.cache_latents and not self.trains["vae"]:
             if not ds.center_crop:
@@ -273,10 +274,20 @@ class Trainer:
         return sorted(captions)
 
     def _offload(self, name: str) -> None:
-        """A module whose outputs are all cached leaves the accelerator (frees its memory)."""
+        """A module whose outputs are all cached leaves the accelerator (frees its memory).
+
+        A method may still call it (e.g. a distillation prior encodes its class prompt with
+        `parts.text_encoder`): a forward pre-hook then brings it back before it runs."""
+        module = self.parts.modules()[name]
         if self.accelerator.device.type != "cpu":
-            self.parts.modules()[name].to("cpu")
+            module.to("cpu")
         self.offloaded.add(name)
+        if name not in self._return_hooks:
+            def come_back(*_):
+                self._bring_back(name)  # returns nothing: the call's inputs stay as they are
+
+            entry = [module.encoder, module.decoder] if name == "vae" else [module]
+            self._return_hooks[name] = [m.register_forward_pre_hook(come_back) for m in entry]
 
     def _bring_back(self, name: str) -> torch.nn.Module:
         """An offloaded module that is needed after all (an uncached class image or caption)
