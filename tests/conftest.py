@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from personalize.testing import save_tiny_pipeline, write_synthetic_images
+
+# The models here are tiny: one thread per process is as fast as two on an idle machine and
+# far faster on a busy one, and subprocess ranks (2-process tests) then don't oversubscribe.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
