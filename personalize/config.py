@@ -146,10 +146,16 @@ class LoRAConfig:
 
 @dataclass
 class TextualInversionConfig:
+    # The new pseudo-word; a multi-vector token is written once in prompts and expands to
+    # <token> <token>_1 ... <token>_{n-1} (diffusers' naming).
     placeholder_token: str = "<concept>"
+    # A word close to the concept whose embedding starts the new rows: one token (copied to
+    # every vector) or exactly num_vectors tokens (one each). null = the mean embedding.
     initializer_token: str | None = None
     num_vectors: int = 1
-    learnable_property: str = "object"  # object | style | caption
+    learnable_property: str = "object"  # object | style (built-in templates) | caption
+    # Your own templates instead of the built-in ones; each holds {} for the placeholder.
+    templates: list[str] | None = None
     save_every: int = 0  # intermediate learned_embeds-steps-N.safetensors
 
 
@@ -420,6 +426,10 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(cfg.ti.num_vectors >= 1, "ti.num_vectors", "must be >= 1")
     need(cfg.ti.learnable_property in ("object", "style", "caption"), "ti.learnable_property",
          "must be object, style or caption")
+    for i, template in enumerate(cfg.ti.templates or []):
+        need("{}" in template, f"ti.templates[{i}]",
+             f"{template!r} has no {{}} where the placeholder goes, e.g. 'a photo of a {{}}'")
+    need(cfg.ti.save_every >= 0, "ti.save_every", "must be >= 0 (0 = only the final file)")
     _validate_dreambooth(cfg)
     _validate_hypernetwork(cfg.hn)
 

@@ -97,6 +97,22 @@ def _load_hypernetwork(pipe, path: Path, strength: float, adapter_name: str | No
     load_into_pipeline(pipe, path, strength, name=adapter_name)
 
 
+# ------------------------------------------------------------------------------ embeddings
+
+
+def _embedding_file(path: Path) -> Path | None:
+    """A Textual Inversion embedding (diffusers, webui .pt, single tensor) or a TI run folder."""
+    from personalize.adapters.embeddings import detect_embedding
+
+    return detect_embedding(path)
+
+
+def _load_embedding(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
+    from personalize.adapters.embeddings import apply_embedding
+
+    apply_embedding(pipe, path, strength, adapter_name)
+
+
 Detect = Callable[[Path], object]
 Apply = Callable[..., None]
 
@@ -104,6 +120,7 @@ Apply = Callable[..., None]
 LOADERS: list[tuple[str, Detect, Apply]] = [
     ("lora", _lora_file, _load_lora),
     ("pipeline", _is_pipeline_dir, _load_pipeline_dir),
+    ("textual_inversion", _embedding_file, _load_embedding),
     ("hypernetwork", _hypernetwork_file, _load_hypernetwork),
 ]
 

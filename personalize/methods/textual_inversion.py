@@ -1,0 +1,398 @@
+"""Textual Inversion: learn only the embedding row(s) of a new pseudo-word.
+
+What trains: the text encoder's token embedding table, but only the rows of the new
+placeholder token(s) may change. Gradients of every other row are masked to zero (so
+gradient clipping and the logged norm see only the new rows), and after each optimizer step
+every other row is copied back from a copy taken before training, bit for bit: AdamW's
+weight decay touches the whole table, and a mixed-precision cast may round it.
+What joins the loss: nothing. What is saved: the new rows, as diffusers'
+`learned_embeds.safetensors` and as the webui's `.pt` and single-tensor `.safetensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from personalize.adapters.embeddings import (
+    DIFFUSERS_FILE,
+    expand_prompt,
+    expand_tokens,
+    save_diffusers,
+    save_single_tensor,
+    save_webui_pt,
+    webui_name,
+)
+from personalize.config import ConfigError, PersonalizeConfig
+from personalize.methods.base import Method
+from personalize.models import SDParts
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "text_encoder.placeholder_vectors"
+
+# Prompts the placeholder is trained in, one drawn per example, so the token learns the
+# subject (or style) rather than one sentence (as in Gal et al. 2022).
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+
+_RESERVED_STEMS = ("learned_embeds",)
+
+
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+class TextualInversion(Method):
+    name = "textual_inversion"
+
+    def __init__(self, cfg: PersonalizeConfig):
+        super().__init__(cfg)
+        c = cfg.ti
+        token = c.placeholder_token
+        _need(bool(token) and not any(ch.isspace() for ch in token), "ti.placeholder_token",
+              f"must be one word without spaces, e.g. <my-cat>; got {token!r}")
+        _need("{}" not in token, "ti.placeholder_token", "must not contain {}")
+        _need(webui_name(token) not in _RESERVED_STEMS, "ti.placeholder_token",
+              f"{token!r} would overwrite {DIFFUSERS_FILE}; choose another name")
+        self.placeholder = token
+        self.tokens = expand_tokens(token, c.num_vectors)
+        if c.templates:
+            self.templates = list(c.templates)
+        else:
+            self.templates = STYLE_TEMPLATES if c.learnable_property == "style" \
+                else OBJECT_TEMPLATES
+        self.ids: list[int] = []
+        self._original: torch.Tensor | None = None  # the whole table before training
+        self._exact = False  # the table holds _original's exact values (not a cast's)
+        self._masks: dict[torch.device, torch.Tensor] = {}
+
+    # --- what is trainable -------------------------------------------------------------
+
+    def setup(self, parts: SDParts) -> list[dict[str, Any]]:
+        tokenizer, te = parts.tokenizer, parts.text_encoder
+        self._check_placeholder_is_new(tokenizer)
+        init = self._initial_vectors(tokenizer, te.get_input_embeddings().weight.detach())
+        tokenizer.add_tokens(self.tokens)
+        self.ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        # The tokenizer must read the placeholder back as exactly the new ids, or training
+        # would learn rows no prompt ever reaches.
+        got = tokenizer.encode(expand_prompt(f"a {self.placeholder}", self.placeholder,
+                                             len(self.tokens)), add_special_tokens=False)
+        _need(got[-len(self.ids):] == self.ids, "ti.placeholder_token",
+              f"the tokenizer splits {self.placeholder!r} instead of reading it as the new "
+              f"token ({got} vs {self.ids}); use lower case letters, digits, - and <>")
+        rows = te.get_input_embeddings().weight.shape[0]
+        if max(self.ids) >= rows:
+            # mean_resizing would draw the new rows from a fitted Gaussian; they are set below.
+            te.resize_token_embeddings(max(self.ids) + 1, mean_resizing=False)
+        te.requires_grad_(False)  # resizing built a new Embedding that requires grad
+        weight = te.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[self.ids] = init.to(weight.dtype)
+        self._original = weight.detach().clone()
+        weight.requires_grad_(True)
+        weight.register_hook(self._mask_grad)
+        te.get_input_embeddings().register_forward_pre_hook(self._exact_before_first_forward)
+        self._compute_in_frozen_dtype(te)
+        self._prepare_prompts()
+        logger.info("textual inversion: %d new token(s) %s (ids %s) in a table of %d rows",
+                    len(self.ids), self.tokens, self.ids, weight.shape[0])
+        return [{"params": [weight]}]
+
+    @staticmethod
+    def _compute_in_frozen_dtype(te: torch.nn.Module) -> None:
+        """The loop keeps the trainable table in fp32 and casts the rest of the text encoder to
+        the mixed-precision dtype. Hand the rest what it would get from a table of its own
+        dtype: CPU autocast does not cast layer_norm, so fp32 activations meet bf16 weights
+        there; gradients still flow back to the fp32 rows through the cast."""
+        embedding = te.get_input_embeddings()
+        frozen = next((p for p in te.parameters() if p is not embedding.weight), None)
+        if frozen is None:
+            return
+
+        def to_frozen_dtype(module, args, output):
+            return output.to(frozen.dtype)
+
+        embedding.register_forward_hook(to_frozen_dtype)
+
+    def _check_placeholder_is_new(self, tokenizer) -> None:
+        vocab = tokenizer.get_vocab()
+        taken = [t for t in self.tokens if t in vocab
+                 or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
+        _need(not taken, "ti.placeholder_token",
+              f"{taken} already in the tokenizer's vocabulary, so training would change "
+              "an existing word; choose a new string such as <my-cat>")
+
+    def _initial_vectors(self, tokenizer, table: torch.Tensor) -> torch.Tensor:
+        """Starting vectors: one initializer token for every vector, or one piece per vector
+        when the initializer is exactly num_vectors tokens (the webui's rule)."""
+        n, init = len(self.tokens), self.cfg.ti.initializer_token
+        if init is None:
+            logger.info("ti.initializer_token is not set: starting from the mean embedding")
+            return table.float().mean(0, keepdim=True).repeat(n, 1)
+        ids = tokenizer.encode(init, add_special_tokens=False)
+        _need(bool(init.strip()) and bool(ids), "ti.initializer_token",
+              "is empty; use a word close to the concept (e.g. cat), or null for the mean")
+        unk = getattr(tokenizer, "unk_token_id", None)
+        _need(unk is None or unk not in ids or init.strip() == tokenizer.unk_token,
+              "ti.initializer_token", f"{init!r} holds characters the tokenizer does not know")
+        if len(ids) == 1:
+            return table[ids].float().repeat(n, 1)
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        _need(len(ids) == n, "ti.initializer_token",
+              f"{init!r} is {len(ids)} tokens for this tokenizer ({pieces}); use a word that "
+              f"is a single token, or set ti.num_vectors={len(ids)} so that each vector "
+              "starts from one piece")
+        return table[ids].float()
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        mask = self._masks.get(grad.device)
+        if mask is None:
+            mask = torch.zeros(grad.shape[0], 1, dtype=torch.bool, device=grad.device)
+            mask[self.ids] = True
+            self._masks[grad.device] = mask
+        return grad.masked_fill(~mask, 0)
+
+    def _weight(self, parts: SDParts) -> torch.nn.Parameter:
+        return parts.text_encoder.get_input_embeddings().weight
+
+    def vectors(self, parts: SDParts) -> torch.Tensor:
+        """The learned vectors [num_vectors, dim], float32 on the CPU."""
+        return self._weight(parts)[self.ids].detach().float().cpu().contiguous()
+
+    def _original_on(self, device: torch.device) -> torch.Tensor:
+        if self._original.device != device:
+            self._original = self._original.to(device)
+        return self._original
+
+    @torch.no_grad()
+    def _restore_other_rows(self, weight: torch.Tensor) -> None:
+        learned = weight[self.ids].clone()
+        weight.copy_(self._original_on(weight.device))  # exact: the copy is the loaded dtype
+        weight[self.ids] = learned
+        self._exact = True
+
+    @torch.no_grad()
+    def _exact_before_first_forward(self, module: torch.nn.Module, args) -> None:
+        """The loop casts the table to the mixed-precision dtype and back to fp32, which rounds
+        every row; the first step (of a fresh run: a resumed one restores in
+        load_trainable_state_dict) must see the exact rows, as all later steps do."""
+        if not self._exact:
+            module.weight.copy_(self._original_on(module.weight.device))
+            self._exact = True
+
+    def after_optimizer_step(self, parts: SDParts, step: int) -> None:
+        self._restore_other_rows(self._weight(parts))
+        every = self.cfg.ti.save_every
+        done = step + 1  # the loop passes the step count before this step
+        if every and done % every == 0:
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:
+                path = Path(self.cfg.output_dir) / f"learned_embeds-steps-{done}.safetensors"
+                save_diffusers(path, self.placeholder, self.vectors(parts),
+                               self._metadata(parts, done))
+
+    # --- captions ----------------------------------------------------------------------
+
+    def _prepare_prompts(self) -> None:
+        """Defaults that let a TI config stay short: object/style runs need no data.prompt,
+        `{}` in validation prompts is the placeholder, and sampling without prompts uses the
+        first template."""
+        d, v = self.cfg.data, self.cfg.validation
+        first = self.templates[0].format(self.placeholder)
+        if self.cfg.ti.learnable_property != "caption" and not d.prompt:
+            d.prompt = first  # only satisfies the dataset: templates replace it per example
+        v.prompts = [p.replace("{}", self.placeholder) for p in v.prompts]
+        if v.every_steps and not v.prompts:
+            v.prompts = [first]
+        if v.prompts and not any(self.placeholder in p for p in v.prompts):
+            logger.warning("no validation.prompts contains %s: the samples will not show "
+                           "what it learns", self.placeholder)
+
+    def _caption_with_placeholder(self, caption: str) -> str:
+        if not caption:
+            return caption  # caption dropout: the unconditional example stays empty
+        caption = caption.replace("{}", self.placeholder)
+        if self.placeholder not in caption:
+            from personalize.data import DataError
+
+            raise DataError(
+                f"caption {caption!r} does not contain the placeholder {self.placeholder} "
+                "(ti.learnable_property=caption trains on your captions): put the token or {} "
+                "in every caption and in data.prompt, or use learnable_property object/style"
+            )
+        return expand_prompt(caption, self.placeholder, len(self.tokens))
+
+    def _template_caption(self, index: int) -> str:
+        return expand_prompt(self.templates[index].format(self.placeholder), self.placeholder,
+                             len(self.tokens))
+
+    def caption_fn(self) -> Callable[[str], str]:
+        if self.cfg.ti.learnable_property == "caption":
+            return self._caption_with_placeholder
+        # Object/style: the first template, so held-out (validation loss) examples are read
+        # with one fixed prompt; training draws a template per example in TemplateCaptions.
+        return lambda caption: self._template_caption(0) if caption else caption
+
+    def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
+        if self.cfg.ti.learnable_property == "caption":
+            self._check_captions(dataset)
+            return dataset
+        return TemplateCaptions(dataset, self._template_caption, len(self.templates),
+                                self.cfg.seed)
+
+    def _check_captions(self, dataset) -> None:
+        """Every caption must hold the token; say so before training, naming the files."""
+        records = getattr(dataset, "records", None)
+        if records is None:
+            return  # a foreign dataset: caption_fn still checks each example
+        prompt = getattr(dataset, "instance_prompt", None)
+        bad = [r.key for r in records
+               if "{}" not in (r.caption or prompt or "")
+               and self.placeholder not in (r.caption or prompt or "")]
+        if bad:
+            from personalize.data import DataError
+
+            raise DataError(
+                f"{len(bad)} caption(s) do not contain the placeholder {self.placeholder} or "
+                f"{{}} (e.g. {', '.join(bad[:5])}); with ti.learnable_property=caption every "
+                "caption (and data.prompt for images without one) must name the token"
+            )
+
+    # --- what is saved -----------------------------------------------------------------
+
+    def _metadata(self, parts: SDParts, step: int) -> dict[str, str]:
+        return {
+            "personalize_method": self.name,
+            "personalize_placeholder_token": self.placeholder,
+            "personalize_num_vectors": str(len(self.tokens)),
+            "personalize_initializer_token": str(self.cfg.ti.initializer_token),
+            "personalize_text_width": str(self._weight(parts).shape[1]),
+            "personalize_base_model": parts.source,
+            "personalize_step": str(step),
+        }
+
+    def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        out_dir = Path(out_dir)
+        vectors, meta = self.vectors(parts), self._metadata(parts, step)
+        path = save_diffusers(out_dir / DIFFUSERS_FILE, self.placeholder, vectors, meta)
+        # The webui names an embedding by its file; both files carry the same vectors.
+        stem = webui_name(self.placeholder)
+        save_webui_pt(out_dir / f"{stem}.pt", stem, vectors, step,
+                      Path(parts.source).name if parts.source else None)
+        save_single_tensor(out_dir / f"{stem}.safetensors", stem, vectors, step, meta)
+        return path
+
+    def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:
+        # Only the new rows: the rest of the table is the base model's and is rebuilt by
+        # setup() (which also re-adds the tokens) when a run resumes.
+        return {STATE_KEY: self._weight(parts)[self.ids].detach().contiguous()}
+
+    def load_trainable_state_dict(self, parts: SDParts, state: dict[str, torch.Tensor]) -> None:
+        weight = self._weight(parts)
+        if set(state) != {STATE_KEY} or tuple(state[STATE_KEY].shape) != (
+                len(self.ids), weight.shape[1]):
+            shapes = {k: list(v.shape) for k, v in state.items()}
+            raise ValueError(
+                f"checkpoint does not hold this run's placeholder vectors: found {shapes}, "
+                f"expected {STATE_KEY} of shape [{len(self.ids)}, {weight.shape[1]}]; was it "
+                "written by another method, ti.num_vectors or base model?"
+            )
+        with torch.no_grad():
+            weight[self.ids] = state[STATE_KEY].to(weight.device, weight.dtype)
+        self._restore_other_rows(weight)
+
+    # --- the demo ----------------------------------------------------------------------
+
+    @classmethod
+    def demo_overrides(cls) -> dict[str, Any]:
+        # Captions mode: the demo trains on the very prompt it samples with, which also suits
+        # small models that know few of the template words. The tiny test tokenizer is byte
+        # level: "o" is one token, a word is several. Two vectors show the multi-vector path.
+        return {
+            "data": {"prompt": "a photo of <sks-disc>"},
+            "train": {"lr": 5e-3},
+            "ti": {"placeholder_token": "<sks-disc>", "initializer_token": "o",
+                   "num_vectors": 2, "learnable_property": "caption"},
+        }
+
+
+class TemplateCaptions(torch.utils.data.Dataset):
+    """The training dataset with each caption replaced by a template drawn from
+    (seed, epoch, index) alone: deterministic across resumes, processes and workers."""
+
+    def __init__(self, inner, caption: Callable[[int], str], num_templates: int, seed: int):
+        self.inner = inner
+        self.caption = caption
+        self.num_templates = num_templates
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.inner[i]
+        if item["caption"]:  # an empty caption is caption dropout: keep it empty
+            epoch = int(getattr(self.inner, "epoch", 0))
+            # A salt keeps this stream apart from the dataset's own (seed, epoch, i) streams.
+            rng = np.random.default_rng((self.seed, epoch, i, 0x7E47))
+            item = dict(item, caption=self.caption(int(rng.integers(self.num_templates))))
+        return item
