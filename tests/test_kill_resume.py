@@ -30,6 +30,9 @@ MAX_STEPS = 12
 METHODS = {
     "lora": ({"lora": {"rank": 4, "dropout": 0.1}}, "pytorch_lora_weights.safetensors"),
     "hypernetwork": ({"hn": {"enable_sizes": [32, 64], "name": "kill"}}, "kill.safetensors"),
+    "textual_inversion": ({"ti": {"placeholder_token": "<sks-disc>", "initializer_token": "o",
+                                  "num_vectors": 2, "learnable_property": "object"}},
+                          "learned_embeds.safetensors"),
     "dreambooth": ({"db": {"with_prior_preservation": True, "class_prompt": "a photo of a disc",
                            "num_class_images": 4, "class_num_inference_steps": 2,
                            "sample_batch_size": 2}},
