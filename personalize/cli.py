@@ -144,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     from personalize.inference import ArtifactError
     from personalize.models import ModelLoadError
 
+    from personalize.training.signals import TrainingInterrupted
+
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, ArtifactError, FileExistsError,
             FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code

@@ -293,6 +293,11 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str
             "embedding loaded before). Load it under another token: "
             "personalize.load(pipe, path, adapter_name='<my-token>')."
         )
+    # Make room first: diffusers' loader would fit a Gaussian to the whole table to draw rows
+    # it then overwrites (and log about it); at the size it asks for, its resize is a no-op.
+    needed = len(tokenizer) + len(tokens)
+    if text_encoder.get_input_embeddings().weight.shape[0] < needed:
+        text_encoder.resize_token_embeddings(needed, mean_resizing=False)
     # diffusers' loader reads a bare tensor with an explicit token, whatever the layout.
     pipe.load_textual_inversion(emb.vectors.to(text_encoder.dtype), token=token,
                                 tokenizer=tokenizer, text_encoder=text_encoder)
