@@ -26,6 +26,10 @@ TRAINABLE_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; earlier checkpoints are untouched."""
+
+
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
@@ -101,14 +105,25 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         if tmp.exists():  # left by a run killed mid-save
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _fault_point("checkpoint-before-commit", step)
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as e:  # disk full, quota, read-only file system...
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(output_dir)
+        kept = (f"The previous checkpoint {previous[-1]} is intact."
+                if previous else "There is no earlier checkpoint.")
+        raise CheckpointError(
+            f"could not write the step-{step} checkpoint to {root}: {e}. {kept} Free some "
+            "space (or lower train.checkpoints_total_limit) and resume with resume=latest."
+        ) from e
     if accelerator.is_main_process:
-        _fault_point("checkpoint-before-commit", step)
-        write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         _prune(root, keep)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()

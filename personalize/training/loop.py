@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from personalize.training.noise import (
     sample_timesteps,
     training_target,
 )
+from personalize.training.signals import StopRequest, TrainingInterrupted
 from personalize.training.validation import ValidationLoss, save_validation_samples
 
 logger = logging.getLogger(__name__)
@@ -458,6 +460,29 @@ class Trainer:
         return bool(patience and self.patience_used >= patience)
 
     def run(self) -> Path:
+        with StopRequest() as self.stop_request:
+            return self._run()
+
+    def _stop_requested(self, at_sync_point: bool) -> int | None:
+        """The signal to stop on, agreed by all processes (see training/signals.py)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.stop_request.signum
+        if not at_sync_point:  # ranks compare flags only where they sync anyway
+            return None
+        flag = torch.tensor(float(self.stop_request.signum or 0), device=acc.device)
+        agreed = int(acc.reduce(flag, "max"))
+        return agreed or None
+
+    def _interrupt(self, signum: int) -> None:
+        self._checkpoint()
+        self.accelerator.end_training()
+        where = ckpt.checkpoint_root(self.out) / f"step-{self.global_step:06d}"
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} at step {self.global_step}; checkpoint "
+            f"saved in {where}. Continue with resume=latest.", signum)
+
+    def _run(self) -> Path:
         acc, t, v = self.accelerator, self.cfg.train, self.cfg.validation
         self.best = {"loss": math.inf, "step": None}
         self.patience_used = 0
@@ -521,9 +546,13 @@ class Trainer:
                 validate_now = bool(self.validation_loss) and step % v.loss_every_steps == 0
                 sample_now = bool(v.prompts and v.every_steps and step % v.every_steps == 0)
                 checkpoint_now = bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-                if (log_now or stop or validate_now or sample_now or checkpoint_now
-                        or step % guard.check_every == 0):
+                sync_point = (log_now or stop or validate_now or sample_now or checkpoint_now
+                              or step % guard.check_every == 0)
+                if sync_point:
                     self._check(guard, step, log_now, bar)
+                signum = self._stop_requested(sync_point)
+                if signum and not stop:
+                    self._interrupt(signum)
                 if validate_now:
                     with self._all_on_device():
                         stop = self._validate() or stop
