@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from personalize.inference import ArtifactError
     from personalize.models import ModelLoadError
 
+    from personalize.training.checkpoint import CheckpointError
+    from personalize.training.loop import TrainingError
     from personalize.training.signals import TrainingInterrupted
 
     try:
@@ -155,3 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
+    except (TrainingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
