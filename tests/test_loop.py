@@ -213,3 +213,16 @@ def test_trainer_refuses_when_nothing_trains(tiny_model_dir, instance_dir, tmp_p
     cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "run"))
     with pytest.raises(TrainingError, match="nothing trainable"):
         Trainer(cfg, method=Nothing(cfg))
+
+
+def test_long_captions_warn_that_they_are_truncated(tiny_model_dir, tmp_path, caplog):
+    from personalize.testing import write_synthetic_images
+
+    data = tmp_path / "data"
+    paths = write_synthetic_images(data, count=2, caption="short caption")
+    paths[0].with_suffix(".txt").write_text("a very long caption, " * 10)
+    cfg = from_dict(base_config(tiny_model_dir, data, tmp_path / "run"))
+    with caplog.at_level("WARNING"):
+        Trainer(cfg)
+    warned = [r.getMessage() for r in caplog.records if "truncated to 77" in r.getMessage()]
+    assert len(warned) == 1 and paths[0].name in warned[0]

@@ -117,3 +117,19 @@ def test_failed_checkpoint_save_keeps_the_previous_one(tiny_model_dir, instance_
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-000002"]
     assert not list(ckpt.checkpoint_root(out).glob(".tmp-step-*"))
     assert ckpt.read_state(ckpt.resolve_resume(out, "latest"))["step"] == 2
+
+
+def test_one_failing_rank_does_not_hang_the_other(tiny_model_dir, instance_dir, tmp_path):
+    cfg, out = _config(tmp_path, tiny_model_dir, instance_dir)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               PERSONALIZE_FAULT="error-rank1:3")
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", "29541", "-m", "personalize", "train", str(cfg)],
+        env=env, capture_output=True, text=True, timeout=240, start_new_session=True)
+    assert proc.returncode != 0
+    assert "injected fault error-rank1 at step 3" in proc.stderr
+    # Rank 0 was stopped by the launcher, not left waiting for rank 1 until a timeout.
+    assert time.monotonic() - started < 120

@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
+
+from personalize.training import faults
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _fault_point("checkpoint-before-commit", step)
+            faults.kill_point("checkpoint-before-commit", step)
             write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
             if final.exists():
                 shutil.rmtree(final)
@@ -128,14 +129,6 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fault_point(name: str, step: int) -> None:
-    """Fault injection for the kill/resume tests: PERSONALIZE_FAULT=name:step SIGKILLs this
-    process here, the way a power cut or the OOM killer would, so the tests can prove a
-    half-written checkpoint is never used."""
-    if os.environ.get("PERSONALIZE_FAULT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -94,3 +97,19 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
         captions, padding="max_length", max_length=tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
     ).input_ids
+
+
+def warn_long_captions(tokenizer, captions: dict[str, str]) -> int:
+    """Warn once per caption that the text encoder will cut off; return how many.
+
+    CLIP reads 77 tokens (75 + start/end); the rest of a longer caption is silently ignored,
+    which users otherwise discover only when a tag at the end never takes effect."""
+    limit = tokenizer.model_max_length
+    long = 0
+    for source, caption in captions.items():
+        n = len(tokenizer(caption, truncation=False).input_ids)
+        if n > limit:
+            long += 1
+            logger.warning("caption of %s is %d tokens; truncated to %d: %r", source, n, limit,
+                           caption[:80] + ("..." if len(caption) > 80 else ""))
+    return long

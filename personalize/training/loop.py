@@ -35,7 +35,8 @@ from personalize.data import ImageCaptionDataset, load_records, split_records
 from personalize.methods.base import Method, StepOutputs, get_method
 from personalize.models import SDParts, load_parts
 from personalize.training import checkpoint as ckpt
-from personalize.training.data import build_dataloader, tokenize
+from personalize.training import faults
+from personalize.training.data import build_dataloader, tokenize, warn_long_captions
 from personalize.training.fastpaths import apply_fast_paths, make_optimizer
 from personalize.training.guard import NonFiniteError, NonFiniteGuard
 from personalize.training.noise import (
@@ -156,6 +157,10 @@ class Trainer:
                                        caption_column=d.caption_column, strict=d.strict)
         else:
             records, val_records = split_records(records, d.validation_split, self.cfg.seed)
+        captions = {str(r.image_path or r.key): r.caption for r in records if r.caption}
+        if d.prompt:
+            captions["data.prompt"] = d.prompt
+        warn_long_captions(self.parts.tokenizer, captions)
         common = dict(resolution=t.resolution, instance_prompt=d.prompt,
                       caption_fn=self.method.caption_fn(), seed=self.cfg.seed)
         sizes = None
@@ -536,6 +541,7 @@ class Trainer:
                 self.method.after_optimizer_step(self.parts, self.global_step)
                 self.global_step += 1
                 bar.update(1)
+                faults.error_point(f"error-rank{acc.process_index}", self.global_step)
                 if first_step_seconds is None:
                     _synchronize(acc.device)  # the one sync that makes this number true
                     first_step_done = time.perf_counter()
