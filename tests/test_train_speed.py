@@ -27,12 +27,26 @@ def test_steady_rate_leaves_out_warmup_and_first_step_counts_from_launch(speed):
     out = speed.summarize_run({"stamps": stamps, "peak_rss_bytes": 5}, launched=100.0, warmup=1)
     assert out["first_step_seconds"] == 10.0
     assert out["steady_it_per_s"] == pytest.approx(2.0)
+    assert out["median_step_it_per_s"] == pytest.approx(2.0)
     assert out["peak_memory_bytes"] == 5
     # On CUDA the events, not the host stamps (which only say when work was queued), count.
     gpu = {"stamps": stamps, "peak_rss_bytes": 5, "max_memory_allocated": 7,
            "gpu_seconds_since_first": [0.0, 0.5, 0.75, 1.0, 1.25, 1.5]}
     out = speed.summarize_run(gpu, launched=100.0, warmup=1)
     assert out["steady_it_per_s"] == pytest.approx(4.0) and out["peak_memory_bytes"] == 7
+
+
+def test_summary_takes_medians_and_the_fastest_step(speed):
+    runs = {"ours": [{"steady_it_per_s": 2.0, "step_seconds": [0.5, 0.4]},
+                     {"steady_it_per_s": 4.0, "step_seconds": [0.25, 0.3]},
+                     {"steady_it_per_s": 3.0, "step_seconds": [0.5]}],
+            "reference": [{"steady_it_per_s": 1.5, "step_seconds": [0.5]}]}
+    summary = speed.summarize(runs)
+    speed.add_ratios(summary)
+    assert summary["ours"]["steady_it_per_s"] == 3.0
+    assert summary["ours"]["fastest_step_it_per_s"] == 4.0
+    assert summary["ratio_ours_over_reference"]["steady_it_per_s"] == 2.0
+    assert summary["ratio_ours_over_reference"]["first_step_seconds"] is None
 
 
 @pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
