@@ -47,6 +47,45 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from personalize.evaluation import evaluate, load_evaluation_config
+
+    config = None
+    overrides = []
+    for item in args.items:  # the optional CONFIG.yaml, then dotted overrides
+        if config is None and not overrides and "=" not in item:
+            config = item
+        else:
+            overrides.append(item)
+    flags = {"model": args.model, "output_dir": args.out,
+             "overwrite": True if args.overwrite else None,
+             "artifacts": args.artifact,
+             "prompts": {"template_set": args.prompts if args.prompts in ("object", "live")
+                         else None,
+                         "file": args.prompts if args.prompts not in (None, "object", "live")
+                         else None,
+                         "token": args.token, "class_name": args.class_name,
+                         "count": args.num_prompts},
+             "generation": {"seeds": args.seeds, "num_images": args.num_images,
+                            "num_inference_steps": args.steps,
+                            "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+                            "resolution": args.resolution, "batch_size": args.batch_size,
+                            "device": args.device, "dtype": args.dtype},
+             "metrics": {"clip_model": args.clip_model, "dino_model": args.dino_model,
+                         "instance_data": args.instance_data},
+             "report": {"train_logs": args.train_log,
+                        "embed_images": True if args.embed_images else None}}
+
+    def given(d: dict) -> dict:  # flags left out do not override the config file
+        return {k: given(v) if isinstance(v, dict) else v for k, v in d.items()
+                if v is not None and (not isinstance(v, dict) or given(v))}
+
+    cfg = load_evaluation_config(config, overrides, given(flags))
+    summary = evaluate(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from personalize.demo import run_demo
 
@@ -78,6 +117,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model is")
     p.add_argument("--out", default="outputs/samples")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="base vs learned artifacts: grids, metrics, report.html",
+                       description="Generate the same prompts and seeds with the base model and "
+                       "each artifact, then write grids, metrics.json/.csv and report.html. "
+                       "Flags override the config file (see configs/evaluate.yaml).")
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml / key=value",
+                   help="optional YAML config, then dotted overrides "
+                   "(generation.num_inference_steps=20)")
+    p.add_argument("--model", help="base model: diffusers folder or single file")
+    p.add_argument("--artifact", action="append",
+                   help="PATH or LABEL=PATH of a learned artifact (repeatable)")
+    p.add_argument("--prompts", help="object | live (DreamBench templates) | a prompt file")
+    p.add_argument("--token", help="identifier in the prompts (default sks)")
+    p.add_argument("--class-name", help="subject class, e.g. dog")
+    p.add_argument("--num-prompts", type=int, help="only the first N prompts")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma-separated seeds, e.g. 0,1,2,3")
+    p.add_argument("--num-images", type=int, help="images per prompt (seeds 0..N-1)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--scheduler", help="diffusers scheduler: DDIM, EulerDiscrete, ...")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--clip-model", help="local CLIP folder for CLIP-T/CLIP-I")
+    p.add_argument("--dino-model", help="local DINO ViT folder for DINO/PRES/DIV")
+    p.add_argument("--instance-data", help="the real subject images")
+    p.add_argument("--train-log", action="append", help="train_log.jsonl or run folder")
+    p.add_argument("--embed-images", action="store_true", help="inline images in report.html")
+    p.add_argument("--overwrite", action="store_true", help="regenerate existing images")
+    p.add_argument("--out", help="output folder (default outputs/eval)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="train on a tiny offline model and show before/after")
     p.add_argument("--method", choices=METHODS, default="lora")
@@ -143,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     from personalize.data import DataError
     from personalize.inference import ArtifactError
     from personalize.models import ModelLoadError
-
     from personalize.training.checkpoint import CheckpointError
     from personalize.training.loop import TrainingError
     from personalize.training.signals import TrainingInterrupted
