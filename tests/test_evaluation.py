@@ -349,6 +349,40 @@ def test_pipeline_folder_artifact_and_loss_curve_from_given_log(
     assert (tmp_path / "out" / "loss_curve.png").is_file()
 
 
+def test_embedding_and_hypernetwork_artifacts_are_columns_too(tiny_model_dir, tmp_path, caplog):
+    """Every kind `personalize.load` accepts works as a column; an embedding whose token the
+    prompts never use is reported."""
+    from safetensors.torch import save_file
+
+    from personalize.adapters import hypernetwork as H
+
+    torch.manual_seed(0)
+    save_file({"<disc>": torch.randn(1, 32)}, str(tmp_path / "learned_embeds.safetensors"))
+    hn_file = H.save_hypernetwork(
+        H.Hypernetwork([32, 64], H.HypernetworkOptions(weight_initialization="XavierNormal")),
+        tmp_path / "disc_hn.pt")
+    emb = str(tmp_path / "learned_embeds.safetensors")
+    cfg = evaluation_from_dict(_eval_dict(
+        tiny_model_dir, tmp_path / "out",
+        [{"path": emb, "token": "<disc>"}, emb, {"path": str(hn_file), "strength": 0.5}],
+        prompts={"count": 1, "class_prompts": []}, generation={"seeds": [0]}))
+    with caplog.at_level("WARNING"):
+        evaluate(cfg)
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    cols = {c["label"]: c for c in data["columns"]}
+    assert [(c["kind"], c["token"]) for c in data["columns"]] == [
+        (None, "sks"), ("textual_inversion", "<disc>"), ("textual_inversion", "sks"),
+        ("hypernetwork", "sks")]
+    assert list(cols) == ["base", "learned_embeds", "learned_embeds-2", "disc_hn"]
+    assert any("<disc>" in r.message and "learned_embeds-2" in r.message for r in caplog.records)
+    prompt = Prompt(OBJECT_TEMPLATES[0])
+    images = {label: _pixels(tmp_path / "out" / "images" / label / prompt.folder_name(
+        cols[label]["token"], "disc") / "seed0.png") for label in cols}
+    assert np.abs(images["learned_embeds"] - images["base"]).mean() > 0.5  # token used
+    assert np.abs(images["learned_embeds-2"] - images["base"]).max() <= 1  # token unused
+    assert np.abs(images["disc_hn"] - images["base"]).mean() > 0.5
+
+
 def test_loss_curve_is_drawn_from_log_rows(tmp_path):
     rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 11)] + [
         {"step": 5, "val_loss": 0.4}, {"step": 10, "val_loss": 0.3}]
