@@ -351,6 +351,20 @@ def from_dict(data: dict[str, Any]) -> PersonalizeConfig:
     return cfg
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of options at the top level")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -359,16 +373,7 @@ def load_config(
     """Load YAML (optional), apply `base` defaults underneath and dotted overrides on top."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of options at the top level")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml_mapping(path))
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(data)
 

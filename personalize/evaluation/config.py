@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from personalize.config import ConfigError, _build, _merge, parse_overrides
+from personalize.config import ConfigError, _build, _merge, parse_overrides, read_yaml_mapping
 
 
 @dataclass
@@ -119,18 +117,7 @@ def evaluation_from_dict(data: dict[str, Any]) -> EvaluationConfig:
 def load_evaluation_config(path: str | Path | None = None, overrides: list[str] | None = None,
                            extra: dict[str, Any] | None = None) -> EvaluationConfig:
     """YAML file (optional), then dotted overrides, then `extra` (the CLI flags) on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of options at the top level")
-        data = loaded
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
     data = _merge(data, extra or {})
     return evaluation_from_dict(data)
