@@ -469,6 +469,32 @@ def test_train_unet_blocks_freezes_the_rest(tiny_model_dir, instance_dir, tmp_pa
         train(bad)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is a process-wide singleton fixed at the first precision used."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_frozen_blocks_are_saved_at_full_precision_under_mixed_precision(
+        tiny_model_dir, instance_dir, tmp_path, fresh_accelerate_state):
+    """bf16 training holds the frozen blocks in bf16; the saved UNet takes them from the
+    base model's files, so they stay bit-identical to the fp32 originals."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = from_dict(_config(tiny_model_dir, instance_dir, tmp_path / "run",
+                            train={"max_steps": 2, "mixed_precision": "bf16"},
+                            db={"train_unet_blocks": ["up_blocks.1"]}))
+    train(cfg)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "run", subfolder="unet").state_dict()
+    for k, v in base.items():
+        assert saved[k].dtype == torch.float32
+        assert torch.equal(v, saved[k]) != k.startswith("up_blocks.1."), k
+
 def test_text_encoder_trains_until_its_stop_step_also_across_resume(tiny_model_dir,
                                                                     instance_dir, tmp_path):
     def run(out, steps, **extra):
@@ -509,5 +535,4 @@ def test_example_config_parses():
 
     cfg = load_config(ROOT / "configs" / "dreambooth.yaml")
     assert cfg.method == "dreambooth" and cfg.db.with_prior_preservation
-
 
