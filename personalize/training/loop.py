@@ -108,12 +108,14 @@ def _weight_dtype(accelerator: Accelerator) -> torch.dtype:
 
 def _cast_for_training(parts: SDParts, dtype: torch.dtype, device: torch.device) -> None:
     """Frozen weights go to the compute dtype to save memory; trainable ones stay in fp32,
-    because fp16/bf16 master weights lose small updates."""
+    because fp16/bf16 master weights lose small updates. Trainable weights are moved
+    without a round trip through the compute dtype, which would round them before step 0."""
     for module in parts.modules().values():
+        trainable = {p: p.data.to(device=device, dtype=torch.float32)
+                     for p in module.parameters() if p.requires_grad}
         module.to(device=device, dtype=dtype)
-        for p in module.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        for p, exact in trainable.items():
+            p.data = exact
 
 
 class Trainer:
