@@ -238,7 +238,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
     with the least interference from other processes (timeit's rule on a busy machine)."""
     summary = {}
     for name, results in runs.items():
-        numbers = {}
+        results = [r for r in results if "error" not in r]
+        numbers = {"failed_runs": len(runs[name]) - len(results)}
         for key in KEYS:
             values = [r[key] for r in results if r.get(key) is not None]
             numbers[key] = statistics.median(values) if values else None
@@ -345,7 +346,14 @@ def main(argv=None) -> dict[str, Any]:
                 cfg = ours_config(args, model_dir, data_dir, out, trainers[name])
                 cfg_path.write_text(yaml.safe_dump(cfg))
                 command = ["-m", "personalize", "train", str(cfg_path)]
-            result = run_one(command, work, name, args.warmup, args.timeout, env)
+            try:
+                result = run_one(command, work, name, args.warmup, args.timeout, env)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                # One failing variant (e.g. compile on an unsupported stack) must not lose
+                # the whole matrix: record it and go on.
+                print(f"[{rep + 1}/{args.repeats}] {name} FAILED: {str(e)[:2000]}", flush=True)
+                runs[name].append({"error": str(e)[-4000:]})
+                continue
             runs[name].append(result)
             print(f"[{rep + 1}/{args.repeats}] {name}: {result['steady_it_per_s']:.3f} it/s, "
                   f"first step {result['first_step_seconds']:.1f}s, "

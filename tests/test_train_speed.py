@@ -40,13 +40,15 @@ def test_summary_takes_medians_and_the_fastest_step(speed):
     runs = {"ours": [{"steady_it_per_s": 2.0, "step_seconds": [0.5, 0.4]},
                      {"steady_it_per_s": 4.0, "step_seconds": [0.25, 0.3]},
                      {"steady_it_per_s": 3.0, "step_seconds": [0.5]}],
-            "reference": [{"steady_it_per_s": 1.5, "step_seconds": [0.5]}]}
+            "reference": [{"steady_it_per_s": 1.5, "step_seconds": [0.5]},
+                          {"error": "exit 1"}]}
     summary = speed.summarize(runs)
     speed.add_ratios(summary)
     assert summary["ours"]["steady_it_per_s"] == 3.0
     assert summary["ours"]["fastest_step_it_per_s"] == 4.0
     assert summary["ratio_ours_over_reference"]["steady_it_per_s"] == 2.0
     assert summary["ratio_ours_over_reference"]["first_step_seconds"] is None
+    assert summary["reference"]["failed_runs"] == 1 and summary["ours"]["failed_runs"] == 0
 
 
 @pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
