@@ -144,7 +144,6 @@ class Trainer:
         self._setup_data()
         self._setup_modules(param_groups)
         self.global_step = 0
-        self.log_rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------ set up
 
