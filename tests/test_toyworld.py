@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -134,3 +135,93 @@ def test_world_words_are_single_tokens_and_the_tokenizer_round_trips(tmp_path):
     assert loaded.model_max_length == MAX_TOKENS
     assert loaded(text).input_ids == tok(text).input_ids
     assert len(loaded) == len(tok)
+
+
+# ------------------------------------------------------------------------------ shipped model
+
+
+def test_shipped_weights_are_small_and_documented():
+    from personalize.toyworld import REPORT_FILE, WEIGHTS_DIR
+
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    report = json.loads(REPORT_FILE.read_text())
+    # The base model follows colors and backgrounds (~0.99), shapes only half the time
+    # (circles/triangles yes; squares, hearts and stars come out round or pointed):
+    # docs/benchmarks.md reports it. These bounds catch a broken re-export.
+    follow = report["prompt_following"]["5.0"]
+    assert follow["color"] > 0.95 and follow["background"] > 0.95 and follow["shape"] > 0.4
+
+
+def test_classifier_reads_ground_truth_scenes():
+    from personalize.toyworld import load_classifier
+    from personalize.toyworld.classifier import HEADS, scene_labels
+
+    clf = load_classifier()
+
+    def accuracy(patterned: float) -> dict[str, float]:
+        # A seed the classifier was not trained on.
+        images, scenes, _ = make_dataset(300, seed=2024, patterned=patterned, captions=False)
+        preds = clf.predict(images)
+        return {head: float(np.mean([HEADS[head].index(p[head]) == scene_labels(s)[head]
+                                     for p, s in zip(preds, scenes)])) for head in HEADS}
+
+    solid = accuracy(0.0)  # what the base model draws: every head must be read right
+    assert all(acc >= 0.97 for acc in solid.values()), solid
+    patterned = accuracy(1.0)  # subjects: shape and pattern feed the subject metrics
+    assert patterned["shape"] >= 0.95 and patterned["background"] >= 0.95, patterned
+    assert patterned["pattern"] >= 0.85, patterned
+    # A striped/split shape's "color" (which of its two colors) is the hardest head.
+    assert patterned["color"] >= 0.75, patterned
+
+
+def test_shipped_model_loads_unchanged_and_follows_prompts():
+    import torch
+
+    from personalize.models import load_parts
+    from personalize.toyworld import base_model_path, load_base_pipeline, load_classifier
+    from personalize.toyworld.evaluate import prompt_following
+
+    pipe = load_base_pipeline()
+    assert all(p.dtype == torch.float32 for m in (pipe.unet, pipe.text_encoder, pipe.vae)
+               for p in m.parameters())
+    parts = load_parts(str(base_model_path()))  # what every trainer loads
+    assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
+    res = prompt_following(pipe, load_classifier(), n=10, seed=7, steps=20)
+    assert res["images"].shape == (10, 32, 32, 3)
+    # Measured on 140 prompts in pretrain_report.json; 10 prompts are a coarse check.
+    assert res["accuracy"]["color"] >= 0.8 and res["accuracy"]["background"] >= 0.8
+    assert res["accuracy"]["shape"] >= 0.3
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+
+def test_quality_benchmark_short_run_on_one_subject(tmp_path):
+    from personalize.toyworld.benchmark import run, write_docs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# Benchmarks\n\n## Speed\n\nkept as it is\n")
+    results = run(tmp_path / "bench", subjects=["striped_heart"], variants=["lora"], steps=2,
+                  seeds=2, backgrounds=1, isolated=False)
+    rows = {r["variant"]: r for r in results["runs"]}
+    assert set(rows) == {"real_images", "base", "lora"}
+    for key in ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
+                "class_subject_match", "div"):
+        assert 0.0 <= rows["lora"][key] <= 1.0, key
+        assert 0.0 <= rows["base"][key] <= 1.0, key
+    assert rows["lora"]["steps"] == 2 and rows["lora"]["train_seconds"] > 0
+    assert rows["lora"]["peak_rss_mb"] > 0
+    # The real instance images are the subject: the classifier says so for 4 of 5 (one
+    # striped heart reads as "spotted": its blue dot looks like a spot).
+    assert rows["real_images"]["subject_match"] >= 0.8
+    assert set(results["summary"]) == {"real_images", "base", "lora"}
+    assert (tmp_path / "bench" / "grid_striped_heart.png").is_file()
+
+    write_docs(results, tmp_path / "bench", docs, tmp_path / "results" / "quality.json")
+    text = (docs / "benchmarks.md").read_text()
+    assert "## Speed\n\nkept as it is" in text and "## Quality" in text
+    assert "| lora |" in text and (docs / "images" / "quality_grid.png").is_file()
+    write_docs(results, tmp_path / "bench", docs, tmp_path / "results" / "quality.json")
+    assert (docs / "benchmarks.md").read_text().count("## Quality") == 1  # rewritten in place

@@ -9,7 +9,8 @@ stopped; the UNet phase resumes from its last checkpoint):
 1. data: seeded scenes from `personalize.toyworld.world` (solid shapes for the diffusion
    model; half of them patterned for the VAE and the classifier).
 2. vae: an AutoencoderKL (8 x 8 x 8 latents) trained on both sets (MSE + L1 + a small KL term); its
-   scaling_factor is set to 1 / std of the latents, as SD's 0.18215 was.
+   scaling_factor is set to 1 / std of the latents, as SD's 0.18215 was. Then its decoder
+   alone is fine-tuned longer (the encoder, so every latent, stays as it was).
 3. classifier: the shape/color/background/size/pattern/dot CNN, on clean images and on
    their VAE reconstructions (the look of generated samples).
 4. latents: the diffusion set encoded once (posterior mean and std) and four caption
@@ -144,6 +145,56 @@ def phase_vae(args, work: Path, data, log: Log):
     vae.save_pretrained(out, safe_serialization=True)
     log("vae", done=True, seconds=round(time.time() - t, 1), test_mse=round(test_mse, 5),
         scaling_factor=round(scaling, 5), latent_mean=round(means.mean().item(), 4))
+    return vae
+
+
+def phase_decoder(args, work: Path, data, vae, log: Log):
+    """Fine-tune the VAE's decoder only (as SD's ft-MSE VAE did): the encoder, hence every
+    latent the UNet trains on, stays exactly as it is; stripes and spots decode sharper."""
+    from diffusers import AutoencoderKL
+
+    out = work / "vae_decoder_ft"
+    if (out / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(out).to(args.device).eval()
+    t = time.time()
+    device = args.device
+    vae = copy.deepcopy(vae).to(device)
+    vae.requires_grad_(False)
+    trained = [vae.post_quant_conv, vae.decoder]
+    for m in trained:
+        m.requires_grad_(True).train()
+    params = [p for m in trained for p in m.parameters()]
+    # Patterned scenes are the hard part: half of the batches' images are patterned.
+    images = np.concatenate([data["diff_images"][: args.n_mixed], data["mixed_images"],
+                             data["mixed_images"]])
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 40)
+    for step in range(args.decoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.decoder_steps, 3e-4, 50)
+        idx = torch.randint(len(images), (args.vae_batch,), generator=g).numpy()
+        x = to_tensor(images[idx], device) * 2 - 1
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
+                                                             generator=g).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            rec = vae.decode(z).sample.float()
+        mse = F.mse_loss(rec, x)
+        loss = mse + F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == args.decoder_steps - 1:
+            log("vae_decoder", step=step, mse=round(mse.item(), 5))
+    vae.eval()
+    with torch.no_grad():
+        test = to_tensor(data["test_images"], device) * 2 - 1
+        rec = vae.decode(vae.encode(test).latent_dist.mean).sample
+        test_mse = F.mse_loss(rec, test).item()
+    vae.save_pretrained(out, safe_serialization=True)
+    log("vae_decoder", done=True, seconds=round(time.time() - t, 1), test_mse=round(test_mse, 5))
     return vae
 
 
@@ -380,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-mixed", type=int, default=20000, help="VAE/classifier scenes")
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--clf-steps", type=int, default=800)
+    p.add_argument("--decoder-steps", type=int, default=1000)
+    p.add_argument("--clf-steps", type=int, default=2000)
     p.add_argument("--clf-batch", type=int, default=128)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -390,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="guidance for the evaluations")
     p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--stop-after", choices=("classifier",), default=None,
+                   help="stop after this phase (e.g. to prepare it beside a running UNet phase)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -401,8 +455,11 @@ def main(argv: list[str] | None = None) -> None:
     phase_data(args, work, log)
     data = dict(np.load(work / "data.npz"))
     vae = phase_vae(args, work, data, log)
+    vae = phase_decoder(args, work, data, vae, log)
     vae.requires_grad_(False)
     clf = phase_classifier(args, work, data, vae, log).to(args.device)
+    if args.stop_after == "classifier":
+        return
     tokenizer = tw.make_tokenizer()
     cache = phase_latents(args, work, data, vae, tokenizer, log)
     del data

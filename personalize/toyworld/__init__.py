@@ -13,9 +13,13 @@ subjects the base model has never seen (`subjects`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# PERSONALIZE_TOYWORLD_WEIGHTS points at another weights folder (e.g. a fresh
+# `pretrain.py --out DIR`) without touching the shipped one.
+WEIGHTS_DIR = Path(os.environ.get("PERSONALIZE_TOYWORLD_WEIGHTS")
+                   or Path(__file__).resolve().parent / "weights")
 PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 REPORT_FILE = WEIGHTS_DIR / "pretrain_report.json"

@@ -1,0 +1,459 @@
+"""The quality benchmark: does each trainer learn a subject, keep following prompts, and
+leave its class alone? Measured on the toy world, like the DreamBooth paper's tables.
+
+For every variant (Textual Inversion; DreamBooth without prior, with prior preservation,
+with L2-SP, with the distillation prior; LoRA; hypernetwork) and every subject, it trains
+with one fixed recipe and seed, loads the artifact into a fresh pipeline, draws fixed
+prompts x seeds and scores them with the shipped classifier (see `scoring.py`):
+subject fidelity and subject match for "a sks heart ...", prompt fidelity for "... on a
+green background", PRES and the class images' subject match for "a heart ...", DIV, and
+the train time and peak memory of the training process. The base model gets the same
+prompts ("sks" is a word it never saw), and the instance images themselves give the upper
+bound.
+
+    python benchmarks/quality.py                  # every variant x subject
+    python benchmarks/quality.py --write-docs     # + docs/benchmarks.md "Quality" section
+
+The recipes are fixed before looking at any result and are the same for every subject;
+they are not tuned to make a method win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IDENTIFIER = "sks"
+SUBJECT_NAMES = ("striped_heart", "two_color_star", "spotted_circle")
+
+# One recipe per variant: method, optimizer steps, and config sections. Batch 4, 32 px,
+# constant LR after 10 warmup steps, seed 0 for all. LRs follow each method's usual
+# relative scale (TI >> LoRA/hypernetwork > full fine-tuning); steps give every method
+# about the same wall time, except TI, which moves one vector and gets twice the steps.
+COMMON: dict[str, Any] = {
+    "seed": 0,
+    "overwrite": True,
+    "data": {"random_flip": False},
+    "train": {"resolution": 32, "batch_size": 4, "lr_warmup_steps": 10, "report_to": "none",
+              "log_every": 25, "mixed_precision": "no"},
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "textual_inversion": {"method": "textual_inversion", "steps": 400,
+                          "config": {"train": {"lr": 5e-3}, "ti": {"num_vectors": 1}}},
+    "dreambooth": {"method": "dreambooth", "steps": 200,
+                   "config": {"train": {"lr": 1e-4}}},
+    "dreambooth_prior": {"method": "dreambooth", "steps": 200,
+                         "config": {"train": {"lr": 1e-4},
+                                    "db": {"with_prior_preservation": True,
+                                           "num_class_images": 20, "prior_loss_weight": 1.0,
+                                           "class_num_inference_steps": 20,
+                                           "class_guidance_scale": 5.0}}},
+    "dreambooth_l2sp": {"method": "dreambooth", "steps": 200,
+                        "config": {"train": {"lr": 1e-4},
+                                   "db": {"weight_constraint": "l2sp",
+                                          "weight_constraint_lambda": 0.01}}},
+    "dreambooth_distill": {"method": "dreambooth", "steps": 200,
+                           "config": {"train": {"lr": 1e-4},
+                                      "db": {"with_prior_preservation": True,
+                                             "prior": "distillation",
+                                             "distillation_weight": 1.0}}},
+    "lora": {"method": "lora", "steps": 200,
+             "config": {"train": {"lr": 1e-3}, "lora": {"rank": 8}}},
+    "hypernetwork": {"method": "hypernetwork", "steps": 200,
+                     "config": {"train": {"lr": 1e-3}}},
+}
+VARIANTS = tuple(RECIPES)
+GENERATION = {"steps": 20, "guidance_scale": 5.0}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    from personalize.config import _merge as merge
+
+    return merge(a, b)
+
+
+def variant_config(variant: str, subject, model_path: Path, data_dir: Path, out_dir: Path,
+                   steps: int | None = None) -> dict[str, Any]:
+    """The full training config of one variant on one subject."""
+    recipe = RECIPES[variant]
+    method = recipe["method"]
+    cfg = _merge(COMMON, copy.deepcopy(recipe["config"]))
+    cfg = _merge(cfg, {
+        "method": method,
+        "output_dir": str(out_dir),
+        "model": {"path": str(model_path)},
+        "data": {"path": str(data_dir), "prompt": f"a {IDENTIFIER} {subject.class_word}"},
+        "train": {"max_steps": steps or recipe["steps"]},
+    })
+    if method == "textual_inversion":
+        token = f"<{IDENTIFIER}-{subject.class_word}>"
+        cfg = _merge(cfg, {"data": {"prompt": f"a {token}"},
+                           "ti": {"placeholder_token": token,
+                                  "initializer_token": subject.class_word}})
+    if method == "dreambooth" and cfg.get("db", {}).get("with_prior_preservation"):
+        cfg["db"]["class_prompt"] = f"a {subject.class_word}"
+    if method == "hypernetwork":
+        unet_cfg = json.loads((Path(model_path) / "unet" / "config.json").read_text())
+        cfg = _merge(cfg, {"hn": {"enable_sizes": sorted(
+            {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]})}})
+    return cfg
+
+
+def subject_phrase(cfg: dict[str, Any]) -> str:
+    prompt = cfg["data"]["prompt"]
+    return prompt[2:] if prompt.startswith("a ") else prompt
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _train_here(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from personalize import train
+    from personalize.config import from_dict
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run_dir = train(from_dict(cfg_dict))
+    seconds = time.perf_counter() - start
+    return {"run_dir": str(run_dir), "train_seconds": round(seconds, 2),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if torch.cuda.is_available() else None}
+
+
+def train_variant(cfg_dict: dict[str, Any], work: Path, isolated: bool) -> dict[str, Any]:
+    """Train one config; `isolated` runs it in a fresh Python process so its peak memory is
+    its own (the parent's sampling and earlier runs do not count)."""
+    if not isolated:
+        return _train_here(cfg_dict)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_file, result_file = work / "config.json", work / "train_result.json"
+    cfg_file.write_text(json.dumps(cfg_dict, indent=2))
+    result_file.unlink(missing_ok=True)
+    import torch
+
+    proc = subprocess.run([sys.executable, "-m", "personalize.toyworld.benchmark",
+                           "--threads", str(torch.get_num_threads()),
+                           "--train-one", str(cfg_file), str(result_file)],
+                          capture_output=True, text=True)
+    (work / "train.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"training {cfg_dict['method']} failed (exit {proc.returncode}); "
+                           f"log: {work / 'train.log'}\n{proc.stderr[-2000:]}")
+    return json.loads(result_file.read_text())
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def eval_backgrounds(subject, count: int) -> list[str]:
+    """Backgrounds asked for in the prompts: contrasting ones, in a fixed order."""
+    order = ("green", "blue", "black", "yellow", "purple", "white", "red")
+    return [c for c in order if c not in subject.colors][:count]
+
+
+def prompt_sets(subject, phrase: str, backgrounds: list[str]) -> tuple[list[str], list[str]]:
+    subject_prompts = [f"a {phrase}"] + [f"a {phrase} on a {bg} background"
+                                         for bg in backgrounds]
+    class_prompts = [f"a {subject.class_word}"] + [
+        f"a {subject.class_word} on a {bg} background" for bg in backgrounds]
+    return subject_prompts, class_prompts
+
+
+def score_pipeline(pipe, classifier, subject, phrase: str, instances: np.ndarray,
+                   seeds: list[int], backgrounds: list[str]) -> tuple[dict[str, float], dict]:
+    """Metrics for one pipeline, and its images by prompt (for grids)."""
+    from personalize.toyworld.evaluate import sample
+    from personalize.toyworld.scoring import (
+        background_rate,
+        diversity,
+        feature_similarity,
+        subject_match_rate,
+    )
+
+    subject_prompts, class_prompts = prompt_sets(subject, phrase, backgrounds)
+    prompts = subject_prompts + class_prompts
+    flat_prompts = [p for p in prompts for _ in seeds]
+    flat_seeds = [s for _ in prompts for s in seeds]
+    images = sample(pipe, flat_prompts, flat_seeds, steps=GENERATION["steps"],
+                    guidance_scale=GENERATION["guidance_scale"])
+    n = len(seeds)
+    by_prompt = {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
+    subj = np.concatenate([by_prompt[p] for p in subject_prompts])
+    cls = np.concatenate([by_prompt[p] for p in class_prompts])
+    recontext = np.concatenate([by_prompt[p] for p in subject_prompts[1:]])
+    recontext_bgs = [bg for bg in backgrounds for _ in seeds]
+    metrics = {
+        "subject_fidelity": feature_similarity(classifier, subj, instances),
+        "subject_match": subject_match_rate(classifier, subj, subject),
+        "prompt_fidelity": background_rate(classifier, recontext, recontext_bgs),
+        "pres": feature_similarity(classifier, cls, instances),
+        "class_subject_match": subject_match_rate(classifier, cls, subject),
+        "div": diversity(classifier, [by_prompt[p] for p in subject_prompts]),
+    }
+    return {k: round(v, 4) for k, v in metrics.items()}, by_prompt
+
+
+def reference_scores(classifier, subject, instances: np.ndarray) -> dict[str, float]:
+    """The instance images scored as if generated: the ceiling for fidelity."""
+    from personalize.toyworld.scoring import subject_match_rate
+
+    f = classifier.embed(instances)
+    n = len(f)
+    off_diag = (f @ f.T)[~np.eye(n, dtype=bool)]
+    return {"subject_fidelity": round(float(off_diag.mean()), 4),
+            "subject_match": round(subject_match_rate(classifier, instances, subject), 4),
+            "div": round(float((1 - off_diag).mean()), 4)}
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] | None = None,
+        steps: int | None = None, seeds: int = 4, backgrounds: int = 3,
+        isolated: bool = True, num_instances: int = 5) -> dict[str, Any]:
+    from PIL import Image
+
+    from personalize import load
+    from personalize.models import load_pipeline
+    from personalize.toyworld import base_model_path, load_classifier
+    from personalize.toyworld.subjects import get_subject, write_instance_images
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    subjects = list(subjects or SUBJECT_NAMES)
+    variants = list(variants or VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    model = base_model_path()
+    classifier = load_classifier()
+    seed_list = list(range(seeds))
+    results: dict[str, Any] = {
+        "settings": {"subjects": subjects, "variants": variants, "seeds": seed_list,
+                     "backgrounds_per_subject": backgrounds, "instances": num_instances,
+                     "generation": GENERATION, "steps_override": steps,
+                     "recipes": {v: RECIPES[v] for v in variants}, "common": COMMON,
+                     "isolated_processes": isolated, "base_model": str(model)},
+        "runs": [],
+    }
+    base_pipe = load_pipeline(str(model))
+    for subject_name in subjects:
+        subject = get_subject(subject_name)
+        data_dir = out / "instances" / subject.name
+        paths = write_instance_images(subject, data_dir, count=num_instances)
+        instances = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+        bgs = eval_backgrounds(subject, backgrounds)
+        grid_rows = {"instance images": list(instances)}
+        results["runs"].append({"variant": "real_images", "subject": subject.name,
+                                **reference_scores(classifier, subject, instances)})
+        phrase = f"{IDENTIFIER} {subject.class_word}"
+        t = time.perf_counter()
+        metrics, images = score_pipeline(base_pipe, classifier, subject, phrase, instances,
+                                         seed_list, bgs)
+        results["runs"].append({"variant": "base", "subject": subject.name, **metrics,
+                                "sample_seconds": round(time.perf_counter() - t, 1)})
+        grid_rows["base"] = _grid_row(images, subject, phrase, bgs)
+        logger.info("%s base: %s", subject.name, metrics)
+        for variant in variants:
+            run_dir = out / "runs" / subject.name / variant
+            cfg = variant_config(variant, subject, model, data_dir, run_dir, steps)
+            trained = train_variant(cfg, out / "logs" / subject.name / variant, isolated)
+            t = time.perf_counter()
+            pipe = load(load_pipeline(str(model)), trained["run_dir"])
+            metrics, images = score_pipeline(pipe, classifier, subject, subject_phrase(cfg),
+                                             instances, seed_list, bgs)
+            row = {"variant": variant, "subject": subject.name, **metrics,
+                   "train_seconds": trained["train_seconds"],
+                   "peak_rss_mb": trained["peak_rss_mb"],
+                   "peak_cuda_mb": trained["peak_cuda_mb"],
+                   "steps": cfg["train"]["max_steps"],
+                   "sample_seconds": round(time.perf_counter() - t, 1)}
+            results["runs"].append(row)
+            grid_rows[variant] = _grid_row(images, subject, subject_phrase(cfg), bgs)
+            logger.info("%s %s: %s", subject.name, variant, row)
+            _write_json(out / "results.json", results)  # progress survives an interruption
+        grid = _grid(grid_rows, subject, bgs)
+        grid.save(out / f"grid_{subject.name}.png")
+    results["summary"] = summarize(results["runs"])
+    _write_json(out / "results.json", results)
+    (out / "table.md").write_text(markdown_table(results))
+    return results
+
+
+def _grid_row(images: dict[str, np.ndarray], subject, phrase: str, bgs: list[str]) -> list:
+    subject_prompts, class_prompts = prompt_sets(subject, phrase, bgs)
+    row = list(images[subject_prompts[0]][:2])
+    row += [images[p][0] for p in subject_prompts[1:3]]
+    row += list(images[class_prompts[0]][:2])
+    return row
+
+
+def _grid(rows: dict[str, list], subject, bgs: list[str]):
+    from PIL import Image
+
+    from personalize.inference import make_grid
+
+    cols = ["sks, seed 0", "sks, seed 1"] + [f"sks on {bg}" for bg in bgs[:2]] + \
+        [f"'a {subject.class_word}' 0", f"'a {subject.class_word}' 1"]
+    pil_rows = [[Image.fromarray(np.asarray(im)) for im in r] for r in rows.values()]
+    return make_grid(pil_rows, row_labels=list(rows), col_labels=cols, cell=64)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+METRIC_KEYS = ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
+               "class_subject_match", "div", "train_seconds", "peak_rss_mb")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per variant, the mean of each metric over subjects."""
+    out: dict[str, dict[str, float]] = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        rows = [r for r in runs if r["variant"] == variant]
+        out[variant] = {k: round(float(np.mean([r[k] for r in rows])), 4)
+                        for k in METRIC_KEYS if all(r.get(k) is not None for r in rows)}
+        out[variant]["subjects"] = len(rows)
+    return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    def cell(row: dict[str, Any], key: str, fmt: str = "{:.3f}") -> str:
+        return fmt.format(row[key]) if row.get(key) is not None else "-"
+
+    lines = [
+        "| variant | subject fidelity (toy-I) ↑ | subject match ↑ | prompt fidelity (toy-T) ↑ "
+        "| PRES ↓ | class → subject ↓ | DIV ↑ | train s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, row in results["summary"].items():
+        lines.append(
+            f"| {variant} | {cell(row, 'subject_fidelity')}"
+            f" | {cell(row, 'subject_match', '{:.2f}')}"
+            f" | {cell(row, 'prompt_fidelity', '{:.2f}')} | {cell(row, 'pres')}"
+            f" | {cell(row, 'class_subject_match', '{:.2f}')} | {cell(row, 'div')}"
+            f" | {cell(row, 'train_seconds', '{:.0f}')} | {cell(row, 'peak_rss_mb', '{:.0f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ docs
+
+DOC_BEGIN = "<!-- quality-results:begin (written by benchmarks/quality.py --write-docs) -->"
+DOC_END = "<!-- quality-results:end -->"
+
+
+def write_docs(results: dict[str, Any], out: Path, docs: Path, json_path: Path) -> None:
+    """Put the table and a sample grid into the Quality section of docs/benchmarks.md,
+    between markers, leaving every other part of the file as it is."""
+    import shutil
+
+    images = docs / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    first = results["settings"]["subjects"][0]
+    shutil.copyfile(out / f"grid_{first}.png", images / "quality_grid.png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(json_path, results)
+    per_subject = ["| variant | subject | toy-I | match | toy-T | PRES | class→subj | DIV |",
+                   "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        vals = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in
+                ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
+                 "class_subject_match", "div")]
+        per_subject.append(f"| {r['variant']} | {r['subject']} | " + " | ".join(vals) + " |")
+    s = results["settings"]
+    block = "\n".join([
+        DOC_BEGIN,
+        f"Means over subjects {', '.join(s['subjects'])}; seeds {s['seeds']}, "
+        f"{s['backgrounds_per_subject']} backgrounds, DDIM {GENERATION['steps']} steps, "
+        f"guidance {GENERATION['guidance_scale']}. Raw numbers: "
+        f"[`{json_path.as_posix()}`]({os.path.relpath(json_path, docs)}).",
+        "",
+        markdown_table(results),
+        f"![sample grid: {first}](images/quality_grid.png)",
+        "",
+        "<details><summary>per subject</summary>",
+        "",
+        "\n".join(per_subject),
+        "",
+        "</details>",
+        DOC_END,
+    ])
+    md = docs / "benchmarks.md"
+    text = md.read_text() if md.is_file() else "# Benchmarks\n"
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        tail = rest.split(DOC_END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Quality\n\n" + block + "\n"
+    md.write_text(text)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/benchmark_quality")
+    p.add_argument("--subjects", default=",".join(SUBJECT_NAMES))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=None,
+                   help="override every recipe's steps (for a smoke run)")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--backgrounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--in-process", action="store_true",
+                   help="train in this process (faster start; peak memory then includes "
+                   "earlier runs)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="update docs/benchmarks.md (Quality section) and docs/images/")
+    p.add_argument("--docs", default="docs")
+    p.add_argument("--json", default="benchmarks/results/quality.json")
+    p.add_argument("--train-one", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train_one:
+        cfg_file, result_file = args.train_one
+        result = _train_here(json.loads(Path(cfg_file).read_text()))
+        _write_json(Path(result_file), result)
+        return 0
+    results = run(args.out, subjects=args.subjects.split(","), variants=args.variants.split(","),
+                  steps=args.steps, seeds=args.seeds, backgrounds=args.backgrounds,
+                  isolated=not args.in_process)
+    print(markdown_table(results))
+    if args.write_docs:
+        write_docs(results, Path(args.out), Path(args.docs), Path(args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
