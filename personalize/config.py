@@ -9,6 +9,7 @@ a whole training run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -360,6 +361,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); "
+                          "re-save it as UTF-8") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of options at the top level")
     return loaded
@@ -389,7 +393,11 @@ def validate(cfg: PersonalizeConfig) -> None:
          f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     t = cfg.train
     need(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
-    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0 and finite, got {t.lr}")
+    need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps",
+         f"must be >= 0 (0 = no warm-up), got {t.lr_warmup_steps}")
+    need(t.early_stopping_patience >= 0, "train.early_stopping_patience",
+         f"must be >= 0 (0 = off), got {t.early_stopping_patience}")
     need(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     need(t.resolution >= 8 and t.resolution % 8 == 0, "train.resolution",
          f"must be a positive multiple of 8, got {t.resolution}")
@@ -426,7 +434,14 @@ def validate(cfg: PersonalizeConfig) -> None:
     v = cfg.validation
     need(all(0 <= ts < 1000 for ts in v.loss_timesteps), "validation.loss_timesteps",
          "must be timesteps in [0, 1000)")
+    for key in ("every_steps", "loss_every_steps"):
+        need(getattr(v, key) >= 0, f"validation.{key}",
+             f"must be >= 0 (0 = off), got {getattr(v, key)}")
     need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
+    need(cfg.lora.text_encoder_lr is None or (cfg.lora.text_encoder_lr > 0
+                                              and math.isfinite(cfg.lora.text_encoder_lr)),
+         "lora.text_encoder_lr", f"must be > 0 and finite, or null for train.lr; got "
+         f"{cfg.lora.text_encoder_lr}")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(cfg.ti.num_vectors >= 1, "ti.num_vectors", "must be >= 1")
     need(cfg.ti.learnable_property in ("object", "style", "caption"), "ti.learnable_property",

@@ -32,8 +32,12 @@ def _lora_file(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise ArtifactError(f"{path} is not a readable .safetensors file (damaged, or an "
+                                f"incomplete download): {e}. Get the file again.") from e
         if any(".lora" in k or "lora_" in k for k in keys):
             return path
     return None
@@ -48,9 +52,14 @@ def _load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> N
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ArtifactError(f"{file} does not fit this pipeline's UNet/text encoder: {e}") from e
+        why = str(e).strip().rstrip(".")
+        raise ArtifactError(f"{file} does not fit this pipeline's UNet/text encoder: {why}. It "
+                            "was made for another base model; use a LoRA trained on this one."
+                            ) from e
     if sum(1 for k in pipe.unet.state_dict() if "lora" in k) == n_before:
-        raise ArtifactError(f"{file}: no LoRA key matched this pipeline's UNet modules")
+        raise ArtifactError(f"{file}: no LoRA key matched this pipeline's UNet modules; it was "
+                            "made for another base model (e.g. SDXL) or only for modules this "
+                            "model lacks. Use a LoRA trained on this base model.")
     weights[name] = strength
     pipe._personalize_lora_strengths = weights
     pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
@@ -129,14 +138,42 @@ def detect_artifact(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ArtifactError(f"{path} is empty (0 bytes): an interrupted download or copy? "
+                            "Get the file again.")
     for name, detect, _ in LOADERS:
         if detect(path):
             return name
+    refused = _refused_pickle(path)
+    if refused:
+        raise ArtifactError(
+            f"{path}: refused to load: this pickle asks to run code ({refused[:200]}). "
+            "personalize reads pickles with torch.load(weights_only=True) only, because "
+            "unpickling can run anything. Get the file from a source you trust, or as "
+            ".safetensors."
+        )
     raise ArtifactError(
         f"{path} is not a learned artifact personalize knows: expected a LoRA "
         "(pytorch_lora_weights.safetensors), a Textual Inversion embedding, a hypernetwork "
         "or a fine-tuned diffusers pipeline folder"
     )
+
+
+def _refused_pickle(path: Path) -> str | None:
+    """torch's reason when a weights_only load refuses `path` for a global (code to run)."""
+    import pickle
+    import zipfile
+
+    if not path.is_file() or path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        return next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln),
+                    None)
+    except Exception:  # unreadable for another reason: not a refusal
+        return None
+    return None
 
 
 def load(pipe, path: str | Path, strength: float = 1.0, adapter_name: str | None = None):

@@ -50,6 +50,8 @@ def resolve_model_path(path: str) -> str:
                 "Point model.path at the folder that holds model_index.json, unet/, vae/, "
                 "text_encoder/ and tokenizer/, or at a single .safetensors checkpoint."
             )
+        if p.is_dir():
+            _check_components(p)
         if p.is_file() and p.suffix not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(
                 f"{p} is a file but not a .safetensors/.ckpt checkpoint; "
@@ -58,7 +60,47 @@ def resolve_model_path(path: str) -> str:
         return str(p)
     if _looks_like_hub_id(path):
         return path
-    raise ModelLoadError(f"model path {path} does not exist")
+    raise ModelLoadError(
+        f"model path {path} does not exist; set model.path to a diffusers folder (with "
+        "model_index.json), a single .safetensors/.ckpt file, or a hub id"
+    )
+
+
+def _check_components(folder: Path) -> None:
+    """Every component model_index.json names must have its folder: diffusers would report a
+    missing unet/ as "no file named config.json found in directory <the model folder>"."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder / 'model_index.json'} is not readable JSON ({e}); "
+                             "copy or download the model folder again") from e
+    missing = [name for name, spec in index.items() if not name.startswith("_")
+               and isinstance(spec, list) and spec[0] is not None
+               and not (folder / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"{folder} is incomplete: model_index.json lists {', '.join(missing)} but the "
+            f"folder has no {', '.join(m + '/' for m in missing)}; copy or download the whole "
+            "model folder again"
+        )
+
+
+def _refused_pickle(error: BaseException) -> str | None:
+    """torch's reason when a weights_only load in `error`'s chain refused a pickle for a
+    global (code it would have to run), or None."""
+    import pickle
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, pickle.UnpicklingError):
+            for line in str(error).splitlines():
+                if "Unsupported global" in line:
+                    return line.strip()
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def load_pipeline(path: str, revision: str | None = None, variant: str | None = None,
@@ -78,7 +120,17 @@ def load_pipeline(path: str, revision: str | None = None, variant: str | None = 
                 path, revision=revision, variant=variant, **kwargs
             )
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load a Stable Diffusion model from {path}: {e}") from e
+        refused = _refused_pickle(e)
+        if refused:
+            # Old .ckpt files often pickle training objects (e.g. pytorch_lightning callbacks).
+            raise ModelLoadError(
+                f"{path} is a pickle that torch.load(weights_only=True) refuses ({refused[:200]}); "
+                "personalize never unpickles code, which could run anything. Use the model's "
+                ".safetensors file, or convert this one with a tool you trust."
+            ) from e
+        raise ModelLoadError(f"could not load a Stable Diffusion model from {path}: "
+                             f"{str(e).strip()} If a file is damaged or cut short (an "
+                             "interrupted download), get it again.") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

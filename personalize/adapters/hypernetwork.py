@@ -253,8 +253,10 @@ def _torch_load(path: Path, peek: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        detail = next((line.split("error:", 1)[-1].strip() for line in str(e).splitlines()
-                       if "WeightsUnpickler error" in line), str(e).strip()[:200])
+        # torch puts the reason on the lines after "WeightsUnpickler error:", when it has one.
+        text = str(e).split("WeightsUnpickler error:", 1)[-1]
+        detail = next((line.strip() for line in text.splitlines() if line.strip()),
+                      type(e).__name__)[:200]
         if not re.search(r"global|reduce|build|new object", detail, re.IGNORECASE):
             raise ArtifactError(f"{path}: not a readable PyTorch file (damaged, or not "
                                 f"written by torch.save): {detail}") from e
@@ -265,7 +267,8 @@ def _torch_load(path: Path, peek: bool = False) -> Any:
             "arbitrary code. Get the file from a source you trust, or as .safetensors."
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: not a readable PyTorch file: {e}") from e
+        detail = str(e).strip() or f"{type(e).__name__}, the file is empty or cut short"
+        raise ArtifactError(f"{path}: not a readable PyTorch file: {detail}") from e
 
 
 def _is_webui_dict(obj: Any) -> bool:

@@ -9,6 +9,7 @@ resumed run sees exactly the data the interrupted one would have.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -355,8 +356,16 @@ def _read_caption_file(path: Path) -> str | None:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"Cannot read caption file {path}: {exc.strerror or exc}.") from exc
+    # Windows Notepad's "Unicode" is UTF-16 with a byte-order mark; read as latin-1 it would
+    # become a caption of NUL-separated letters.
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        encoding = "utf-32"
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode(encoding)
     except UnicodeDecodeError:
         text = data.decode("latin-1")
         logger.warning(

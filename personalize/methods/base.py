@@ -98,6 +98,13 @@ class Method:
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
                 "was it written by another method or config?"
             )
+        wrong = [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+                 if state[k].shape != v.shape]
+        if wrong:  # e.g. another lora.rank: copy_ would only say "size of tensor a (8) ..."
+            raise ValueError(
+                f"checkpoint weights have other shapes than this run's ({wrong[:3]}); was it "
+                "written with another config (e.g. lora.rank) or base model?"
+            )
         modules = parts.modules()
         with torch.no_grad():
             for key, value in state.items():
