@@ -35,6 +35,7 @@ from personalize.config import ConfigError, from_dict, load_config
 from personalize.data import DataError, ImageCaptionDataset, load_records, read_image
 from personalize.inference import ArtifactError
 from personalize.models import ModelLoadError, load_pipeline
+from personalize.training.loop import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 514  # personalize.testing's byte-level tokenizer: 512 byte tokens + 2 specials
@@ -638,7 +639,8 @@ def _(env):
 
 
 @case("output-dir-under-file", "output_dir inside a regular file", raises=PermissionError,
-      message=r"output_dir {tmp}/notes\.txt/run is not writable: \[Errno 20\] Not a directory")
+      message=r"output_dir {tmp}/notes\.txt/run cannot be created or written \(\[Errno 20\] Not "
+              r"a directory.*\); choose another output_dir")
 def _(env):
     from personalize import train
 
@@ -658,8 +660,9 @@ def _(env):
 
 
 @case("resume-other-rank", "`resume:` a rank-4 LoRA checkpoint with `lora.rank: 8`",
-      raises=ValueError,
-      message=r"checkpoint weights have other shapes than this run's \(.*lora_A\.default\.weight "
+      raises=TrainingError,
+      message=r"checkpoint .*step-000001 does not fit this run \(lora\): checkpoint weights "
+              r"have other shapes than this run's \(.*lora_A\.default\.weight "
               r"\[4, 32\] != \[8, 32\].*\); was it written with another config \(e\.g\. "
               r"lora\.rank\) or base model\?")
 def _(env):
@@ -670,8 +673,9 @@ def _(env):
 
 
 @case("resume-other-method", "`resume:` a LoRA checkpoint in a hypernetwork run",
-      raises=ValueError,
-      message=r"checkpoint does not match this run's trainable weights \(missing: "
+      raises=TrainingError,
+      message=r"checkpoint .*step-000001 does not fit this run \(hypernetwork\): checkpoint "
+              r"does not match this run's trainable weights \(missing: "
               r"\['unet\.personalize_hypernetworks.*unexpected: \['unet\..*lora_A.*\); was it "
               r"written by another method or config\?")
 def _(env):

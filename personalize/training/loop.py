@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -72,7 +73,9 @@ def _check_output_dir(cfg: PersonalizeConfig) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"output_dir {out} is not writable: {e}") from e
+        raise PermissionError(
+            f"output_dir {out} cannot be created or written ({e}); choose another output_dir"
+        ) from e
 
 
 def _make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
@@ -129,6 +132,8 @@ class Trainer:
         self.accelerator = _make_accelerator(cfg)
         if self.accelerator.is_main_process:
             _check_output_dir(cfg)
+        # A resume path that is not a checkpoint fails here, before minutes of model loading.
+        self.resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
         self.accelerator.wait_for_everyone()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         set_seed(cfg.seed)
@@ -329,8 +334,14 @@ class Trainer:
         weights.clear()
 
     def _load_model_hook(self, models, input_dir) -> None:
-        state = load_file(str(Path(input_dir) / ckpt.TRAINABLE_FILE))
-        self.method.load_trainable_state_dict(self.parts, state)
+        path = Path(input_dir) / ckpt.TRAINABLE_FILE
+        try:
+            self.method.load_trainable_state_dict(self.parts, load_file(str(path)))
+        except (ValueError, OSError, SafetensorError) as e:
+            raise TrainingError(
+                f"checkpoint {input_dir} does not fit this run ({self.cfg.method}): {e}. Resume "
+                "it with the config it was written with, or start fresh without resume."
+            ) from e
         models.clear()
 
     # ------------------------------------------------------------------------ one step
@@ -418,7 +429,7 @@ class Trainer:
 
     def _resume(self) -> tuple[int, int]:
         """Load a checkpoint if asked; return (step, micro-batches to skip in its epoch)."""
-        path = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume)
+        path = self.resume_path
         if path is None:
             return 0, 0
         self.accelerator.load_state(str(path))
