@@ -89,7 +89,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from personalize.demo import run_demo
 
-    summary = run_demo(method=args.method, out=args.out, steps=args.steps)
+    summary = run_demo(method=args.method, out=args.out, steps=args.steps, world=args.world,
+                       subject=args.subject)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -151,10 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default outputs/eval)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("demo", help="train on a tiny offline model and show before/after")
+    p = sub.add_parser("demo", help="personalize the shipped toy-world model offline and show "
+                       "before/after")
     p.add_argument("--method", choices=METHODS, default="lora")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the world's per-method default)")
+    p.add_argument("--world", choices=("toy", "tiny"), default="toy",
+                   help="toy: the pretrained toy world (default); tiny: a random tiny model "
+                   "built in code (seconds; shows the plumbing, learns nothing real)")
+    p.add_argument("--subject", default="striped_heart",
+                   help="toy-world subject: striped_heart, two_color_star, spotted_circle")
     p.set_defaults(func=_cmd_demo)
     return parser
 

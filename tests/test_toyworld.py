@@ -225,3 +225,28 @@ def test_quality_benchmark_short_run_on_one_subject(tmp_path):
     assert "| lora |" in text and (docs / "images" / "quality_grid.png").is_file()
     write_docs(results, tmp_path / "bench", docs, tmp_path / "results" / "quality.json")
     assert (docs / "benchmarks.md").read_text().count("## Quality") == 1  # rewritten in place
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+def test_demo_on_the_toy_world_uses_the_method_token(tmp_path):
+    from personalize.demo import run_demo
+
+    summary = run_demo("textual_inversion", out=tmp_path, steps=2, seeds=(0,))
+    assert summary["world"] == "toy" and summary["subject"] == "striped_heart"
+    assert summary["prompt"] == "a <sks-heart>"
+    assert summary["steps"] == 2
+    for key in ("subject_match_before", "subject_match_after", "subject_similarity_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert (tmp_path / "textual_inversion_before_after.png").is_file()
+    assert len(list((tmp_path / "instance_images_striped_heart").glob("*.png"))) == 5
+
+
+def test_demo_tiny_world_is_the_fast_path(tmp_path):
+    from personalize.demo import run_demo
+
+    summary = run_demo("lora", out=tmp_path, steps=2, seeds=(0,), world="tiny")
+    assert summary["world"] == "tiny" and summary["steps"] == 2
+    with pytest.raises(ValueError, match="world must be one of"):
+        run_demo("lora", out=tmp_path, world="mars")
