@@ -536,3 +536,13 @@ def test_example_config_parses():
     cfg = load_config(ROOT / "configs" / "dreambooth.yaml")
     assert cfg.method == "dreambooth" and cfg.db.with_prior_preservation
 
+
+def test_demo_runs_with_dreambooth(tmp_path):
+    from personalize.demo import run_demo
+
+    summary = run_demo(method="dreambooth", out=tmp_path / "demo", steps=3, seeds=(0,),
+                       world="tiny")
+    assert summary["steps"] == 3 and summary["it_per_s"] > 0
+    run = Path(summary["artifact"])
+    assert (run / "model_index.json").is_file()
+    assert len(list((run / "class_images").glob("class-*.png"))) == 8
