@@ -122,3 +122,38 @@ def test_unknown_target_module_is_a_clear_error(tiny_model_dir, instance_dir, tm
                                 lora={"unet_target_modules": ["no_such_proj"]}))
     with pytest.raises(ValueError, match="lora.unet_target_modules"):
         train(cfg)
+
+
+WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                "ff.net.2", "conv1", "conv2", "time_emb_proj"]
+
+
+@pytest.mark.parametrize("weight_name", [LORA_WEIGHTS, KOHYA_WEIGHTS])
+def test_every_adapted_layer_survives_save_and_load(tiny_model_dir, instance_dir,
+                                                    tmp_path_factory, weight_name):
+    """Adapters beyond attention (ff, proj_in, resnet convs) and the text encoder's load back
+    exactly: a file that mixes the old lora.down names with lora_A once dropped them."""
+    out = tmp_path_factory.mktemp("wide") / "run"
+    cfg = from_dict(base_config(tiny_model_dir, instance_dir, out, train={"max_steps": 3},
+                                lora={"rank": 4, "unet_target_modules": WIDE_TARGETS,
+                                      "train_text_encoder": True}))
+    parts = load_parts(str(tiny_model_dir))
+    train(cfg, parts=parts)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipe.load_lora_weights(out, weight_name=weight_name)
+
+    def adapted(model):
+        return {n for n, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+
+    assert adapted(pipe.unet) == adapted(parts.unet)
+    assert adapted(pipe.text_encoder) == adapted(parts.text_encoder)
+    assert any(".ff." in n for n in adapted(pipe.unet))
+    ids = parts.tokenizer([PROMPT], padding="max_length", return_tensors="pt",
+                          max_length=parts.tokenizer.model_max_length).input_ids
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden, loaded_hidden = parts.text_encoder(ids)[0], pipe.text_encoder(ids)[0]
+        torch.testing.assert_close(loaded_hidden, hidden)
+        want = parts.unet(latents, torch.tensor([500]), hidden).sample
+        got = pipe.unet(latents, torch.tensor([500]), hidden).sample
+    torch.testing.assert_close(got, want)

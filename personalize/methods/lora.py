@@ -74,13 +74,16 @@ class LoRA(Method):
         return regularizers(batch, outputs, parts) if regularizers else None
 
     def _layers(self, parts: SDParts) -> tuple[dict, dict | None]:
-        from diffusers.utils import convert_state_dict_to_diffusers
+        # peft's own names (lora_A/lora_B), which diffusers loads as they are. Not through
+        # convert_state_dict_to_diffusers as the diffusers scripts do: it renames attention
+        # layers only (to the old lora.down/up names), and a file mixing both namings loses
+        # every other adapted layer (ff, proj_in, resnet convs) on load.
         from peft.utils import get_peft_model_state_dict
 
-        unet = convert_state_dict_to_diffusers(get_peft_model_state_dict(parts.unet))
+        unet = get_peft_model_state_dict(parts.unet)
         te = None
         if self.cfg.lora.train_text_encoder:
-            te = convert_state_dict_to_diffusers(get_peft_model_state_dict(parts.text_encoder))
+            te = get_peft_model_state_dict(parts.text_encoder)
         return unet, te
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
@@ -112,9 +115,8 @@ class LoRA(Method):
 
         c = self.cfg.lora
         alpha = c.alpha if c.alpha is not None else c.rank
-        peft_sd = {f"unet.{k}": v for k, v in _to_peft_keys(unet_layers).items()}
-        if te_layers:
-            peft_sd.update({f"text_encoder.{k}": v for k, v in _to_peft_keys(te_layers).items()})
+        peft_sd = {f"unet.{k}": v for k, v in unet_layers.items()}
+        peft_sd.update({f"text_encoder.{k}": v for k, v in (te_layers or {}).items()})
         kohya = convert_state_dict_to_kohya(peft_sd)
         kohya = {k.replace("lora_text_encoder_", "lora_te_"): v for k, v in kohya.items()}
         for k in list(kohya):
@@ -134,19 +136,6 @@ class LoRA(Method):
     @classmethod
     def demo_overrides(cls) -> dict[str, Any]:
         return {"train": {"lr": 1e-3}, "lora": {"rank": 8}}
-
-
-def _to_peft_keys(diffusers_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' saved names (lora.down/up or lora_A/B) -> peft's lora_A/lora_B names."""
-    out = {}
-    for k, v in diffusers_layers.items():
-        k = k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
-        k = k.replace(".lora_linear_layer.down.", ".lora_A.").replace(
-            ".lora_linear_layer.up.", ".lora_B.")
-        k = k.replace("unet.", "", 1) if k.startswith("unet.") else k
-        k = k.replace("text_encoder.", "", 1) if k.startswith("text_encoder.") else k
-        out[k] = v
-    return out
 
 
 def effective_scale(path: str | Path) -> dict[str, Any]:
