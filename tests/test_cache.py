@@ -17,6 +17,7 @@ from personalize.config import from_dict
 from personalize.data import ImageCaptionDataset, load_records
 from personalize.data.cache import TensorCache, build_entries, cache_latents
 from personalize.methods.lora import LORA_WEIGHTS
+from personalize.testing import write_synthetic_images
 from personalize.training.loop import Trainer
 
 
@@ -39,6 +40,50 @@ def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path
     for k in a:
         assert not torch.equal(a[k], torch.zeros_like(a[k])) or "lora_B" not in k
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_class_images_are_cached_too_and_train_the_same(tiny_model_dir, instance_dir,
+                                                        tmp_path):
+    """Prior preservation: the class images' latents join the cache, so the VAE leaves the
+    device for good, and training is the one the uncached path gives."""
+    class_dir = tmp_path / "class"
+    write_synthetic_images(class_dir, count=3, size=40, seed=7)
+    common = dict(train={"max_steps": 3, "batch_size": 2}, data={"random_flip": True},
+                  db={"with_prior_preservation": True, "class_prompt": "a photo of a disc",
+                      "class_data_dir": str(class_dir), "num_class_images": 3})
+    cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
+                                           **common)))
+    assert len(cached.dataloader.dataset.prior.latents) == 2 * 3
+    assert "vae" in cached.offloaded
+    batch = next(iter(cached.dataloader))
+    assert "pixel_values" not in batch and len(batch["latent_dist"]) == 4
+    cached.run()
+    assert "vae" in cached.offloaded  # never needed during training
+    plain_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "p", **common)
+    plain_cfg["data"].update(cache_latents=False)
+    plain = Trainer(from_dict(plain_cfg))
+    assert plain.dataloader.dataset.prior.latents is None
+    plain.run()
+    a, b = load_file(tmp_path / "c" / LORA_WEIGHTS), load_file(tmp_path / "p" / LORA_WEIGHTS)
+    # Same flips, latent samples and noise; batched-vs-single VAE rounding moves a few
+    # entries by ~1e-6 (training moves them by ~1e-3).
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_class_images_stay_uncached_with_buckets(tiny_model_dir, instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    write_synthetic_images(class_dir, count=2, seed=7)
+    trainer = Trainer(from_dict(base_config(
+        tiny_model_dir, instance_dir, tmp_path / "b",
+        data={"bucketing": True, "bucket_step": 8, "bucket_min_size": 16, "bucket_max_size": 64},
+        db={"with_prior_preservation": True, "class_prompt": "a photo of a disc",
+            "class_data_dir": str(class_dir), "num_class_images": 2})))
+    assert trainer.train_dataset.latents is not None
+    assert trainer.dataloader.dataset.prior.latents is None
+    batch = next(iter(trainer.dataloader))
+    assert batch["cached"] == [True, True, False, False]
+    trainer.run()
 
 
 def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(tiny_model_dir, instance_dir,

@@ -252,9 +252,10 @@ class Trainer:
                                "cache (each image is then encoded once, both flips if "
                                "random_flip) or data.cache_latents=false to silence this.")
             else:
-                ds.latents = cache_latents(ds, self.parts.vae, folder / "latents",
-                                           accelerator=acc, device=acc.device,
-                                           batch_size=max(4, self.cfg.train.batch_size))
+                for dataset in self._latent_cacheable(ds):
+                    dataset.latents = cache_latents(
+                        dataset, self.parts.vae, folder / "latents", accelerator=acc,
+                        device=acc.device, batch_size=max(4, self.cfg.train.batch_size))
                 self._offload("vae")
         # The text encoder's output is fixed only when nothing in it trains and nothing
         # outside the UNet trains either (a method might feed it new embeddings).
@@ -271,6 +272,20 @@ class Trainer:
             why = ("the method trains more than the UNet" if not only_unet else
                    "captions change from step to step (shuffle_tags or a caption function)")
             logger.info("text embeddings are not cached: %s", why)
+
+    def _latent_cacheable(self, ds: ImageCaptionDataset) -> list[ImageCaptionDataset]:
+        """The training images, and the class images a method pairs with them (prior
+        preservation: `.prior`) when those are squares of the same size as every instance
+        image; with aspect-ratio buckets each class image is resized to its partner's bucket
+        per step, so it stays uncached and the VAE comes back for it."""
+        paired = getattr(self.dataloader.dataset, "prior", None)
+        if not isinstance(paired, ImageCaptionDataset):
+            return [ds]
+        if ds.sizes is not None:
+            logger.info("class images are not in the latent cache: data.bucketing=true fits "
+                        "each one to its instance partner's size")
+            return [ds]
+        return [ds, paired]
 
     def _fixed_captions(self) -> list[str] | None:
         """Every caption training and validation can show, or None when they vary per step."""

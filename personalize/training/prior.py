@@ -221,9 +221,9 @@ class PriorPairedDataset(torch.utils.data.Dataset):
             self.prior.set_epoch(epoch)
         j = (epoch * len(self.instance) + (i % len(self.instance))) % len(self.prior)
         example = self.prior[j]
-        pixels = _fit(example["pixel_values"], self._pixel_size(item))
-        item["prior"] = {"pixel_values": pixels, "caption": example["caption"],
-                         "key": example["key"]}
+        if "latent_dist" not in example:  # cached latents are already the instances' size
+            example["pixel_values"] = _fit(example["pixel_values"], self._pixel_size(item))
+        item["prior"] = example
         return item
 
     def _pixel_size(self, item: dict[str, Any]) -> tuple[int, int]:
