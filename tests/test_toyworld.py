@@ -198,14 +198,29 @@ def test_shipped_model_loads_unchanged_and_follows_prompts():
 
 
 def test_quality_benchmark_short_run_on_one_subject(tmp_path):
-    from personalize.toyworld.benchmark import run, write_docs
+    from personalize.toyworld.benchmark import merge_results, run, write_docs
 
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "benchmarks.md").write_text("# Benchmarks\n\n## Speed\n\nkept as it is\n")
     results = run(tmp_path / "bench", subjects=["striped_heart"], variants=["lora"], steps=2,
-                  seeds=2, backgrounds=1, isolated=False)
-    rows = {r["variant"]: r for r in results["runs"]}
+                  seeds=2, backgrounds=1, isolated=False, train_seeds=[0, 1])
+    seeded = [r for r in results["runs"] if r["variant"] == "lora"]
+    assert [r["train_seed"] for r in seeded] == [0, 1]
+    assert seeded[0]["subject_fidelity"] != seeded[1]["subject_fidelity"]  # other trainings
+    lora = results["summary"]["lora"]
+    assert lora["train_seeds"] == 2 and lora["subject_fidelity_sd"] > 0
+    assert lora["subject_fidelity"] == pytest.approx(
+        np.mean([r["subject_fidelity"] for r in seeded]), abs=1e-4)
+    # Two processes' results (one training seed each) merge into the same table.
+    part0 = {"settings": dict(results["settings"], train_seeds=[0]),
+             "runs": [r for r in results["runs"] if r.get("train_seed") != 1]}
+    part1 = {"settings": dict(results["settings"], train_seeds=[1]),
+             "runs": [r for r in results["runs"] if r.get("train_seed", 1) == 1]}
+    assert merge_results([part0, part1])["summary"] == results["summary"]
+    with pytest.raises(ValueError, match="share a training seed"):
+        merge_results([part0, part0])
+    rows = {r["variant"]: r for r in results["runs"] if r.get("train_seed", 0) == 0}
     assert set(rows) == {"real_images", "base", "lora"}
     for key in ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
                 "class_subject_match", "div"):
@@ -222,7 +237,8 @@ def test_quality_benchmark_short_run_on_one_subject(tmp_path):
     write_docs(results, tmp_path / "bench", docs, tmp_path / "results" / "quality.json")
     text = (docs / "benchmarks.md").read_text()
     assert "## Speed\n\nkept as it is" in text and "## Quality" in text
-    assert "| lora |" in text and (docs / "images" / "quality_grid.png").is_file()
+    assert "| lora | " in text and " ± " in text
+    assert (docs / "images" / "quality_grid.png").is_file()
     write_docs(results, tmp_path / "bench", docs, tmp_path / "results" / "quality.json")
     assert (docs / "benchmarks.md").read_text().count("## Quality") == 1  # rewritten in place
 

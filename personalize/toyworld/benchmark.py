@@ -90,13 +90,14 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def variant_config(variant: str, subject, model_path: Path, data_dir: Path, out_dir: Path,
-                   steps: int | None = None) -> dict[str, Any]:
+                   steps: int | None = None, train_seed: int = 0) -> dict[str, Any]:
     """The full training config of one variant on one subject."""
     recipe = RECIPES[variant]
     method = recipe["method"]
     cfg = _merge(COMMON, copy.deepcopy(recipe["config"]))
     cfg = _merge(cfg, {
         "method": method,
+        "seed": train_seed,
         "output_dir": str(out_dir),
         "model": {"path": str(model_path)},
         "data": {"path": str(data_dir), "prompt": f"a {IDENTIFIER} {subject.class_word}"},
@@ -235,7 +236,11 @@ def reference_scores(classifier, subject, instances: np.ndarray) -> dict[str, fl
 
 def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] | None = None,
         steps: int | None = None, seeds: int = 4, backgrounds: int = 3,
-        isolated: bool = True, num_instances: int = 5) -> dict[str, Any]:
+        isolated: bool = True, num_instances: int = 5,
+        train_seeds: list[int] | None = None) -> dict[str, Any]:
+    """Every variant x subject x training seed, trained, sampled and scored. The sampling
+    seeds are the same for every training seed, so the spread over training seeds is the
+    trainers' own run-to-run variation."""
     from PIL import Image
 
     from personalize import load
@@ -253,8 +258,10 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
     model = base_model_path()
     classifier = load_classifier()
     seed_list = list(range(seeds))
+    train_seeds = list(train_seeds or [0])
     results: dict[str, Any] = {
         "settings": {"subjects": subjects, "variants": variants, "seeds": seed_list,
+                     "train_seeds": train_seeds,
                      "backgrounds_per_subject": backgrounds, "instances": num_instances,
                      "generation": GENERATION, "steps_override": steps,
                      "recipes": {v: RECIPES[v] for v in variants}, "common": COMMON,
@@ -280,23 +287,28 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
         grid_rows["base"] = _grid_row(images, subject, phrase, bgs)
         logger.info("%s base: %s", subject.name, metrics)
         for variant in variants:
-            run_dir = out / "runs" / subject.name / variant
-            cfg = variant_config(variant, subject, model, data_dir, run_dir, steps)
-            trained = train_variant(cfg, out / "logs" / subject.name / variant, isolated)
-            t = time.perf_counter()
-            pipe = load(load_pipeline(str(model)), trained["run_dir"])
-            metrics, images = score_pipeline(pipe, classifier, subject, subject_phrase(cfg),
-                                             instances, seed_list, bgs)
-            row = {"variant": variant, "subject": subject.name, **metrics,
-                   "train_seconds": trained["train_seconds"],
-                   "peak_rss_mb": trained["peak_rss_mb"],
-                   "peak_cuda_mb": trained["peak_cuda_mb"],
-                   "steps": cfg["train"]["max_steps"],
-                   "sample_seconds": round(time.perf_counter() - t, 1)}
-            results["runs"].append(row)
-            grid_rows[variant] = _grid_row(images, subject, subject_phrase(cfg), bgs)
-            logger.info("%s %s: %s", subject.name, variant, row)
-            _write_json(out / "results.json", results)  # progress survives an interruption
+            for train_seed in train_seeds:
+                name = variant if train_seed == train_seeds[0] else f"{variant}-seed{train_seed}"
+                run_dir = out / "runs" / subject.name / name
+                cfg = variant_config(variant, subject, model, data_dir, run_dir, steps,
+                                     train_seed)
+                trained = train_variant(cfg, out / "logs" / subject.name / name, isolated)
+                t = time.perf_counter()
+                pipe = load(load_pipeline(str(model)), trained["run_dir"])
+                metrics, images = score_pipeline(pipe, classifier, subject,
+                                                 subject_phrase(cfg), instances, seed_list, bgs)
+                row = {"variant": variant, "subject": subject.name, "train_seed": train_seed,
+                       **metrics,
+                       "train_seconds": trained["train_seconds"],
+                       "peak_rss_mb": trained["peak_rss_mb"],
+                       "peak_cuda_mb": trained["peak_cuda_mb"],
+                       "steps": cfg["train"]["max_steps"],
+                       "sample_seconds": round(time.perf_counter() - t, 1)}
+                results["runs"].append(row)
+                if train_seed == train_seeds[0]:
+                    grid_rows[variant] = _grid_row(images, subject, subject_phrase(cfg), bgs)
+                logger.info("%s %s: %s", subject.name, name, row)
+                _write_json(out / "results.json", results)  # progress survives a stop
         grid = _grid(grid_rows, subject, bgs)
         grid.save(out / f"grid_{subject.name}.png")
     results["summary"] = summarize(results["runs"])
@@ -330,24 +342,60 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-METRIC_KEYS = ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
-               "class_subject_match", "div", "train_seconds", "peak_rss_mb")
+QUALITY_KEYS = ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
+                "class_subject_match", "div")
+METRIC_KEYS = (*QUALITY_KEYS, "train_seconds", "peak_rss_mb")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per variant, the mean of each metric over subjects."""
+    """Per variant, the mean of each metric over subjects and training seeds, and with two
+    or more training seeds `<metric>_sd`: the standard deviation over training seeds of the
+    subject-mean (how much a rerun with another seed moves the table's number)."""
     out: dict[str, dict[str, float]] = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         rows = [r for r in runs if r["variant"] == variant]
         out[variant] = {k: round(float(np.mean([r[k] for r in rows])), 4)
                         for k in METRIC_KEYS if all(r.get(k) is not None for r in rows)}
-        out[variant]["subjects"] = len(rows)
+        out[variant]["subjects"] = len({r["subject"] for r in rows})
+        by_seed: dict[int, list] = {}
+        for r in rows:
+            if "train_seed" in r:
+                by_seed.setdefault(r["train_seed"], []).append(r)
+        if len(by_seed) < 2:
+            continue
+        out[variant]["train_seeds"] = len(by_seed)
+        for k in QUALITY_KEYS:
+            seed_means = [np.mean([r[k] for r in group]) for group in by_seed.values()]
+            out[variant][f"{k}_sd"] = round(float(np.std(seed_means, ddof=1)), 4)
     return out
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of the same benchmark with other training seeds (e.g. one process per seed,
+    side by side) as one result. The base and real-image rows do not depend on the training
+    seed and are kept once."""
+    first = parts[0]
+    keys = ("subjects", "variants", "seeds", "backgrounds_per_subject", "generation")
+    for other in parts[1:]:
+        differ = [k for k in keys if other["settings"].get(k) != first["settings"].get(k)]
+        if differ:
+            raise ValueError(f"cannot merge benchmark results with other settings: {differ}")
+    settings = dict(first["settings"])
+    settings["train_seeds"] = sorted({s for p in parts for s in p["settings"]["train_seeds"]})
+    runs = [r for r in first["runs"]] + [r for p in parts[1:] for r in p["runs"]
+                                         if "train_seed" in r]
+    seen = [(r["variant"], r["subject"], r.get("train_seed")) for r in runs]
+    if len(set(seen)) != len(seen):
+        raise ValueError("the results to merge share a training seed")
+    return {"settings": settings, "runs": runs, "summary": summarize(runs)}
 
 
 def markdown_table(results: dict[str, Any]) -> str:
     def cell(row: dict[str, Any], key: str, fmt: str = "{:.3f}") -> str:
-        return fmt.format(row[key]) if row.get(key) is not None else "-"
+        if row.get(key) is None:
+            return "-"
+        sd = row.get(f"{key}_sd")
+        return fmt.format(row[key]) + (f" ± {fmt.format(sd)}" if sd is not None else "")
 
     lines = [
         "| variant | subject fidelity (toy-I) ↑ | subject match ↑ | prompt fidelity (toy-T) ↑ "
@@ -384,17 +432,18 @@ def write_docs(results: dict[str, Any], out: Path, docs: Path, json_path: Path) 
         images / "quality_grid.png", optimize=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(json_path, results)
-    per_subject = ["| variant | subject | toy-I | match | toy-T | PRES | class→subj | DIV |",
-                   "|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
-        vals = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in
-                ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
-                 "class_subject_match", "div")]
-        per_subject.append(f"| {r['variant']} | {r['subject']} | " + " | ".join(vals) + " |")
+    per_subject = ["| variant | subject | train seed | toy-I | match | toy-T | PRES | class→subj "
+                   "| DIV |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results["runs"], key=lambda r: (r["subject"], r.get("train_seed", -1))):
+        vals = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in QUALITY_KEYS]
+        per_subject.append(f"| {r['variant']} | {r['subject']} | {r.get('train_seed', '-')} | "
+                           + " | ".join(vals) + " |")
     s = results["settings"]
     block = "\n".join([
         DOC_BEGIN,
-        f"Means over subjects {', '.join(s['subjects'])}; seeds {s['seeds']}, "
+        f"Means over subjects {', '.join(s['subjects'])} and training seeds "
+        f"{s.get('train_seeds', [0])} (± the standard deviation over training seeds of the "
+        f"subject mean); sampling seeds {s['seeds']}, "
         f"{s['backgrounds_per_subject']} backgrounds, DDIM {GENERATION['steps']} steps, "
         f"guidance {GENERATION['guidance_scale']}. Raw numbers: "
         f"[`{json_path.as_posix()}`]({os.path.relpath(json_path, docs)}).",
@@ -431,7 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--steps", type=int, default=None,
                    help="override every recipe's steps (for a smoke run)")
-    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
+    p.add_argument("--train-seeds", default="0",
+                   help="comma-separated training seeds; each variant x subject trains once "
+                   "per seed")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
+                   help="combine results.json files of runs with other training seeds (then "
+                   "--out is where the first run's grids are) instead of running")
     p.add_argument("--backgrounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--in-process", action="store_true",
@@ -453,9 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         result = _train_here(json.loads(Path(cfg_file).read_text()))
         _write_json(Path(result_file), result)
         return 0
-    results = run(args.out, subjects=args.subjects.split(","), variants=args.variants.split(","),
-                  steps=args.steps, seeds=args.seeds, backgrounds=args.backgrounds,
-                  isolated=not args.in_process)
+    if args.merge:
+        results = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+    else:
+        results = run(args.out, subjects=args.subjects.split(","),
+                      variants=args.variants.split(","), steps=args.steps, seeds=args.seeds,
+                      backgrounds=args.backgrounds, isolated=not args.in_process,
+                      train_seeds=[int(x) for x in args.train_seeds.split(",")])
     print(markdown_table(results))
     if args.write_docs:
         write_docs(results, Path(args.out), Path(args.docs), Path(args.json))
