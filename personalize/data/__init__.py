@@ -1,14 +1,13 @@
 """Training data: image + caption records and the Dataset the training loop iterates."""
 
-from personalize.data.dataset import (
+from personalize.data.dataset import ImageCaptionDataset, shuffle_caption_tags
+from personalize.data.records import (
     IMAGE_EXTENSIONS,
     DataError,
     DatasetRow,
-    ImageCaptionDataset,
     Record,
     load_records,
     read_image,
-    shuffle_caption_tags,
     split_records,
 )
 from personalize.data.transforms import load_image, prepare_image

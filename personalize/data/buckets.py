@@ -100,7 +100,7 @@ def prepare_image_to_size(image: Image.Image, size: Size, *, center_crop: bool =
 def record_sizes(records, resolution: int, min_size: int, max_size: int,
                  step: int) -> list[Size]:
     """The bucket of every record (headers only: nothing is decoded)."""
-    from personalize.data.dataset import DataError
+    from personalize.data.records import DataError
 
     buckets = make_buckets(resolution, min_size, max_size, step)
     sizes = []

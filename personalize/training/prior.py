@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from personalize.data import DataError, ImageCaptionDataset, load_records
-from personalize.data.dataset import IMAGE_EXTENSIONS
+from personalize.data.records import IMAGE_EXTENSIONS
 from personalize.models import SDParts
 
 logger = logging.getLogger(__name__)
