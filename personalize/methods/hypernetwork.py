@@ -2,7 +2,7 @@
 
 Every pretrained weight stays frozen; the trainable part is one (k, v) pair of MLPs per
 attention context width (`hn.enable_sizes`), applied through attention processors (see
-personalize/adapters/hypernetwork.py). Saved as a webui `.pt` (drop it into the webui's
+personalize/adapters/hypernetwork/). Saved as a webui `.pt` (drop it into the webui's
 models/hypernetworks folder) and as `.safetensors`, both loadable with `personalize.load`.
 """
 
