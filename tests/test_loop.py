@@ -230,7 +230,7 @@ def test_long_captions_warn_that_they_are_truncated(tiny_model_dir, tmp_path, ca
 
 def test_mixed_precision_keeps_trainable_weights_exact(tiny_model_dir, instance_dir, tmp_path):
     from personalize.models import load_parts
-    from personalize.training.loop import _cast_for_training
+    from personalize.training.accelerator import cast_for_training
 
     parts = load_parts(str(tiny_model_dir))
     for module in parts.modules().values():
@@ -238,7 +238,7 @@ def test_mixed_precision_keeps_trainable_weights_exact(tiny_model_dir, instance_
     block = parts.unet.down_blocks[0]
     block.requires_grad_(True)
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    _cast_for_training(parts, torch.bfloat16, torch.device("cpu"))
+    cast_for_training(parts, torch.bfloat16, torch.device("cpu"))
     for k, v in block.named_parameters():
         assert v.dtype == torch.float32 and torch.equal(v, before[k]), k
     assert parts.unet.up_blocks[0].resnets[0].conv1.weight.dtype == torch.bfloat16

@@ -1,0 +1,58 @@
+"""The Accelerator a run uses, and each module's dtype for training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+from personalize.config import PersonalizeConfig
+from personalize.models import SDParts
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
+    t = cfg.train
+    log_with = None
+    if t.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            logger.warning("tensorboard is not installed; logging to train_log.jsonl only")
+    elif t.report_to == "wandb":
+        log_with = "wandb"
+    return Accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        log_with=log_with,
+        # Batches come from pinned memory: the copy to the GPU need not wait for it.
+        dataloader_config=DataLoaderConfiguration(
+            non_blocking=cfg.data.pin_memory and torch.cuda.is_available()),
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
+        ),
+    )
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+
+
+def cast_for_training(parts: SDParts, dtype: torch.dtype, device: torch.device) -> None:
+    """Frozen weights go to the compute dtype to save memory; trainable ones stay in fp32,
+    because fp16/bf16 master weights lose small updates. Trainable weights are moved
+    without a round trip through the compute dtype, which would round them before step 0."""
+    for module in parts.modules().values():
+        trainable = {p: p.data.to(device=device, dtype=torch.float32)
+                     for p in module.parameters() if p.requires_grad}
+        module.to(device=device, dtype=dtype)
+        for p, exact in trainable.items():
+            p.data = exact
