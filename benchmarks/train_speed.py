@@ -375,7 +375,7 @@ def main(argv=None) -> dict[str, Any]:
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
         "repeats": args.repeats, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "reference": str(args.reference) if args.reference else None,
+        "reference": args.reference.name if args.reference else None,
         "ours_overrides": base, "variants": {k: v for k, v in trainers.items()
                                              if v is not None and k != "ours"},
         "device": device_name or f"cpu ({platform.processor() or platform.machine()}, "

@@ -61,6 +61,20 @@ class Log:
         print(json.dumps(rec), flush=True)
 
 
+def portable_args(args) -> dict:
+    """The arguments as the report and the log keep them: folders by name only, so no path
+    of the machine that trained goes into the shipped files."""
+    return {k: Path(v).name if k in ("work", "out") else v for k, v in vars(args).items()}
+
+
+def drop_local_paths(folder: Path) -> None:
+    """save_pretrained records where each model was loaded from (`_name_or_path`)."""
+    for config in folder.rglob("config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def to_tensor(images: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).float().div(255.0).permute(0, 3, 1, 2)
 
@@ -394,11 +408,12 @@ def phase_export(args, work: Path, tokenizer, te, vae, unet, clf, log: Log) -> N
     pipe = tw.make_pipeline(tokenizer, copy.deepcopy(te).cpu(), copy.deepcopy(vae).cpu(),
                             copy.deepcopy(unet).cpu().half())
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    drop_local_paths(pipe_dir)
     clf.cpu().save(out / "classifier")
     # Measure what ships: the files as a user loads them.
     reloaded = load_pipeline(str(pipe_dir))
     shipped_clf = ToyClassifier.load(out / "classifier")
-    report = {"seed": args.seed, "args": vars(args),
+    report = {"seed": args.seed, "args": portable_args(args),
               "classifier_test_accuracy": json.loads(
                   (work / "classifier" / "accuracy.json").read_text()),
               "unet_parameters": sum(p.numel() for p in reloaded.unet.parameters()),
@@ -414,9 +429,9 @@ def phase_export(args, work: Path, tokenizer, te, vae, unet, clf, log: Log) -> N
             save_grid(res["images"][:40], work / "samples_final.png")
     files = [p for p in out.rglob("*") if p.is_file() and p.name != "pretrain_report.json"]
     report["weights_bytes"] = sum(p.stat().st_size for p in files)
-    report["log"] = str(work / "pretrain_log.jsonl")
+    report["log"] = "pretrain_log.jsonl in --work (a copy: benchmarks/toyworld/)"
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=2))
-    log("export", out=str(out), weights_mb=round(report["weights_bytes"] / 1e6, 2))
+    log("export", out=out.name, weights_mb=round(report["weights_bytes"] / 1e6, 2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = Log(work / "pretrain_log.jsonl")
-    log("start", args=vars(args), torch_threads=torch.get_num_threads())
+    log("start", args=portable_args(args), torch_threads=torch.get_num_threads())
     phase_data(args, work, log)
     data = dict(np.load(work / "data.npz"))
     vae = phase_vae(args, work, data, log)

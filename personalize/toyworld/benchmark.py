@@ -265,7 +265,8 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
                      "backgrounds_per_subject": backgrounds, "instances": num_instances,
                      "generation": GENERATION, "steps_override": steps,
                      "recipes": {v: RECIPES[v] for v in variants}, "common": COMMON,
-                     "isolated_processes": isolated, "base_model": str(model)},
+                     "isolated_processes": isolated,
+                     "base_model": _portable(model)},
         "runs": [],
     }
     base_pipe = load_pipeline(str(model))
@@ -315,6 +316,16 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
     _write_json(out / "results.json", results)
     (out / "table.md").write_text(markdown_table(results))
     return results
+
+
+def _portable(path: Path) -> str:
+    """A path as results keep it: inside the package relative to it, else its name only, so
+    no path of the machine that ran the benchmark goes into results.json."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        return "personalize/" + Path(path).resolve().relative_to(package).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def _grid_row(images: dict[str, np.ndarray], subject, phrase: str, bgs: list[str]) -> list:
