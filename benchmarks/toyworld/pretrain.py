@@ -1,6 +1,6 @@
 """Pretrain the toy world's base model and classifier, reproducibly, on a CPU.
 
-    python benchmarks/toyworld/pretrain.py                  # ~1.5 h on one CPU thread
+    python benchmarks/toyworld/pretrain.py                  # ~2 h on one idle CPU thread
     python benchmarks/toyworld/pretrain.py --device cuda    # minutes on a GPU
 
 Phases (each one's result is kept in --work, so an interrupted run continues where it
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder-steps", type=int, default=1000)
     p.add_argument("--clf-steps", type=int, default=2000)
     p.add_argument("--clf-batch", type=int, default=128)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
