@@ -89,10 +89,29 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return merge(a, b)
 
 
+# Follow-up questions asked after seeing the table, each changing one thing of a recipe.
+# They are not in the default run or the table's comparison (choosing them after seeing the
+# numbers would be tuning); `--variants` runs them and docs/benchmarks.md reports them apart.
+DIAGNOSTICS: dict[str, dict[str, Any]] = {
+    # Does TI's vector drift off the word embeddings at 5e-3 (its norm grows 3-6x)?
+    "textual_inversion_lr5e-4": _merge(copy.deepcopy(RECIPES["textual_inversion"]),
+                                       {"config": {"train": {"lr": 5e-4}}}),
+    # Does prior preservation fail because 20 class images are memorized? (100: the
+    # config default and the diffusers example's.)
+    "dreambooth_prior_100": _merge(copy.deepcopy(RECIPES["dreambooth_prior"]),
+                                   {"config": {"db": {"num_class_images": 100}}}),
+    # ... or because a frozen text encoder barely tells "a sks heart" from "a heart"? (The
+    # paper fine-tunes the text encoder too.)
+    "dreambooth_prior_te": _merge(copy.deepcopy(RECIPES["dreambooth_prior"]),
+                                  {"config": {"db": {"train_text_encoder": True}}}),
+}
+ALL_RECIPES = {**RECIPES, **DIAGNOSTICS}
+
+
 def variant_config(variant: str, subject, model_path: Path, data_dir: Path, out_dir: Path,
                    steps: int | None = None, train_seed: int = 0) -> dict[str, Any]:
     """The full training config of one variant on one subject."""
-    recipe = RECIPES[variant]
+    recipe = ALL_RECIPES[variant]
     method = recipe["method"]
     cfg = _merge(COMMON, copy.deepcopy(recipe["config"]))
     cfg = _merge(cfg, {
@@ -252,9 +271,9 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
     out.mkdir(parents=True, exist_ok=True)
     subjects = list(subjects or SUBJECT_NAMES)
     variants = list(variants or VARIANTS)
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(ALL_RECIPES))
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(ALL_RECIPES)}")
     model = base_model_path()
     classifier = load_classifier()
     seed_list = list(range(seeds))
@@ -264,7 +283,7 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
                      "train_seeds": train_seeds,
                      "backgrounds_per_subject": backgrounds, "instances": num_instances,
                      "generation": GENERATION, "steps_override": steps,
-                     "recipes": {v: RECIPES[v] for v in variants}, "common": COMMON,
+                     "recipes": {v: ALL_RECIPES[v] for v in variants}, "common": COMMON,
                      "isolated_processes": isolated,
                      "base_model": _portable(model)},
         "runs": [],
@@ -382,26 +401,29 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Runs of the same benchmark with other training seeds (e.g. one process per seed,
-    side by side) as one result. The base and real-image rows do not depend on the training
-    seed and are kept once."""
+    """Runs of the same benchmark with other training seeds or variants (e.g. one process
+    per seed, side by side; diagnostics later) as one result. The base and real-image rows
+    depend on neither and are kept once."""
     first = parts[0]
-    keys = ("subjects", "variants", "seeds", "backgrounds_per_subject", "generation")
+    keys = ("subjects", "seeds", "backgrounds_per_subject", "generation")
     for other in parts[1:]:
         differ = [k for k in keys if other["settings"].get(k) != first["settings"].get(k)]
         if differ:
             raise ValueError(f"cannot merge benchmark results with other settings: {differ}")
     settings = dict(first["settings"])
     settings["train_seeds"] = sorted({s for p in parts for s in p["settings"]["train_seeds"]})
+    settings["variants"] = list(dict.fromkeys(v for p in parts for v in p["settings"]["variants"]))
+    settings["recipes"] = {k: v for p in parts for k, v in p["settings"]["recipes"].items()}
     runs = [r for r in first["runs"]] + [r for p in parts[1:] for r in p["runs"]
                                          if "train_seed" in r]
     seen = [(r["variant"], r["subject"], r.get("train_seed")) for r in runs]
     if len(set(seen)) != len(seen):
-        raise ValueError("the results to merge share a training seed")
+        raise ValueError("the results to merge share a variant and training seed")
     return {"settings": settings, "runs": runs, "summary": summarize(runs)}
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def markdown_table(results: dict[str, Any], diagnostics: bool = False) -> str:
+    """The summary table: the benchmark's variants, or (`diagnostics`) the follow-ups."""
     def cell(row: dict[str, Any], key: str, fmt: str = "{:.3f}") -> str:
         if row.get(key) is None:
             return "-"
@@ -414,6 +436,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in results["summary"].items():
+        if (variant in DIAGNOSTICS) != diagnostics:
+            continue
         lines.append(
             f"| {variant} | {cell(row, 'subject_fidelity')}"
             f" | {cell(row, 'subject_match', '{:.2f}')}"
@@ -460,6 +484,10 @@ def write_docs(results: dict[str, Any], out: Path, docs: Path, json_path: Path) 
         f"[`{json_path.as_posix()}`]({os.path.relpath(json_path, docs)}).",
         "",
         markdown_table(results),
+        *(["Follow-ups chosen after seeing the table above, each one change to a recipe "
+           "(`DIAGNOSTICS` in personalize/toyworld/benchmark.py); not part of the "
+           "comparison:", "", markdown_table(results, diagnostics=True)]
+          if any(v in DIAGNOSTICS for v in results["summary"]) else []),
         f"![sample grid: {first}](images/quality_grid.png)",
         "",
         "<details><summary>per subject</summary>",
@@ -488,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/benchmark_quality")
     p.add_argument("--subjects", default=",".join(SUBJECT_NAMES))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated; also the follow-ups: " + ", ".join(DIAGNOSTICS))
     p.add_argument("--steps", type=int, default=None,
                    help="override every recipe's steps (for a smoke run)")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
