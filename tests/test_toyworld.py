@@ -257,6 +257,34 @@ def test_follow_up_variants_are_kept_apart_from_the_comparison():
     assert "| textual_inversion_lr5e-4 |" in follow_ups and "| lora |" not in follow_ups
 
 
+def test_textual_inversion_learns_what_the_model_can_draw(tmp_path):
+    """TI cannot draw the patterned subjects (docs/benchmarks.md), but it does learn: a
+    vector started from "star" and trained on solid red hearts comes to draw hearts."""
+    from personalize import load
+    from personalize.models import load_pipeline
+    from personalize.toyworld import base_model_path, load_classifier
+    from personalize.toyworld.benchmark import train_variant, variant_config
+    from personalize.toyworld.evaluate import sample
+    from personalize.toyworld.subjects import Subject
+
+    red_heart = Subject("red_heart", "heart", "a solid red heart", Scene("heart", "red", "black"))
+    data = tmp_path / "instances"
+    write_instance_images(red_heart, data, count=5)
+    cfg = variant_config("textual_inversion", red_heart, base_model_path(), data,
+                         tmp_path / "run", steps=150)
+    cfg["ti"]["initializer_token"] = "star"
+    run_dir = train_variant(cfg, tmp_path / "log", isolated=False)["run_dir"]
+    classifier, seeds = load_classifier(), list(range(8))
+
+    def heart_rate(pipe, prompt: str) -> float:
+        images = sample(pipe, [prompt] * len(seeds), seeds, steps=20, guidance_scale=5.0)
+        return float(np.mean([p["shape"] == "heart" for p in classifier.predict(images)]))
+
+    assert heart_rate(load_pipeline(str(base_model_path())), "a star") <= 0.25
+    learned = load(load_pipeline(str(base_model_path())), run_dir)
+    assert heart_rate(learned, "a <sks-heart>") >= 0.75
+
+
 # ------------------------------------------------------------------------------ demo
 
 
