@@ -58,7 +58,7 @@ class DataConfig:
     validation_path: str | None = None
     num_workers: int = 0
     pin_memory: bool = True  # page-locked batches, copied to the GPU without a sync (CUDA only)
-    # Encode each image view once with the VAE and reuse it (both flips when random_flip);
+    # Encode each image view once with the VAE, on first use, and reuse it (each flip too);
     # not with random crops (center_crop=false), where every epoch crops differently.
     cache_latents: bool = True
     # Encode each caption once when the method leaves the text encoder frozen and the

@@ -137,11 +137,12 @@ def test_bucketed_training_resumes_bit_identically(tiny_model_dir, tmp_path):
     straight = Trainer(from_dict(base_config(tiny_model_dir, data, tmp_path / "a", train=train,
                                              **sections)))
     assert sorted(set(straight.train_dataset.sizes)) == [(24, 40), (32, 32), (40, 24)]
+    straight.run()
     # Each cached latent has its bucket's shape (latents are 1/2 the pixel size here).
-    for (index, _), dist in straight.train_dataset.latents.items():
+    assert straight.train_dataset.latents.entries
+    for (index, _), dist in straight.train_dataset.latents.entries.items():
         w, h = straight.train_dataset.sizes[index]
         assert dist.shape[-2:] == (h // 2, w // 2)
-    straight.run()
     first = base_config(tiny_model_dir, data, tmp_path / "b", train=dict(train, max_steps=2),
                         **sections)
     Trainer(from_dict(first)).run()

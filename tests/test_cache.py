@@ -25,11 +25,15 @@ def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path
     common = dict(train={"max_steps": 3, "batch_size": 2}, data={"random_flip": True})
     cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
                                            **common)))
-    # LoRA leaves the text encoder frozen: both encoders are cached and leave the device.
-    assert cached.offloaded == {"vae", "text_encoder"}
+    # LoRA leaves the text encoder frozen: its outputs are cached and it leaves the device;
+    # the VAE stays until every view (both flips of 4 images) has been encoded once.
+    assert cached.offloaded == {"text_encoder"}
     assert set(cached.text_cache) == {"a photo of sks disc"}
-    assert len(cached.train_dataset.latents) == 2 * 4  # both flips of 4 images
+    assert len(cached.train_dataset.latents) == 2 * 4 and not cached.train_dataset.latents.entries
     cached.run()
+    store = cached.train_dataset.latents
+    assert 0 < len(store.entries) <= 8  # the views the 3 steps drew, encoded once each
+    assert ("vae" in cached.offloaded) == store.complete
     plain_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "p", **common)
     plain_cfg["data"].update(cache_latents=False, cache_text_embeddings=False)
     plain = Trainer(from_dict(plain_cfg))
@@ -44,29 +48,33 @@ def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path
 
 def test_class_images_are_cached_too_and_train_the_same(tiny_model_dir, instance_dir,
                                                         tmp_path):
-    """Prior preservation: the class images' latents join the cache, so the VAE leaves the
-    device for good, and training is the one the uncached path gives."""
+    """Prior preservation: the class images' latents join the cache as batches first use
+    them, the VAE leaves the device once every view is cached, a later run with the same
+    cache folder starts without it, and training is the one the uncached path gives."""
     class_dir = tmp_path / "class"
     write_synthetic_images(class_dir, count=3, size=40, seed=7)
-    common = dict(train={"max_steps": 3, "batch_size": 2}, data={"random_flip": True},
+    common = dict(train={"max_steps": 3, "batch_size": 2},
+                  data={"random_flip": False, "cache_dir": str(tmp_path / "cache")},
                   db={"with_prior_preservation": True, "class_prompt": "a photo of a disc",
                       "class_data_dir": str(class_dir), "num_class_images": 3})
-    cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
-                                           **common)))
-    assert len(cached.dataloader.dataset.prior.latents) == 2 * 3
-    assert "vae" in cached.offloaded
-    batch = next(iter(cached.dataloader))
+    first = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
+                                          **common)))
+    assert len(first.dataloader.dataset.prior.latents) == 3 and "vae" not in first.offloaded
+    first.run()  # 4 instance + 3 class images, all drawn in the first epoch (2 steps)
+    assert first.dataloader.dataset.prior.latents.complete and "vae" in first.offloaded
+    again = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c2",
+                                          **common)))
+    assert "vae" in again.offloaded  # everything was on disk already
+    batch = next(iter(again.dataloader))
     assert "pixel_values" not in batch and len(batch["latent_dist"]) == 4
-    cached.run()
-    assert "vae" in cached.offloaded  # never needed during training
     plain_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "p", **common)
     plain_cfg["data"].update(cache_latents=False)
     plain = Trainer(from_dict(plain_cfg))
     assert plain.dataloader.dataset.prior.latents is None
     plain.run()
     a, b = load_file(tmp_path / "c" / LORA_WEIGHTS), load_file(tmp_path / "p" / LORA_WEIGHTS)
-    # Same flips, latent samples and noise; batched-vs-single VAE rounding moves a few
-    # entries by ~1e-6 (training moves them by ~1e-3).
+    # Same latent samples and noise; batched-vs-single VAE rounding moves a few entries by
+    # ~1e-6 (training moves them by ~1e-3).
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
@@ -82,13 +90,19 @@ def test_class_images_stay_uncached_with_buckets(tiny_model_dir, instance_dir, t
     assert trainer.train_dataset.latents is not None
     assert trainer.dataloader.dataset.prior.latents is None
     batch = next(iter(trainer.dataloader))
-    assert batch["cached"] == [True, True, False, False]
+    # Instance views go to the cache once encoded; class rows have no place there.
+    assert [k is not None for k in batch["latent_keys"]] == [True, True, False, False]
     trainer.run()
+    assert trainer.train_dataset.latents.entries and "vae" not in trainer.offloaded
 
 
 def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(tiny_model_dir, instance_dir,
                                                                tmp_path):
-    trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "o")))
+    cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "o", train={"max_steps": 2},
+                      data={"cache_dir": str(tmp_path / "cache")})
+    Trainer(from_dict(cfg)).run()  # one epoch: every view encoded once, on disk
+    cfg["overwrite"] = True
+    trainer = Trainer(from_dict(cfg))
     assert trainer.offloaded == {"vae", "text_encoder"}
     ids = torch.zeros(1, 77, dtype=torch.long)
     trainer.parts.text_encoder(ids)  # e.g. a distillation prior's class prompt
@@ -208,13 +222,15 @@ def test_mixed_batches_keep_example_order(tiny_model_dir, instance_dir, tmp_path
     trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "m")))
     mean = torch.full((1, 4, 16, 16), 5.0)
     params = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)  # ~zero variance
-    monkeypatch.setattr(trainer, "_encode_latents",
-                        lambda pixels, gen: torch.full((len(pixels), 4, 16, 16), -1.0))
+    encoded = torch.cat([torch.full_like(mean, -1.0), torch.full_like(mean, -30.0)], dim=1)
+    monkeypatch.setattr(trainer, "_encode_params",
+                        lambda pixels: encoded.expand(len(pixels), -1, -1, -1))
     batch = {"latent_dist": params, "pixel_values": torch.zeros(2, 3, 32, 32),
              "cached": [False, True, False]}
     latents = trainer._batch_latents(batch, torch.Generator().manual_seed(0))
     scale = trainer.parts.vae.config.scaling_factor
-    assert latents[0].eq(-1).all() and latents[2].eq(-1).all()
+    torch.testing.assert_close(latents[0], torch.full((4, 16, 16), -scale), atol=1e-5, rtol=0)
+    torch.testing.assert_close(latents[2], torch.full((4, 16, 16), -scale), atol=1e-5, rtol=0)
     torch.testing.assert_close(latents[1], torch.full((4, 16, 16), 5.0 * scale), atol=1e-5,
                                rtol=0)
 

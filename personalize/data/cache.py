@@ -20,9 +20,15 @@ caption or the wrong augmentation):
   uses this cache when the method leaves the text encoder frozen and captions are a fixed
   set (no tag shuffling, no per-step caption function).
 
-Several processes: entry j of the sorted key list is computed by process j % world (only
-if its file is missing), every process then waits at a barrier and reads all entries. Each
-file is written under a temporary name and renamed, so a reader never sees half a file.
+When: the training loop uses a `LatentStore`, filled as batches first use each view (step
+1 then waits for one batch, not for every image); `cache_latents` encodes every view up
+front. Text embeddings are computed up front (they are few and cheap).
+
+Several processes: in the up-front builds entry j of the sorted key list is computed by
+process j % world (only if its file is missing), every process then waits at a barrier and
+reads all entries; a `LatentStore` looks on disk for what it lacks, so each process (and
+loader worker) picks up what others wrote. Each file is written under a temporary name and
+renamed, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -160,15 +166,7 @@ def cache_latents(dataset, vae: torch.nn.Module, folder: str | Path, *, accelera
     mapping `ImageCaptionDataset(latents=...)` takes. Needs center crops: with random
     crops every epoch sees other pixels, which no cache can hold.
     """
-    if not dataset.center_crop:
-        raise ValueError("latents can only be cached with center crops (data.center_crop=true)")
-    views = latent_views(dataset)
-    vae_id = module_fingerprint(vae)
-    digests = [content_digest(r) for r in dataset.records]
-    sizes = [dataset.sizes[i] if dataset.sizes is not None
-             else (dataset.resolution, dataset.resolution) for i, _ in views]
-    keys = [_sha256("latent", CACHE_VERSION, digests[i], list(size), "center", flip, vae_id,
-                    str(vae.dtype)) for (i, flip), size in zip(views, sizes)]
+    views, keys, sizes = _latent_keys(dataset, vae)
 
     @torch.no_grad()
     def encode(indices: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -181,6 +179,83 @@ def cache_latents(dataset, vae: torch.nn.Module, folder: str | Path, *, accelera
     logger.info("latent cache %s: %d views, %d encoded now, %d reused", folder, len(views),
                 computed, len(views) - computed)
     return {view: e["latent_dist"] for view, e in zip(views, entries)}
+
+
+def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str], list]:
+    """Every view of `dataset`, its cache key and its pixel size."""
+    if not dataset.center_crop:
+        raise ValueError("latents can only be cached with center crops (data.center_crop=true)")
+    views = latent_views(dataset)
+    vae_id = module_fingerprint(vae)
+    digests = [content_digest(r) for r in dataset.records]
+    sizes = [dataset.sizes[i] if dataset.sizes is not None
+             else (dataset.resolution, dataset.resolution) for i, _ in views]
+    keys = [_sha256("latent", CACHE_VERSION, digests[i], list(size), "center", flip, vae_id,
+                    str(vae.dtype)) for (i, flip), size in zip(views, sizes)]
+    return views, keys, sizes
+
+
+class LatentStore:
+    """The latent cache filled as training first uses each view (what the loop uses).
+
+    `cache_latents` encodes every view before step 1; this store starts with the entries
+    already on disk and the loop `put`s the rest as its batches encode them, so step 1
+    waits for one batch, not for the whole data set, and a view that is never drawn (the
+    other flip of an image) is never encoded. A view missing here is looked up on disk
+    again, so loader workers and other processes see what the main process wrote."""
+
+    def __init__(self, folder: str | Path, keys: dict[tuple[int, bool], str]):
+        self.cache = TensorCache(folder)
+        self.keys = keys
+        self.views_of: dict[str, list[tuple[int, bool]]] = {}  # identical images share a key
+        for view, key in keys.items():
+            self.views_of.setdefault(key, []).append(view)
+        self.entries: dict[tuple[int, bool], torch.Tensor] = {}
+        for view in keys:
+            self.get(view)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, view: tuple[int, bool]) -> torch.Tensor:
+        params = self.get(view)
+        if params is None:
+            raise KeyError(view)
+        return params
+
+    def get(self, view: tuple[int, bool], default=None) -> torch.Tensor | None:
+        if view in self.entries:
+            return self.entries[view]
+        key = self.keys[view]
+        if self.cache.exists(key):
+            tensors = self.cache.load(key)
+            if tensors is not None:
+                self.entries[view] = tensors["latent_dist"]
+                return self.entries[view]
+        return default
+
+    def key_of(self, view: tuple[int, bool]) -> str:
+        return self.keys[view]
+
+    def put(self, key: str, params: torch.Tensor) -> None:
+        """Keep the encoding of the view(s) cached under `key`, in memory and on disk."""
+        params = params.detach().cpu()
+        for view in self.views_of[key]:
+            self.entries[view] = params
+        self.cache.save(key, {"latent_dist": params})
+
+    @property
+    def complete(self) -> bool:
+        return len(self.entries) == len(self.keys)
+
+
+def latent_store(dataset, vae: torch.nn.Module, folder: str | Path) -> LatentStore:
+    """A `LatentStore` for `dataset`'s views (center crops; both flips when it flips)."""
+    views, keys, _ = _latent_keys(dataset, vae)
+    store = LatentStore(folder, dict(zip(views, keys)))
+    logger.info("latent cache %s: %d views, %d on disk; the rest are encoded on first use",
+                folder, len(store), len(store.entries))
+    return store
 
 
 # --------------------------------------------------------------------------- text

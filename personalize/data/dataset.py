@@ -73,6 +73,7 @@ class ImageCaptionDataset(Dataset):
         self.sizes = sizes
         # Cached VAE latent distributions (data/cache.py), keyed by (record index, flipped):
         # items then carry "latent_dist" instead of "pixel_values", with the same flip draw.
+        # A LatentStore fills as training goes: a view it lacks comes as pixels + its key.
         self.latents = latents
         # Fail now, not at the first batch, when an image has nothing to be trained on.
         uncaptioned = [r for r in self.records if r.caption is None]
@@ -109,10 +110,14 @@ class ImageCaptionDataset(Dataset):
             (self.seed, self.epoch, i)
         ).spawn(4)
         flip = self.random_flip and flip_rng.random() < 0.5
-        if self.latents is not None:
-            image = {"latent_dist": self.latents[(i % len(self.records), flip)]}
+        view = (i % len(self.records), flip)
+        params = self.latents.get(view) if self.latents is not None else None
+        if params is not None:
+            image = {"latent_dist": params}
         else:
-            image = {"pixel_values": self.view(i % len(self.records), flip, crop_rng)}
+            image = {"pixel_values": self.view(*view, crop_rng)}
+            if self.latents is not None:  # a LatentStore view not encoded yet: the loop
+                image["latent_key"] = self.latents.key_of(view)  # encodes and stores it
         caption = record.caption or self.instance_prompt
         if caption is None:  # records mutated after __init__; keep the message anyway
             raise DataError(no_caption_message(record, 1))

@@ -48,6 +48,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     if not all(cached):
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples
                                              if "latent_dist" not in e])
+        # Where the encoded latents of those rows belong in a latent cache (None: nowhere).
+        keys = [e.get("latent_key") for e in examples if "latent_dist" not in e]
+        if any(keys):
+            batch["latent_keys"] = keys
     if any(cached) and not all(cached):
         batch["cached"] = cached
     return batch

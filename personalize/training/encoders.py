@@ -28,13 +28,14 @@ class EncoderInputs:
 
     def _setup_caches(self) -> None:
         """Latents and text embeddings computed once, when that cannot change training."""
-        from personalize.data.cache import cache_latents, cache_text_embeddings
+        from personalize.data.cache import cache_text_embeddings, latent_store
 
         acc, d = self.accelerator, self.cfg.data
         folder = Path(d.cache_dir) if d.cache_dir else self.out / "cache"
         self.text_cache: dict[str, torch.Tensor] | None = None
         self.offloaded: set[str] = set()
         self._return_hooks: dict[str, list] = {}
+        self.latent_stores: list = []
         ds = self.train_dataset
         if d.cache_latents and not self.trains["vae"]:
             if not ds.center_crop:
@@ -43,11 +44,12 @@ class EncoderInputs:
                                "cache (each image is then encoded once, both flips if "
                                "random_flip) or data.cache_latents=false to silence this.")
             else:
+                # Filled as batches first use each view (data/cache.py LatentStore): step 1
+                # waits for one batch, not for every image of the data set.
                 for dataset in self._latent_cacheable(ds):
-                    dataset.latents = cache_latents(
-                        dataset, self.parts.vae, folder / "latents", accelerator=acc,
-                        device=acc.device, batch_size=max(4, self.cfg.train.batch_size))
-                self._offload("vae")
+                    dataset.latents = latent_store(dataset, self.parts.vae, folder / "latents")
+                    self.latent_stores.append(dataset.latents)
+                self._offload_vae_when_cached()
         # The text encoder's output is fixed only when nothing in it trains and nothing
         # outside the UNet trains either (a method might feed it new embeddings).
         unet_params = {id(p) for p in self.parts.unet.parameters()}
@@ -77,6 +79,11 @@ class EncoderInputs:
                         "each one to its instance partner's size")
             return [ds]
         return [ds, paired]
+
+    def _offload_vae_when_cached(self) -> None:
+        if self.latent_stores and all(store.complete for store in self.latent_stores) \
+                and "vae" not in self.offloaded:
+            self._offload("vae")
 
     def _fixed_captions(self) -> list[str] | None:
         """Every caption training and validation can show, or None when they vary per step."""
@@ -137,35 +144,66 @@ class EncoderInputs:
         shift = getattr(config, "shift_factor", None) or 0.0
         return ((latents - shift) * config.scaling_factor).float()
 
-    def _encode_latents(self, pixel_values: torch.Tensor, generator) -> torch.Tensor:
+    def _encode_params(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent distribution parameters (mean, logvar) for pixel rows."""
         vae = self._bring_back("vae")
         with torch.no_grad():
-            dist = vae.encode(pixel_values.to(self.accelerator.device, vae.dtype)).latent_dist
-            latents = dist.sample(generator=generator)
-        return self._scale_latents(latents)
+            return vae.encode(pixel_values.to(self.accelerator.device, vae.dtype)
+                              ).latent_dist.parameters
 
     def _batch_latents(self, batch: dict[str, Any], generator) -> torch.Tensor:
-        """Latents for the batch: sampled from cached distributions (as the VAE path samples
-        with the same generator), encoded from pixels, or both for a mixed batch."""
+        """Latents for the batch: each example's distribution comes from the cache or from
+        the VAE (newly encoded views then join the cache), and one draw samples them all in
+        example order, so the result does not depend on which rows were cached (a resumed
+        run finds on disk what the interrupted one encoded, and draws the same)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        parts = []
-        if "latent_dist" in batch:
-            params = batch["latent_dist"].to(self.accelerator.device, non_blocking=True)
-            parts.append(self._scale_latents(
-                DiagonalGaussianDistribution(params).sample(generator=generator)))
+        device = self.accelerator.device
+        encoded = cached = None
         if "pixel_values" in batch:
-            parts.append(self._encode_latents(batch["pixel_values"], generator))
-        if len(parts) == 1:
-            return parts[0]
-        cached = batch["cached"]
-        # Examples were split into cached rows then encoded rows; put them back in order.
-        order = sorted(range(len(cached)), key=lambda i: (not cached[i], i))
-        latents = torch.cat(parts)
-        if order != list(range(len(cached))):
-            inverse = [order.index(i) for i in range(len(cached))]
-            latents = latents[torch.tensor(inverse, device=latents.device)]
-        return latents
+            encoded = self._encode_pixel_rows(batch["pixel_values"], batch.get("latent_keys"))
+        if "latent_dist" in batch:
+            cached = batch["latent_dist"].to(device, non_blocking=True)
+        if encoded is None or cached is None:
+            params = encoded if cached is None else cached
+        else:
+            # Index lists made on the host: a boolean mask on the device would sync.
+            flags = batch["cached"]
+            rows_cached = [i for i, c in enumerate(flags) if c]
+            rows_encoded = [i for i, c in enumerate(flags) if not c]
+            params = torch.empty((len(flags), *encoded.shape[1:]), dtype=encoded.dtype,
+                                 device=device)
+            params.index_copy_(0, torch.tensor(rows_cached, device=device),
+                               cached.to(encoded.dtype))
+            params.index_copy_(0, torch.tensor(rows_encoded, device=device), encoded)
+        return self._scale_latents(DiagonalGaussianDistribution(params).sample(generator))
+
+    def _encode_latents(self, pixel_values: torch.Tensor, generator) -> torch.Tensor:
+        """Latents sampled from the VAE's encoding of pixel rows (validation's path)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        params = self._encode_params(pixel_values)
+        return self._scale_latents(DiagonalGaussianDistribution(params).sample(generator))
+
+    def _encode_pixel_rows(self, pixels: torch.Tensor,
+                           keys: list[str | None] | None) -> torch.Tensor:
+        """Distribution parameters of pixel rows. A row with a latent-cache key is encoded
+        alone and stored, and reused if it was stored since its batch was built (the loader
+        runs a batch ahead): a view's cached value then never depends on which batch it
+        first came in, so a resumed run reads from disk exactly what it would encode."""
+        if not keys:
+            return self._encode_params(pixels)
+        rows = []
+        for row, key in zip(pixels, keys):
+            store = next((s for s in self.latent_stores if key in s.views_of), None)
+            params = store.get(store.views_of[key][0]) if store is not None else None
+            if params is None:
+                params = self._encode_params(row[None])[0]
+                if store is not None:
+                    store.put(key, params)
+            rows.append(params.to(self.accelerator.device))
+        self._offload_vae_when_cached()
+        return torch.stack(rows)
 
     def _encode_text(self, captions: list[str], input_ids: torch.Tensor | None = None
                      ) -> torch.Tensor:
