@@ -372,7 +372,8 @@ def main(argv=None) -> dict[str, Any]:
     add_ratios(summary)
     result = {
         "method": args.method, "model": args.model, "resolution": args.resolution,
-        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+        "batch_size": args.batch_size, "num_images": args.num_images, "steps": args.steps,
+        "warmup": args.warmup,
         "repeats": args.repeats, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing,
         "reference": args.reference.name if args.reference else None,
