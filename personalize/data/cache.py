@@ -217,12 +217,6 @@ class LatentStore:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, view: tuple[int, bool]) -> torch.Tensor:
-        params = self.get(view)
-        if params is None:
-            raise KeyError(view)
-        return params
-
     def get(self, view: tuple[int, bool], default=None) -> torch.Tensor | None:
         if view in self.entries:
             return self.entries[view]
