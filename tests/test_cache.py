@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from personalize.config import from_dict
 from personalize.data import ImageCaptionDataset, load_records
-from personalize.data.cache import TensorCache, build_entries, cache_latents
+from personalize.data.cache import LatentStore, TensorCache, build_entries, latent_store
 from personalize.methods.lora import LORA_WEIGHTS
 from personalize.testing import write_synthetic_images
 from personalize.training.loop import Trainer
@@ -139,6 +139,17 @@ def _count_encodes(vae, monkeypatch):
     return calls
 
 
+def _filled(dataset, vae, folder) -> LatentStore:
+    """A latent store for `dataset`, its missing views encoded one at a time as the loop
+    does (training/encoders.py) and put into it."""
+    store = latent_store(dataset, vae, folder)
+    for view, key in store.keys.items():
+        if store.get(view) is None:
+            with torch.no_grad():
+                store.put(key, vae.encode(dataset.view(*view)[None]).latent_dist.parameters[0])
+    return store
+
+
 def test_latent_cache_is_invalidated_by_images_transforms_and_weights(
         tiny_model_dir, tmp_path, monkeypatch, caplog):
     from personalize.testing import write_synthetic_images
@@ -147,37 +158,36 @@ def test_latent_cache_is_invalidated_by_images_transforms_and_weights(
     write_synthetic_images(data, count=3)
     vae = _vae(tiny_model_dir)
     calls = _count_encodes(vae, monkeypatch)
-    first = cache_latents(_dataset(data), vae, folder)
-    assert sum(calls) == 6 and len(first) == 6
+    first = _filled(_dataset(data), vae, folder)
+    assert sum(calls) == 6 and len(first) == 6 and first.complete
     # The flipped view is the VAE's encoding of the flipped image, not a flipped latent.
     ds = _dataset(data)
     with torch.no_grad():
         flipped = vae.encode(ds.view(1, True)[None]).latent_dist.parameters[0]
-    torch.testing.assert_close(first[(1, True)], flipped, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.get((1, True)), flipped, rtol=1e-4, atol=1e-5)
     calls.clear()
 
-    again = cache_latents(_dataset(data), vae, folder)  # nothing changed: all reused
+    again = _filled(_dataset(data), vae, folder)  # nothing changed: all reused
     assert sum(calls) == 0
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert all(torch.equal(first.get(k), again.get(k)) for k in first.keys)
 
     # Same file name, new pixels: only that image's two views are encoded again.
     path = sorted(data.glob("*.png"))[0]
     Image.fromarray(np.full((48, 48, 3), 7, dtype=np.uint8)).save(path)
-    changed = cache_latents(_dataset(data), vae, folder)
+    changed = _filled(_dataset(data), vae, folder)
     assert sum(calls) == 2
-    assert not torch.equal(changed[(0, False)], first[(0, False)])
-    assert torch.equal(changed[(2, False)], first[(2, False)])
+    assert not torch.equal(changed.get((0, False)), first.get((0, False)))
+    assert torch.equal(changed.get((2, False)), first.get((2, False)))
     calls.clear()
 
-    cache_latents(_dataset(data, resolution=24), vae, folder)  # another transform
+    _filled(_dataset(data, resolution=24), vae, folder)  # another transform
     assert sum(calls) == 6
     calls.clear()
-    cache_latents(_dataset(data, random_flip=False), vae, folder)  # a subset: all cached
-    assert sum(calls) == 0
+    assert latent_store(_dataset(data, random_flip=False), vae, folder).complete  # a subset
 
     with torch.no_grad():  # other weights (a fine-tuned VAE): nothing may be reused
         next(vae.parameters()).add_(0.01)
-    cache_latents(_dataset(data), vae, folder)
+    _filled(_dataset(data), vae, folder)
     assert sum(calls) == 6
     calls.clear()
 
@@ -185,7 +195,7 @@ def test_latent_cache_is_invalidated_by_images_transforms_and_weights(
     victim = max(folder.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
     victim.write_bytes(b"not a safetensors file")
     with caplog.at_level(logging.WARNING):
-        cache_latents(_dataset(data), vae, folder)
+        _filled(_dataset(data), vae, folder)
     assert sum(calls) == 1 and "unreadable" in caplog.text
 
 
@@ -196,7 +206,7 @@ def test_random_crops_are_not_cached(tiny_model_dir, instance_dir, tmp_path, cap
     assert trainer.train_dataset.latents is None and "vae" not in trainer.offloaded
     assert "random crops" in caplog.text
     with pytest.raises(ValueError, match="center crops"):
-        cache_latents(trainer.train_dataset, trainer.parts.vae, tmp_path / "c")
+        latent_store(trainer.train_dataset, trainer.parts.vae, tmp_path / "c")
 
 
 @pytest.mark.parametrize("sections, cached", [

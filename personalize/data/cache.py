@@ -20,11 +20,11 @@ caption or the wrong augmentation):
   uses this cache when the method leaves the text encoder frozen and captions are a fixed
   set (no tag shuffling, no per-step caption function).
 
-When: the training loop uses a `LatentStore`, filled as batches first use each view (step
-1 then waits for one batch, not for every image); `cache_latents` encodes every view up
-front. Text embeddings are computed up front (they are few and cheap).
+When: latents go into a `LatentStore`, filled as batches first use each view (step 1 then
+waits for one batch, not for every image); text embeddings are computed up front (they are
+few and cheap).
 
-Several processes: in the up-front builds entry j of the sorted key list is computed by
+Several processes: for text embeddings entry j of the sorted key list is computed by
 process j % world (only if its file is missing), every process then waits at a barrier and
 reads all entries; a `LatentStore` looks on disk for what it lacks, so each process (and
 loader worker) picks up what others wrote. Each file is written under a temporary name and
@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,27 +114,22 @@ class TensorCache:
 
 
 def build_entries(cache: TensorCache, keys: Sequence[str], compute: Callable[[list[int]], list],
-                  accelerator=None, batch_size: int = 8,
-                  group_of: Sequence[Hashable] | None = None) -> tuple[list[dict], int]:
+                  accelerator=None, batch_size: int = 8) -> tuple[list[dict], int]:
     """Every entry of `keys`, computing the missing ones with `compute(indices) -> tensors`.
 
-    Process r computes the missing entries among keys[r::world] in batches of indices that
-    share a `group_of` value (e.g. a bucket size), so no two processes ever do the same
-    work; all then meet at one barrier and read everything. Returns (entries, computed here).
+    Process r computes the missing entries among keys[r::world] in batches, so no two
+    processes ever do the same work; all then meet at one barrier and read everything.
+    Returns (entries, computed here).
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     mine = [j for j in range(rank, len(keys), world) if not cache.exists(keys[j])]
-    groups: dict[Hashable, list[int]] = {}
-    for j in mine:
-        groups.setdefault(group_of[j] if group_of is not None else 0, []).append(j)
     computed = 0
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            for j, tensors in zip(chunk, compute(chunk), strict=True):
-                cache.save(keys[j], tensors)
-            computed += len(chunk)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        for j, tensors in zip(chunk, compute(chunk), strict=True):
+            cache.save(keys[j], tensors)
+        computed += len(chunk)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     entries = []
@@ -157,32 +152,8 @@ def latent_views(dataset) -> list[tuple[int, bool]]:
     return [(i, flip) for i in range(len(dataset.records)) for flip in flips]
 
 
-def cache_latents(dataset, vae: torch.nn.Module, folder: str | Path, *, accelerator=None,
-                  device: torch.device | str = "cpu", batch_size: int = 8,
-                  ) -> dict[tuple[int, bool], torch.Tensor]:
-    """Encode every view of `dataset` (center crops; both flips when it flips) once.
-
-    Returns {(record index, flipped): latent distribution parameters [2C, h, w]}, the
-    mapping `ImageCaptionDataset(latents=...)` takes. Needs center crops: with random
-    crops every epoch sees other pixels, which no cache can hold.
-    """
-    views, keys, sizes = _latent_keys(dataset, vae)
-
-    @torch.no_grad()
-    def encode(indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        pixels = torch.stack([dataset.view(views[j][0], views[j][1]) for j in indices])
-        params = vae.encode(pixels.to(device, vae.dtype)).latent_dist.parameters
-        return [{"latent_dist": p.cpu()} for p in params]
-
-    entries, computed = build_entries(TensorCache(folder), keys, encode, accelerator,
-                                      batch_size, group_of=[tuple(s) for s in sizes])
-    logger.info("latent cache %s: %d views, %d encoded now, %d reused", folder, len(views),
-                computed, len(views) - computed)
-    return {view: e["latent_dist"] for view, e in zip(views, entries)}
-
-
-def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str], list]:
-    """Every view of `dataset`, its cache key and its pixel size."""
+def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str]]:
+    """Every view of `dataset` and its cache key."""
     if not dataset.center_crop:
         raise ValueError("latents can only be cached with center crops (data.center_crop=true)")
     views = latent_views(dataset)
@@ -192,17 +163,17 @@ def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str], list]:
              else (dataset.resolution, dataset.resolution) for i, _ in views]
     keys = [_sha256("latent", CACHE_VERSION, digests[i], list(size), "center", flip, vae_id,
                     str(vae.dtype)) for (i, flip), size in zip(views, sizes)]
-    return views, keys, sizes
+    return views, keys
 
 
 class LatentStore:
     """The latent cache filled as training first uses each view (what the loop uses).
 
-    `cache_latents` encodes every view before step 1; this store starts with the entries
-    already on disk and the loop `put`s the rest as its batches encode them, so step 1
-    waits for one batch, not for the whole data set, and a view that is never drawn (the
-    other flip of an image) is never encoded. A view missing here is looked up on disk
-    again, so loader workers and other processes see what the main process wrote."""
+    It starts with the entries already on disk and the loop `put`s the rest as its batches
+    encode them, so step 1 waits for one batch, not for the whole data set, and a view that
+    is never drawn (the other flip of an image) is never encoded. A view missing here is
+    looked up on disk again, so loader workers and other processes see what the main
+    process wrote."""
 
     def __init__(self, folder: str | Path, keys: dict[tuple[int, bool], str]):
         self.cache = TensorCache(folder)
@@ -245,7 +216,7 @@ class LatentStore:
 
 def latent_store(dataset, vae: torch.nn.Module, folder: str | Path) -> LatentStore:
     """A `LatentStore` for `dataset`'s views (center crops; both flips when it flips)."""
-    views, keys, _ = _latent_keys(dataset, vae)
+    views, keys = _latent_keys(dataset, vae)
     store = LatentStore(folder, dict(zip(views, keys)))
     logger.info("latent cache %s: %d views, %d on disk; the rest are encoded on first use",
                 folder, len(store), len(store.entries))
