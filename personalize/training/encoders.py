@@ -178,13 +178,6 @@ class EncoderInputs:
             params.index_copy_(0, torch.tensor(rows_encoded, device=device), encoded)
         return self._scale_latents(DiagonalGaussianDistribution(params).sample(generator))
 
-    def _encode_latents(self, pixel_values: torch.Tensor, generator) -> torch.Tensor:
-        """Latents sampled from the VAE's encoding of pixel rows (validation's path)."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        params = self._encode_params(pixel_values)
-        return self._scale_latents(DiagonalGaussianDistribution(params).sample(generator))
-
     def _encode_pixel_rows(self, pixels: torch.Tensor,
                            keys: list[str | None] | None) -> torch.Tensor:
         """Distribution parameters of pixel rows. A row with a latent-cache key is encoded

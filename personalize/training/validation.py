@@ -47,7 +47,7 @@ class ValidationLoss:
         for i in range(acc.process_index, len(self.dataset), acc.num_processes):
             batch = collate([self.dataset[i]])
             gen = torch.Generator(device=acc.device).manual_seed(self.seed * 31 + i)
-            latents = trainer._encode_latents(batch["pixel_values"], gen)
+            latents = trainer._batch_latents(batch, gen)
             hidden = trainer._encode_text(batch["captions"])
             for t in self.timesteps:
                 noise = torch.randn(latents.shape, generator=gen, device=latents.device)
