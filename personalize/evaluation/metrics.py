@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,14 @@ def _model_dir(path: str, key: str) -> Path:
     return p
 
 
+def _batched_features(items: list, batch_size: int,
+                      features: Callable[[list], torch.Tensor]) -> torch.Tensor:
+    """`features` over `items` in batches, L2-normalized on the CPU ([0] when empty)."""
+    out = [features(items[i:i + batch_size]).float().cpu()
+           for i in range(0, len(items), batch_size)]
+    return normalize(torch.cat(out)) if out else torch.zeros(0)
+
+
 def _pooled(output: Any) -> torch.Tensor:
     """transformers 4 returns a tensor from get_*_features, 5 an output with pooler_output."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -206,21 +215,21 @@ class ClipEncoder:
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.preprocess(images[i:i + self.batch_size]).to(self.device)
-            out.append(_pooled(self.model.get_image_features(pixel_values=pixels)).float().cpu())
-        return normalize(torch.cat(out)) if out else torch.zeros(0)
+        def features(chunk: list[Image.Image]) -> torch.Tensor:
+            pixels = self.preprocess(chunk).to(self.device)
+            return _pooled(self.model.get_image_features(pixel_values=pixels))
+
+        return _batched_features(images, self.batch_size, features)
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            tok = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+        def features(chunk: list[str]) -> torch.Tensor:
+            tok = self.tokenizer(chunk, padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)
-            out.append(_pooled(self.model.get_text_features(
-                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])).float().cpu())
-        return normalize(torch.cat(out)) if out else torch.zeros(0)
+            return _pooled(self.model.get_text_features(
+                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+
+        return _batched_features(texts, self.batch_size, features)
 
 
 class DinoEncoder:
@@ -247,9 +256,8 @@ class DinoEncoder:
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.preprocess(images[i:i + self.batch_size]).to(self.device)
-            hidden = self.model(pixel_values=pixels).last_hidden_state
-            out.append(hidden[:, 0].float().cpu())  # the CLS token
-        return normalize(torch.cat(out)) if out else torch.zeros(0)
+        def features(chunk: list[Image.Image]) -> torch.Tensor:
+            pixels = self.preprocess(chunk).to(self.device)
+            return self.model(pixel_values=pixels).last_hidden_state[:, 0]  # the CLS token
+
+        return _batched_features(images, self.batch_size, features)
