@@ -1,8 +1,8 @@
 """Quality benchmark of every trainer on the toy world; see personalize/toyworld/benchmark.py.
 
-    python benchmarks/quality.py                      # all variants x subjects
-    python benchmarks/quality.py --write-docs         # + the Quality section of docs/benchmarks.md
-    python benchmarks/quality.py --subjects striped_heart --variants lora --steps 5  # smoke
+python benchmarks/quality.py                      # all variants x subjects
+python benchmarks/quality.py --write-docs         # + the Quality section of docs/benchmarks.md
+python benchmarks/quality.py --subjects striped_heart --variants lora --steps 5  # smoke
 """
 
 from __future__ import annotations

@@ -50,8 +50,11 @@ def main() -> None:
     AcceleratedOptimizer.step = timed_step
 
     def dump() -> None:
-        data = {"launched": LAUNCHED, "stamps": stamps,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        data = {
+            "launched": LAUNCHED,
+            "stamps": stamps,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
         if cuda:
             torch.cuda.synchronize()
             data["gpu_seconds_since_first"] = [events[0].elapsed_time(e) / 1000 for e in events]

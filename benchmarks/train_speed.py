@@ -42,8 +42,16 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "a photo of sks disc"
 PLACEHOLDER, INITIALIZER = "<concept>", "o"  # one byte-level token in the tiny tokenizer
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' data sheets.
-PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
 LRS = {"lora": 1e-4, "dreambooth": 5e-6, "textual_inversion": 5e-4}
 
 
@@ -61,23 +69,52 @@ def build_sd15(path: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()  # byte-level: only the vocabulary size differs from SD's
     unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8)
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512), sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     n = len(tokenizer)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=n, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1, projection_dim=768))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet, scheduler=tiny_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=n,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=n - 2,
+            eos_token_id=n - 1,
+            pad_token_id=n - 1,
+            projection_dim=768,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 
@@ -99,26 +136,44 @@ def prepare(work: Path, model: str, resolution: int, num_images: int) -> tuple[P
 # --------------------------------------------------------------------------- commands
 
 
-def ours_config(args, model_dir: Path, data_dir: Path, out: Path,
-                overrides: dict[str, Any]) -> dict[str, Any]:
+def ours_config(
+    args, model_dir: Path, data_dir: Path, out: Path, overrides: dict[str, Any]
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "method": args.method, "output_dir": str(out), "seed": 0, "overwrite": True,
+        "method": args.method,
+        "output_dir": str(out),
+        "seed": 0,
+        "overwrite": True,
         "model": {"path": str(model_dir)},
-        "data": {"path": str(data_dir), "prompt": PROMPT, "center_crop": True,
-                 "num_workers": args.num_workers},
-        "train": {"max_steps": args.steps, "resolution": args.resolution,
-                  "batch_size": args.batch_size, "lr": LRS[args.method],
-                  "lr_scheduler": "constant", "mixed_precision": args.mixed_precision,
-                  "gradient_checkpointing": args.gradient_checkpointing,
-                  "report_to": "tensorboard", "log_every": 10, "checkpoint_every": 0},
+        "data": {
+            "path": str(data_dir),
+            "prompt": PROMPT,
+            "center_crop": True,
+            "num_workers": args.num_workers,
+        },
+        "train": {
+            "max_steps": args.steps,
+            "resolution": args.resolution,
+            "batch_size": args.batch_size,
+            "lr": LRS[args.method],
+            "lr_scheduler": "constant",
+            "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "report_to": "tensorboard",
+            "log_every": 10,
+            "checkpoint_every": 0,
+        },
     }
     if args.method == "lora":
         cfg["lora"] = {"rank": args.rank}
     if args.method == "textual_inversion":
         # textual_inversion.py flips at p=0.5 and repeats the images 100 times per epoch.
         cfg["data"].update(random_flip=True, repeats=100)
-        cfg["ti"] = {"placeholder_token": PLACEHOLDER, "initializer_token": INITIALIZER,
-                     "learnable_property": "object"}
+        cfg["ti"] = {
+            "placeholder_token": PLACEHOLDER,
+            "initializer_token": INITIALIZER,
+            "learnable_property": "object",
+        }
     for dotted, value in overrides.items():
         node = cfg
         *path, leaf = dotted.split(".")
@@ -129,22 +184,62 @@ def ours_config(args, model_dir: Path, data_dir: Path, out: Path,
 
 
 def reference_command(args, model_dir: Path, data_dir: Path, out: Path) -> list[str]:
-    common = ["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out),
-              "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
-              "--max_train_steps", str(args.steps), "--learning_rate", str(LRS[args.method]),
-              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
-              "--mixed_precision", args.mixed_precision, "--checkpointing_steps", "1000000",
-              "--report_to", "tensorboard", "--center_crop",
-              "--dataloader_num_workers", str(args.num_workers)]
+    common = [
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        str(args.batch_size),
+        "--max_train_steps",
+        str(args.steps),
+        "--learning_rate",
+        str(LRS[args.method]),
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        args.mixed_precision,
+        "--checkpointing_steps",
+        "1000000",
+        "--report_to",
+        "tensorboard",
+        "--center_crop",
+        "--dataloader_num_workers",
+        str(args.num_workers),
+    ]
     if args.gradient_checkpointing:
         common.append("--gradient_checkpointing")
     if args.method == "textual_inversion":
-        return [str(args.reference), *common, "--train_data_dir", str(data_dir),
-                "--placeholder_token", PLACEHOLDER, "--initializer_token", INITIALIZER,
-                "--learnable_property", "object", "--save_steps", "1000000"]
+        return [
+            str(args.reference),
+            *common,
+            "--train_data_dir",
+            str(data_dir),
+            "--placeholder_token",
+            PLACEHOLDER,
+            "--initializer_token",
+            INITIALIZER,
+            "--learnable_property",
+            "object",
+            "--save_steps",
+            "1000000",
+        ]
     extra = ["--rank", str(args.rank)] if args.method == "lora" else []
-    return [str(args.reference), *common, *extra, "--instance_data_dir", str(data_dir),
-            "--instance_prompt", PROMPT]
+    return [
+        str(args.reference),
+        *common,
+        *extra,
+        "--instance_data_dir",
+        str(data_dir),
+        "--instance_prompt",
+        PROMPT,
+    ]
 
 
 # --------------------------------------------------------------------------- one run
@@ -158,28 +253,35 @@ def summarize_run(timer: dict[str, Any], launched: float, warmup: int) -> dict[s
     # On CUDA the host stamps only say when a step was queued; the events are the truth.
     since_first = timer.get("gpu_seconds_since_first") or [s - stamps[0] for s in stamps]
     w = min(warmup, len(since_first) - 2)
-    steady = (len(since_first) - 1 - w) / (since_first[-1] - since_first[w]) \
-        if w >= 0 and since_first[-1] > since_first[w] else None
+    steady = (
+        (len(since_first) - 1 - w) / (since_first[-1] - since_first[w])
+        if w >= 0 and since_first[-1] > since_first[w]
+        else None
+    )
     # 1 / the median step time: robust to bursts of load from other processes on a shared
     # machine, which the mean rate above is not.
-    gaps = [b - a for a, b in zip(since_first[w:], since_first[w + 1:])]
+    gaps = [b - a for a, b in zip(since_first[w:], since_first[w + 1 :])]
     robust = 1 / statistics.median(gaps) if gaps and statistics.median(gaps) > 0 else None
-    return {"steps": len(stamps), "steady_it_per_s": steady, "median_step_it_per_s": robust,
-            "step_seconds": [round(g, 6) for g in gaps],
-            "first_step_seconds": stamps[0] - launched,
-            "peak_memory_bytes": timer.get("max_memory_allocated", timer["peak_rss_bytes"]),
-            "peak_rss_bytes": timer["peak_rss_bytes"]}
+    return {
+        "steps": len(stamps),
+        "steady_it_per_s": steady,
+        "median_step_it_per_s": robust,
+        "step_seconds": [round(g, 6) for g in gaps],
+        "first_step_seconds": stamps[0] - launched,
+        "peak_memory_bytes": timer.get("max_memory_allocated", timer["peak_rss_bytes"]),
+        "peak_rss_bytes": timer["peak_rss_bytes"],
+    }
 
 
-def run_one(command: list[str], work: Path, name: str, warmup: int, timeout: int,
-            env: dict[str, str]) -> dict[str, Any]:
+def run_one(
+    command: list[str], work: Path, name: str, warmup: int, timeout: int, env: dict[str, str]
+) -> dict[str, Any]:
     timer_file = work / f"timer-{name}-{time.monotonic_ns()}.json"
     log_file = timer_file.with_suffix(".log")
     full = [sys.executable, str(HERE / "step_timer.py"), str(timer_file), *command]
     launched = time.time()
     with open(log_file, "w", encoding="utf-8") as log:
-        proc = subprocess.run(full, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=timeout)
+        proc = subprocess.run(full, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
     if proc.returncode != 0 or not timer_file.is_file():
         tail = log_file.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
@@ -192,8 +294,15 @@ def run_one(command: list[str], work: Path, name: str, warmup: int, timeout: int
 # --------------------------------------------------------------------------- FLOPs
 
 
-def unet_step_flops(model_dir: Path, method: str, batch: int, resolution: int, rank: int,
-                    device: str, dtype_name: str) -> float:
+def unet_step_flops(
+    model_dir: Path,
+    method: str,
+    batch: int,
+    resolution: int,
+    rank: int,
+    device: str,
+    dtype_name: str,
+) -> float:
     """FLOPs of one UNet forward+backward as the method trains it (frozen weights get no
     weight gradients; LoRA adds its adapters; TI needs gradients only w.r.t. the text)."""
     import torch
@@ -206,14 +315,26 @@ def unet_step_flops(model_dir: Path, method: str, batch: int, resolution: int, r
     if method == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=rank,
+                lora_alpha=rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
     vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
     side = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
     cfg = unet.config
     latents = torch.randn(batch, cfg.in_channels, side, side, device=device, dtype=dtype)
-    text = torch.randn(batch, 77, cfg.cross_attention_dim, device=device, dtype=dtype,
-                       requires_grad=method == "textual_inversion")
+    text = torch.randn(
+        batch,
+        77,
+        cfg.cross_attention_dim,
+        device=device,
+        dtype=dtype,
+        requires_grad=method == "textual_inversion",
+    )
     timesteps = torch.randint(0, 1000, (batch,), device=device)
     with FlopCounterMode(display=False) as counter:
         unet(latents, timesteps, text).sample.float().pow(2).mean().backward()
@@ -229,8 +350,13 @@ def peak_flops(device_name: str | None) -> float | None:
 
 # --------------------------------------------------------------------------- summary
 
-KEYS = ("steady_it_per_s", "median_step_it_per_s", "fastest_step_it_per_s",
-        "first_step_seconds", "peak_memory_bytes")
+KEYS = (
+    "steady_it_per_s",
+    "median_step_it_per_s",
+    "fastest_step_it_per_s",
+    "first_step_seconds",
+    "peak_memory_bytes",
+)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -253,7 +379,8 @@ def add_ratios(summary: dict[str, Any]) -> None:
     if "ours" in summary and "reference" in summary:
         o, r = summary["ours"], summary["reference"]
         summary["ratio_ours_over_reference"] = {
-            key: (o[key] / r[key]) if o[key] and r[key] else None for key in KEYS}
+            key: (o[key] / r[key]) if o[key] and r[key] else None for key in KEYS
+        }
 
 
 # --------------------------------------------------------------------------- main
@@ -265,8 +392,7 @@ def parse_value(text: str) -> Any:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", choices=("lora", "textual_inversion", "dreambooth"),
-                   required=True)
+    p.add_argument("--method", choices=("lora", "textual_inversion", "dreambooth"), required=True)
     p.add_argument("--reference", type=Path, help="the reference training script")
     p.add_argument("--only", choices=("ours", "reference"))
     p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -280,13 +406,27 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override for our trainer in every run (repeatable)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                   help="also run our trainer with these overrides, reported as NAME")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP/MKL threads of each run (CPU); default: 1 on CPU. On a shared "
-                        "machine more threads than free cores make every op spin-wait")
+    p.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for our trainer in every run (repeatable)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also run our trainer with these overrides, reported as NAME",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/MKL threads of each run (CPU); default: 1 on CPU. On a shared "
+        "machine more threads than free cores make every op spin-wait",
+    )
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s, if not in the table")
     p.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
@@ -355,15 +495,26 @@ def main(argv=None) -> dict[str, Any]:
                 runs[name].append({"error": str(e)[-4000:]})
                 continue
             runs[name].append(result)
-            print(f"[{rep + 1}/{args.repeats}] {name}: {result['steady_it_per_s']:.3f} it/s, "
-                  f"first step {result['first_step_seconds']:.1f}s, "
-                  f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"[{rep + 1}/{args.repeats}] {name}: {result['steady_it_per_s']:.3f} it/s, "
+                f"first step {result['first_step_seconds']:.1f}s, "
+                f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
 
     summary = summarize(runs)
-    device_name = next((r["device_name"] for rs in runs.values() for r in rs
-                        if r.get("device_name")), None)
-    flops = unet_step_flops(model_dir, args.method, args.batch_size, args.resolution,
-                            args.rank, device, args.mixed_precision)
+    device_name = next(
+        (r["device_name"] for rs in runs.values() for r in rs if r.get("device_name")), None
+    )
+    flops = unet_step_flops(
+        model_dir,
+        args.method,
+        args.batch_size,
+        args.resolution,
+        args.rank,
+        device,
+        args.mixed_precision,
+    )
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device_name)
     for numbers in summary.values():
         its = numbers["steady_it_per_s"]
@@ -371,21 +522,32 @@ def main(argv=None) -> dict[str, Any]:
         numbers["mfu"] = flops * its / peak if its and peak else None
     add_ratios(summary)
     result = {
-        "method": args.method, "model": args.model, "resolution": args.resolution,
-        "batch_size": args.batch_size, "num_images": args.num_images, "steps": args.steps,
+        "method": args.method,
+        "model": args.model,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "num_images": args.num_images,
+        "steps": args.steps,
         "warmup": args.warmup,
-        "repeats": args.repeats, "mixed_precision": args.mixed_precision,
+        "repeats": args.repeats,
+        "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing,
         "reference": args.reference.name if args.reference else None,
-        "ours_overrides": base, "variants": {k: v for k, v in trainers.items()
-                                             if v is not None and k != "ours"},
-        "device": device_name or f"cpu ({platform.processor() or platform.machine()}, "
-                                  f"{os.cpu_count()} cores)",
-        "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
-        "unet_step_flops": flops, "peak_flops": peak, "summary": summary, "runs": runs,
+        "ours_overrides": base,
+        "variants": {k: v for k, v in trainers.items() if v is not None and k != "ours"},
+        "device": device_name
+        or f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "unet_step_flops": flops,
+        "peak_flops": peak,
+        "summary": summary,
+        "runs": runs,
     }
     out = args.out or HERE / "results" / (
-        f"{args.method}-{args.model}-{args.resolution}px-b{args.batch_size}-{device}.json")
+        f"{args.method}-{args.model}-{args.resolution}px-b{args.batch_size}-{device}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

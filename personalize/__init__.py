@@ -1,8 +1,8 @@
 """personalize: teach Stable Diffusion a new subject or style from a handful of images.
 
-    from personalize import load_config, train, load
-    out = train(load_config("configs/lora.yaml", ["data.path=my_images"]))
-    pipe = load(StableDiffusionPipeline.from_pretrained(...), out)
+from personalize import load_config, train, load
+out = train(load_config("configs/lora.yaml", ["data.path=my_images"]))
+pipe = load(StableDiffusionPipeline.from_pretrained(...), out)
 """
 
 from __future__ import annotations

@@ -33,16 +33,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     for artifact in args.load or []:
         load(pipe, artifact, strength=args.strength)
     seeds = list(range(args.seed, args.seed + args.num_images))
-    images = generate(pipe, args.prompt, seeds, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, resolution=args.resolution,
-                      negative_prompt=args.negative_prompt)
+    images = generate(
+        pipe,
+        args.prompt,
+        seeds,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        negative_prompt=args.negative_prompt,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for p, row in enumerate(images):
         for seed, img in zip(seeds, row):
             img.save(out / f"prompt{p:02d}_seed{seed}.png")
-    make_grid(images, row_labels=args.prompt,
-              col_labels=[f"seed {s}" for s in seeds]).save(out / "grid.png")
+    make_grid(images, row_labels=args.prompt, col_labels=[f"seed {s}" for s in seeds]).save(
+        out / "grid.png"
+    )
     print(f"wrote {len(args.prompt) * len(seeds)} images and grid.png to {out}")
     return 0
 
@@ -57,28 +64,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             config = item
         else:
             overrides.append(item)
-    flags = {"model": args.model, "output_dir": args.out,
-             "overwrite": True if args.overwrite else None,
-             "artifacts": args.artifact,
-             "prompts": {"template_set": args.prompts if args.prompts in ("object", "live")
-                         else None,
-                         "file": args.prompts if args.prompts not in (None, "object", "live")
-                         else None,
-                         "token": args.token, "class_name": args.class_name,
-                         "count": args.num_prompts},
-             "generation": {"seeds": args.seeds, "num_images": args.num_images,
-                            "num_inference_steps": args.steps,
-                            "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
-                            "resolution": args.resolution, "batch_size": args.batch_size,
-                            "device": args.device, "dtype": args.dtype},
-             "metrics": {"clip_model": args.clip_model, "dino_model": args.dino_model,
-                         "instance_data": args.instance_data},
-             "report": {"train_logs": args.train_log,
-                        "embed_images": True if args.embed_images else None}}
+    flags = {
+        "model": args.model,
+        "output_dir": args.out,
+        "overwrite": True if args.overwrite else None,
+        "artifacts": args.artifact,
+        "prompts": {
+            "template_set": args.prompts if args.prompts in ("object", "live") else None,
+            "file": args.prompts if args.prompts not in (None, "object", "live") else None,
+            "token": args.token,
+            "class_name": args.class_name,
+            "count": args.num_prompts,
+        },
+        "generation": {
+            "seeds": args.seeds,
+            "num_images": args.num_images,
+            "num_inference_steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "scheduler": args.scheduler,
+            "resolution": args.resolution,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "dtype": args.dtype,
+        },
+        "metrics": {
+            "clip_model": args.clip_model,
+            "dino_model": args.dino_model,
+            "instance_data": args.instance_data,
+        },
+        "report": {
+            "train_logs": args.train_log,
+            "embed_images": True if args.embed_images else None,
+        },
+    }
 
     def given(d: dict) -> dict:  # flags left out do not override the config file
-        return {k: given(v) if isinstance(v, dict) else v for k, v in d.items()
-                if v is not None and (not isinstance(v, dict) or given(v))}
+        return {
+            k: given(v) if isinstance(v, dict) else v
+            for k, v in d.items()
+            if v is not None and (not isinstance(v, dict) or given(v))
+        }
 
     cfg = load_evaluation_config(config, overrides, given(flags))
     summary = evaluate(cfg)
@@ -89,8 +114,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from personalize.demo import run_demo
 
-    summary = run_demo(method=args.method, out=args.out, steps=args.steps, world=args.world,
-                       subject=args.subject)
+    summary = run_demo(
+        method=args.method, out=args.out, steps=args.steps, world=args.world, subject=args.subject
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -119,22 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/samples")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("evaluate", help="base vs learned artifacts: grids, metrics, report.html",
-                       description="Generate the same prompts and seeds with the base model and "
-                       "each artifact, then write grids, metrics.json/.csv and report.html. "
-                       "Flags override the config file (see configs/evaluate.yaml).")
-    p.add_argument("items", nargs="*", metavar="CONFIG.yaml / key=value",
-                   help="optional YAML config, then dotted overrides "
-                   "(generation.num_inference_steps=20)")
+    p = sub.add_parser(
+        "evaluate",
+        help="base vs learned artifacts: grids, metrics, report.html",
+        description="Generate the same prompts and seeds with the base model and "
+        "each artifact, then write grids, metrics.json/.csv and report.html. "
+        "Flags override the config file (see configs/evaluate.yaml).",
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml / key=value",
+        help="optional YAML config, then dotted overrides (generation.num_inference_steps=20)",
+    )
     p.add_argument("--model", help="base model: diffusers folder or single file")
-    p.add_argument("--artifact", action="append",
-                   help="PATH or LABEL=PATH of a learned artifact (repeatable)")
+    p.add_argument(
+        "--artifact", action="append", help="PATH or LABEL=PATH of a learned artifact (repeatable)"
+    )
     p.add_argument("--prompts", help="object | live (DreamBench templates) | a prompt file")
     p.add_argument("--token", help="identifier in the prompts (default sks)")
     p.add_argument("--class-name", help="subject class, e.g. dog")
     p.add_argument("--num-prompts", type=int, help="only the first N prompts")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
-                   help="comma-separated seeds, e.g. 0,1,2,3")
+    p.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="comma-separated seeds, e.g. 0,1,2,3",
+    )
     p.add_argument("--num-images", type=int, help="images per prompt (seeds 0..N-1)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
@@ -152,17 +188,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default outputs/eval)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("demo", help="personalize the shipped toy-world model offline and show "
-                       "before/after")
+    p = sub.add_parser(
+        "demo", help="personalize the shipped toy-world model offline and show before/after"
+    )
     p.add_argument("--method", choices=METHODS, default="lora")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: the world's per-method default)")
-    p.add_argument("--world", choices=("toy", "tiny"), default="toy",
-                   help="toy: the pretrained toy world (default); tiny: a random tiny model "
-                   "built in code (seconds; shows the plumbing, learns nothing real)")
-    p.add_argument("--subject", default="striped_heart",
-                   help="toy-world subject: striped_heart, two_color_star, spotted_circle")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: the world's per-method default)",
+    )
+    p.add_argument(
+        "--world",
+        choices=("toy", "tiny"),
+        default="toy",
+        help="toy: the pretrained toy world (default); tiny: a random tiny model "
+        "built in code (seconds; shows the plumbing, learns nothing real)",
+    )
+    p.add_argument(
+        "--subject",
+        default="striped_heart",
+        help="toy-world subject: striped_heart, two_color_star, spotted_circle",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -190,25 +238,37 @@ def _cpu_ranks_to_start(env: dict[str, str]) -> int | None:
     process unless mpirun is set up. Recognize that case and return N, so we can start the
     N gloo ranks the user asked for instead of silently training on one."""
     cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    has_ranks = any(k in env for k in ("WORLD_SIZE", "RANK", "PMI_SIZE",
-                                       "OMPI_COMM_WORLD_SIZE"))
+    has_ranks = any(k in env for k in ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
     if not (cpu and "MASTER_ADDR" in env and not has_ranks):
         return None
     n = _parent_num_processes()
     if n is None:
         logging.getLogger("personalize").warning(
             "accelerate launch --cpu runs a single process without mpirun, and the number "
-            "of processes could not be read; for N CPU processes use launch/cpu_2proc.sh")
+            "of processes could not be read; for N CPU processes use launch/cpu_2proc.sh"
+        )
     return n if n and n > 1 else None
 
 
 def _start_cpu_ranks(n: int, argv: list[str]) -> int:
     env = dict(os.environ)
     logging.getLogger("personalize").info(
-        "starting %d CPU processes (gloo) with torch.distributed.run", n)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_addr", env["MASTER_ADDR"], "--master_port", env.get("MASTER_PORT", "29500"),
-           "-m", "personalize", *argv]
+        "starting %d CPU processes (gloo) with torch.distributed.run", n
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_addr",
+        env["MASTER_ADDR"],
+        "--master_port",
+        env.get("MASTER_PORT", "29500"),
+        "-m",
+        "personalize",
+        *argv,
+    ]
     return subprocess.call(cmd, env=env)
 
 
@@ -229,8 +289,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, ArtifactError, FileExistsError,
-            FileNotFoundError, PermissionError) as e:
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        ArtifactError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:

@@ -362,8 +362,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); "
-                          "re-save it as UTF-8") from e
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); re-save it as UTF-8"
+        ) from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of options at the top level")
     return loaded
@@ -389,32 +390,54 @@ def validate(cfg: PersonalizeConfig) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
-    need(cfg.method in METHODS, "method",
-         f"must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    need(
+        cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}"
+    )
     t = cfg.train
     need(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0 and finite, got {t.lr}")
-    need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps",
-         f"must be >= 0 (0 = no warm-up), got {t.lr_warmup_steps}")
-    need(t.early_stopping_patience >= 0, "train.early_stopping_patience",
-         f"must be >= 0 (0 = off), got {t.early_stopping_patience}")
+    need(
+        t.lr_warmup_steps >= 0,
+        "train.lr_warmup_steps",
+        f"must be >= 0 (0 = no warm-up), got {t.lr_warmup_steps}",
+    )
+    need(
+        t.early_stopping_patience >= 0,
+        "train.early_stopping_patience",
+        f"must be >= 0 (0 = off), got {t.early_stopping_patience}",
+    )
     need(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
-    need(t.resolution >= 8 and t.resolution % 8 == 0, "train.resolution",
-         f"must be a positive multiple of 8, got {t.resolution}")
+    need(
+        t.resolution >= 8 and t.resolution % 8 == 0,
+        "train.resolution",
+        f"must be a positive multiple of 8, got {t.resolution}",
+    )
     need(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
-    need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
-         f"must be no, fp16 or bf16, got {t.mixed_precision!r}")
-    need(t.optimizer in ("adamw", "adamw8bit"), "train.optimizer",
-         f"must be adamw or adamw8bit, got {t.optimizer!r}")
+    need(
+        t.mixed_precision in ("no", "fp16", "bf16"),
+        "train.mixed_precision",
+        f"must be no, fp16 or bf16, got {t.mixed_precision!r}",
+    )
+    need(
+        t.optimizer in ("adamw", "adamw8bit"),
+        "train.optimizer",
+        f"must be adamw or adamw8bit, got {t.optimizer!r}",
+    )
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)")
     need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", "must be > 0 or null")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
-    need(t.report_to in ("tensorboard", "wandb", "none"), "train.report_to",
-         f"must be tensorboard, wandb or none, got {t.report_to!r}")
-    need(t.attention in ("sdpa", "xformers"), "train.attention",
-         f"must be sdpa or xformers, got {t.attention!r}")
+    need(
+        t.report_to in ("tensorboard", "wandb", "none"),
+        "train.report_to",
+        f"must be tensorboard, wandb or none, got {t.report_to!r}",
+    )
+    need(
+        t.attention in ("sdpa", "xformers"),
+        "train.attention",
+        f"must be sdpa or xformers, got {t.attention!r}",
+    )
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     d = cfg.data
@@ -423,32 +446,55 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(d.repeats >= 1, "data.repeats", "must be >= 1")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     if d.bucketing:
-        need(d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step",
-             f"must be a positive multiple of 8, got {d.bucket_step}")
-        need(d.bucket_min_size <= t.resolution <= d.bucket_max_size, "data.bucket_min_size",
-             f"data.bucket_min_size ({d.bucket_min_size}) <= train.resolution "
-             f"({t.resolution}) <= data.bucket_max_size ({d.bucket_max_size}) must hold")
+        need(
+            d.bucket_step > 0 and d.bucket_step % 8 == 0,
+            "data.bucket_step",
+            f"must be a positive multiple of 8, got {d.bucket_step}",
+        )
+        need(
+            d.bucket_min_size <= t.resolution <= d.bucket_max_size,
+            "data.bucket_min_size",
+            f"data.bucket_min_size ({d.bucket_min_size}) <= train.resolution "
+            f"({t.resolution}) <= data.bucket_max_size ({d.bucket_max_size}) must hold",
+        )
     m = cfg.model
-    need(m.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
-         "must be epsilon, v_prediction or null")
+    need(
+        m.prediction_type in (None, "epsilon", "v_prediction"),
+        "model.prediction_type",
+        "must be epsilon, v_prediction or null",
+    )
     v = cfg.validation
-    need(all(0 <= ts < 1000 for ts in v.loss_timesteps), "validation.loss_timesteps",
-         "must be timesteps in [0, 1000)")
+    need(
+        all(0 <= ts < 1000 for ts in v.loss_timesteps),
+        "validation.loss_timesteps",
+        "must be timesteps in [0, 1000)",
+    )
     for key in ("every_steps", "loss_every_steps"):
-        need(getattr(v, key) >= 0, f"validation.{key}",
-             f"must be >= 0 (0 = off), got {getattr(v, key)}")
+        need(
+            getattr(v, key) >= 0,
+            f"validation.{key}",
+            f"must be >= 0 (0 = off), got {getattr(v, key)}",
+        )
     need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
-    need(cfg.lora.text_encoder_lr is None or (cfg.lora.text_encoder_lr > 0
-                                              and math.isfinite(cfg.lora.text_encoder_lr)),
-         "lora.text_encoder_lr", f"must be > 0 and finite, or null for train.lr; got "
-         f"{cfg.lora.text_encoder_lr}")
+    need(
+        cfg.lora.text_encoder_lr is None
+        or (cfg.lora.text_encoder_lr > 0 and math.isfinite(cfg.lora.text_encoder_lr)),
+        "lora.text_encoder_lr",
+        f"must be > 0 and finite, or null for train.lr; got {cfg.lora.text_encoder_lr}",
+    )
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     need(cfg.ti.num_vectors >= 1, "ti.num_vectors", "must be >= 1")
-    need(cfg.ti.learnable_property in ("object", "style", "caption"), "ti.learnable_property",
-         "must be object, style or caption")
+    need(
+        cfg.ti.learnable_property in ("object", "style", "caption"),
+        "ti.learnable_property",
+        "must be object, style or caption",
+    )
     for i, template in enumerate(cfg.ti.templates or []):
-        need("{}" in template, f"ti.templates[{i}]",
-             f"{template!r} has no {{}} where the placeholder goes, e.g. 'a photo of a {{}}'")
+        need(
+            "{}" in template,
+            f"ti.templates[{i}]",
+            f"{template!r} has no {{}} where the placeholder goes, e.g. 'a photo of a {{}}'",
+        )
     need(cfg.ti.save_every >= 0, "ti.save_every", "must be >= 0 (0 = only the final file)")
     _validate_dreambooth(cfg)
     _validate_hypernetwork(cfg.hn)
@@ -458,15 +504,20 @@ def _validate_hypernetwork(hn: HypernetworkConfig) -> None:
     from personalize.adapters.hypernetwork import HypernetworkOptions
 
     if hn.dropout_structure is not None and any(hn.dropout_structure) and not hn.use_dropout:
-        raise ConfigError("hn.dropout_structure has non-zero entries but hn.use_dropout is "
-                          "false; set hn.use_dropout: true (or drop dropout_structure)")
+        raise ConfigError(
+            "hn.dropout_structure has non-zero entries but hn.use_dropout is "
+            "false; set hn.use_dropout: true (or drop dropout_structure)"
+        )
     if not hn.enable_sizes or any(w <= 0 for w in hn.enable_sizes):
         raise ConfigError(f"hn.enable_sizes: must list positive widths, got {hn.enable_sizes}")
     options = HypernetworkOptions(
-        layer_structure=hn.layer_structure, activation_func=hn.activation,
-        weight_initialization=hn.weight_init, use_dropout=hn.use_dropout,
+        layer_structure=hn.layer_structure,
+        activation_func=hn.activation,
+        weight_initialization=hn.weight_init,
+        use_dropout=hn.use_dropout,
         last_layer_dropout=hn.last_layer_dropout,
-        dropout_structure=hn.dropout_structure if hn.use_dropout else None)
+        dropout_structure=hn.dropout_structure if hn.use_dropout else None,
+    )
     names = {"activation_func": "activation", "weight_initialization": "weight_init"}
     for problem in options.problems():
         key, msg = problem.split(": ", 1)
@@ -491,36 +542,62 @@ def _validate_dreambooth(cfg: PersonalizeConfig) -> None:
         if not ok:
             raise ConfigError(f"db.{key}: {msg}")
 
-    need(db.prior in ("class_images", "distillation"), "prior",
-         f"must be class_images or distillation, got {db.prior!r}")
-    need(db.weight_constraint in (None, "l2sp"), "weight_constraint",
-         f"must be l2sp or null, got {db.weight_constraint!r}")
+    need(
+        db.prior in ("class_images", "distillation"),
+        "prior",
+        f"must be class_images or distillation, got {db.prior!r}",
+    )
+    need(
+        db.weight_constraint in (None, "l2sp"),
+        "weight_constraint",
+        f"must be l2sp or null, got {db.weight_constraint!r}",
+    )
     need(db.weight_constraint_lambda >= 0, "weight_constraint_lambda", "must be >= 0")
-    need(db.weight_constraint_anchor in ("auto", "device", "cpu"), "weight_constraint_anchor",
-         f"must be auto, device or cpu, got {db.weight_constraint_anchor!r}")
+    need(
+        db.weight_constraint_anchor in ("auto", "device", "cpu"),
+        "weight_constraint_anchor",
+        f"must be auto, device or cpu, got {db.weight_constraint_anchor!r}",
+    )
     need(db.num_class_images >= 1, "num_class_images", "must be >= 1")
     need(db.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0")
     need(db.distillation_weight >= 0, "distillation_weight", "must be >= 0")
     need(db.sample_batch_size >= 1, "sample_batch_size", "must be >= 1")
     need(db.class_num_inference_steps >= 1, "class_num_inference_steps", "must be >= 1")
-    need(db.class_precision in (None, "no", "fp16", "bf16"), "class_precision",
-         f"must be no, fp16, bf16 or null, got {db.class_precision!r}")
-    need(db.save_precision in ("fp32", "fp16", "bf16"), "save_precision",
-         f"must be fp32, fp16 or bf16, got {db.save_precision!r}")
+    need(
+        db.class_precision in (None, "no", "fp16", "bf16"),
+        "class_precision",
+        f"must be no, fp16, bf16 or null, got {db.class_precision!r}",
+    )
+    need(
+        db.save_precision in ("fp32", "fp16", "bf16"),
+        "save_precision",
+        f"must be fp32, fp16 or bf16, got {db.save_precision!r}",
+    )
     need(db.text_encoder_lr is None or db.text_encoder_lr > 0, "text_encoder_lr", "must be > 0")
-    need(db.stop_text_encoder_training is None or db.stop_text_encoder_training > 0,
-         "stop_text_encoder_training",
-         "must be > 0 (to never train the text encoder set db.train_text_encoder: false)")
-    need(db.train_unet_blocks is None or len(db.train_unet_blocks) > 0, "train_unet_blocks",
-         "must list at least one block (or be null to train the whole UNet)")
+    need(
+        db.stop_text_encoder_training is None or db.stop_text_encoder_training > 0,
+        "stop_text_encoder_training",
+        "must be > 0 (to never train the text encoder set db.train_text_encoder: false)",
+    )
+    need(
+        db.train_unet_blocks is None or len(db.train_unet_blocks) > 0,
+        "train_unet_blocks",
+        "must list at least one block (or be null to train the whole UNet)",
+    )
     if db.prior == "distillation":
-        need(db.with_prior_preservation, "prior",
-             "distillation is a kind of prior preservation: set db.with_prior_preservation: "
-             "true as well (or remove db.prior)")
+        need(
+            db.with_prior_preservation,
+            "prior",
+            "distillation is a kind of prior preservation: set db.with_prior_preservation: "
+            "true as well (or remove db.prior)",
+        )
     if db.with_prior_preservation:
-        need(bool(db.class_prompt), "class_prompt",
-             "prior preservation needs the class prompt, e.g. 'a photo of a dog' "
-             "(the instance prompt without the identifier)")
+        need(
+            bool(db.class_prompt),
+            "class_prompt",
+            "prior preservation needs the class prompt, e.g. 'a photo of a dog' "
+            "(the instance prompt without the identifier)",
+        )
     if cfg.method == "lora":
         defaults = DreamBoothConfig()
         for key, instead in _DREAMBOOTH_ONLY.items():

@@ -40,8 +40,9 @@ def _method_overrides(method: str) -> dict[str, Any]:
     return get_method(method).demo_overrides()
 
 
-def demo_config(method: str, out: Path, steps: int, world: str = "toy",
-                subject: str = DEFAULT_SUBJECT) -> dict[str, Any]:
+def demo_config(
+    method: str, out: Path, steps: int, world: str = "toy", subject: str = DEFAULT_SUBJECT
+) -> dict[str, Any]:
     """The demo's config: common settings, then the method's `demo_overrides()`, then (on
     the toy world) what depends on the world: its model, subject, class and widths."""
     from personalize.config import _merge
@@ -52,10 +53,16 @@ def demo_config(method: str, out: Path, steps: int, world: str = "toy",
         "overwrite": True,
         "seed": 0,
         "model": {"path": str(out / "base_model")},
-        "data": {"path": str(out / "instance_images"), "prompt": DEMO_PROMPT,
-                 "random_flip": True},
-        "train": {"max_steps": steps, "resolution": 32, "batch_size": 2, "lr": 1e-3,
-                  "report_to": "none", "log_every": 10, "lr_warmup_steps": 5},
+        "data": {"path": str(out / "instance_images"), "prompt": DEMO_PROMPT, "random_flip": True},
+        "train": {
+            "max_steps": steps,
+            "resolution": 32,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "report_to": "none",
+            "log_every": 10,
+            "lr_warmup_steps": 5,
+        },
     }
     cfg = _merge(base, _method_overrides(method))
     if world == "toy":
@@ -73,10 +80,12 @@ def toy_overrides(method: str, subject_name: str, out: Path) -> dict[str, Any]:
     unet_cfg = json.loads((model / "unet" / "config.json").read_text())
     cfg: dict[str, Any] = {
         "model": {"path": str(model)},
-        "data": {"path": str(out / f"instance_images_{subject.name}"),
-                 "prompt": f"a {IDENTIFIER} {subject.class_word}",
-                 # The subject's stripes and split halves are not mirror-symmetric.
-                 "random_flip": False},
+        "data": {
+            "path": str(out / f"instance_images_{subject.name}"),
+            "prompt": f"a {IDENTIFIER} {subject.class_word}",
+            # The subject's stripes and split halves are not mirror-symmetric.
+            "random_flip": False,
+        },
         "train": {"batch_size": 4},
     }
     if method == "textual_inversion":
@@ -87,8 +96,11 @@ def toy_overrides(method: str, subject_name: str, out: Path) -> dict[str, Any]:
         cfg["db"] = {"class_prompt": f"a {subject.class_word}"}
     elif method == "hypernetwork":
         # One MLP pair per attention context width: the text's and each level's.
-        cfg["hn"] = {"enable_sizes": sorted({unet_cfg["cross_attention_dim"],
-                                             *unet_cfg["block_out_channels"]})}
+        cfg["hn"] = {
+            "enable_sizes": sorted(
+                {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]}
+            )
+        }
     return cfg
 
 
@@ -98,33 +110,44 @@ def subject_phrase(cfg) -> str:
     return prompt[2:] if prompt.startswith("a ") else prompt
 
 
-def run_demo(method: str = "lora", out: str | Path = "outputs/demo", steps: int | None = None,
-             seeds: tuple[int, ...] = (0, 1, 2, 3), world: str = "toy",
-             subject: str = DEFAULT_SUBJECT) -> dict[str, Any]:
+def run_demo(
+    method: str = "lora",
+    out: str | Path = "outputs/demo",
+    steps: int | None = None,
+    seeds: tuple[int, ...] = (0, 1, 2, 3),
+    world: str = "toy",
+    subject: str = DEFAULT_SUBJECT,
+) -> dict[str, Any]:
     if world not in WORLDS:
         raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if world == "tiny":
         return _run_tiny(method, out, TINY_STEPS if steps is None else steps, seeds)
-    return _run_toy(method, out, TOY_STEPS.get(method, 200) if steps is None else steps,
-                    seeds, subject)
+    return _run_toy(
+        method, out, TOY_STEPS.get(method, 200) if steps is None else steps, seeds, subject
+    )
 
 
 def _change(a, b) -> float:
-    return float(np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean()
-                          for x, y in zip(a, b)]))
+    return float(
+        np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in zip(a, b)])
+    )
 
 
 def _train_summary(run_dir: Path) -> dict[str, Any]:
     s = json.loads((run_dir / "summary.json").read_text())
-    return {"steps": s["step"], "train_seconds": round(s["seconds"], 2),
-            "it_per_s": round(s["it_per_s"], 2),
-            "first_step_seconds": round(s["first_step_seconds"], 2)}
+    return {
+        "steps": s["step"],
+        "train_seconds": round(s["seconds"], 2),
+        "it_per_s": round(s["it_per_s"], 2),
+        "first_step_seconds": round(s["first_step_seconds"], 2),
+    }
 
 
-def _run_toy(method: str, out: Path, steps: int, seeds: tuple[int, ...],
-             subject_name: str) -> dict[str, Any]:
+def _run_toy(
+    method: str, out: Path, steps: int, seeds: tuple[int, ...], subject_name: str
+) -> dict[str, Any]:
     from PIL import Image
 
     from personalize import load, train
@@ -150,28 +173,47 @@ def _run_toy(method: str, out: Path, steps: int, seeds: tuple[int, ...],
     recontext_prompt = f"a {phrase} on a {background} background"
     class_prompt = f"a {subject.class_word}"
     # The base model cannot read TI's new token; its "before" is the class prompt.
-    before = [p.replace(phrase, subject.class_word) if method == "textual_inversion" else p
-              for p in (subject_prompt, recontext_prompt)]
+    before = [
+        p.replace(phrase, subject.class_word) if method == "textual_inversion" else p
+        for p in (subject_prompt, recontext_prompt)
+    ]
     gen = {"num_inference_steps": 20, "guidance_scale": 5.0, "resolution": 32}
     base = load_pipeline(cfg.model.path)
     b_subject, b_recontext, b_class = generate(base, before + [class_prompt], list(seeds), **gen)
     tuned = load(load_pipeline(cfg.model.path), run_dir)
     a_subject, a_recontext, a_class = generate(
-        tuned, [subject_prompt, recontext_prompt, class_prompt], list(seeds), **gen)
+        tuned, [subject_prompt, recontext_prompt, class_prompt], list(seeds), **gen
+    )
 
     instances = [Image.open(p).convert("RGB") for p in instance_paths]
-    rows = [instances[:len(seeds)], b_subject, a_subject, b_recontext, a_recontext, b_class,
-            a_class]
-    labels = ["instance images (the subject)", f"base: {before[0]}", f"{method}: {subject_prompt}",
-              f"base: {before[1]}", f"{method}: {recontext_prompt}", f"base: {class_prompt}",
-              f"{method}: {class_prompt}"]
+    rows = [
+        instances[: len(seeds)],
+        b_subject,
+        a_subject,
+        b_recontext,
+        a_recontext,
+        b_class,
+        a_class,
+    ]
+    labels = [
+        "instance images (the subject)",
+        f"base: {before[0]}",
+        f"{method}: {subject_prompt}",
+        f"base: {before[1]}",
+        f"{method}: {recontext_prompt}",
+        f"base: {class_prompt}",
+        f"{method}: {class_prompt}",
+    ]
     grid_path = out / f"{method}_before_after.png"
-    make_grid(rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds],
-              cell=96).save(grid_path)
+    make_grid(rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds], cell=96).save(
+        grid_path
+    )
 
     clf = load_classifier()
     summary = {
-        "method": method, "world": "toy", "subject": subject.name,
+        "method": method,
+        "world": "toy",
+        "subject": subject.name,
         "subject_description": subject.description,
         **_train_summary(run_dir),
         "prompt": subject_prompt,
@@ -180,11 +222,14 @@ def _run_toy(method: str, out: Path, steps: int, seeds: tuple[int, ...],
         "subject_match_after": subject_match_rate(clf, a_subject + a_recontext, subject),
         # Feature similarity to the instance images (the DINO score's stand-in).
         "subject_similarity_before": round(
-            feature_similarity(clf, b_subject + b_recontext, instances), 4),
+            feature_similarity(clf, b_subject + b_recontext, instances), 4
+        ),
         "subject_similarity_after": round(
-            feature_similarity(clf, a_subject + a_recontext, instances), 4),
+            feature_similarity(clf, a_subject + a_recontext, instances), 4
+        ),
         f"{background}_background_rate_after": background_rate(
-            clf, a_recontext, [background] * len(seeds)),
+            clf, a_recontext, [background] * len(seeds)
+        ),
         # The class prompt drawn as the subject: prior drift (lower is better).
         "class_prompt_subject_match_after": subject_match_rate(clf, a_class, subject),
         "mean_pixel_change_instance_prompt": round(_change(b_subject, a_subject), 2),
@@ -217,13 +262,18 @@ def _run_tiny(method: str, out: Path, steps: int, seeds: tuple[int, ...]) -> dic
     tuned = load(load_pipeline(str(out / "base_model")), run_dir)
     after = generate(tuned, prompts, list(seeds), num_inference_steps=20, resolution=32)
     rows = [before[0], after[0], before[1], after[1]]
-    labels = [f"base: {prompts[0]}", f"{method}: {prompts[0]}",
-              f"base: {prompts[1]}", f"{method}: {prompts[1]}"]
+    labels = [
+        f"base: {prompts[0]}",
+        f"{method}: {prompts[0]}",
+        f"base: {prompts[1]}",
+        f"{method}: {prompts[1]}",
+    ]
     grid_path = out / f"{method}_before_after.png"
     make_grid(rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds]).save(grid_path)
 
     summary = {
-        "method": method, "world": "tiny",
+        "method": method,
+        "world": "tiny",
         **_train_summary(run_dir),
         "mean_pixel_change_instance_prompt": round(_change(before[0], after[0]), 2),
         "mean_pixel_change_other_prompt": round(_change(before[1], after[1]), 2),

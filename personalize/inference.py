@@ -36,8 +36,10 @@ def _lora_file(path: Path) -> Path | None:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
         except Exception as e:  # safetensors raises its own error types for a damaged header
-            raise ArtifactError(f"{path} is not a readable .safetensors file (damaged, or an "
-                                f"incomplete download): {e}. Get the file again.") from e
+            raise ArtifactError(
+                f"{path} is not a readable .safetensors file (damaged, or an "
+                f"incomplete download): {e}. Get the file again."
+            ) from e
         if any(".lora" in k or "lora_" in k for k in keys):
             return path
     return None
@@ -53,13 +55,16 @@ def _load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> N
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as e:
         why = str(e).strip().rstrip(".")
-        raise ArtifactError(f"{file} does not fit this pipeline's UNet/text encoder: {why}. It "
-                            "was made for another base model; use a LoRA trained on this one."
-                            ) from e
+        raise ArtifactError(
+            f"{file} does not fit this pipeline's UNet/text encoder: {why}. It "
+            "was made for another base model; use a LoRA trained on this one."
+        ) from e
     if sum(1 for k in pipe.unet.state_dict() if "lora" in k) == n_before:
-        raise ArtifactError(f"{file}: no LoRA key matched this pipeline's UNet modules; it was "
-                            "made for another base model (e.g. SDXL) or only for modules this "
-                            "model lacks. Use a LoRA trained on this base model.")
+        raise ArtifactError(
+            f"{file}: no LoRA key matched this pipeline's UNet modules; it was "
+            "made for another base model (e.g. SDXL) or only for modules this "
+            "model lacks. Use a LoRA trained on this base model."
+        )
     weights[name] = strength
     pipe._personalize_lora_strengths = weights
     pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
@@ -80,9 +85,11 @@ def _load_pipeline_dir(pipe, path: Path, strength: float, adapter_name: str | No
         raise ArtifactError("a full fine-tuned pipeline has no strength; use strength=1.0")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
-        raise ArtifactError(f"{path}: UNet cross-attention width "
-                            f"{unet.config.cross_attention_dim} != pipeline's "
-                            f"{pipe.unet.config.cross_attention_dim}")
+        raise ArtifactError(
+            f"{path}: UNet cross-attention width "
+            f"{unet.config.cross_attention_dim} != pipeline's "
+            f"{pipe.unet.config.cross_attention_dim}"
+        )
     pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
     if (path / "text_encoder").is_dir():
         te = type(pipe.text_encoder).from_pretrained(path, subfolder="text_encoder")
@@ -139,8 +146,9 @@ def detect_artifact(path: str | Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
     if path.is_file() and path.stat().st_size == 0:
-        raise ArtifactError(f"{path} is empty (0 bytes): an interrupted download or copy? "
-                            "Get the file again.")
+        raise ArtifactError(
+            f"{path} is empty (0 bytes): an interrupted download or copy? Get the file again."
+        )
     for name, detect, _ in LOADERS:
         if detect(path):
             return name
@@ -169,8 +177,7 @@ def _refused_pickle(path: Path) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        return next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln),
-                    None)
+        return next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
     except Exception:  # unreadable for another reason: not a refusal
         return None
     return None
@@ -191,26 +198,40 @@ def load(pipe, path: str | Path, strength: float = 1.0, adapter_name: str | None
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int = 25,
-             guidance_scale: float = 7.5, resolution: int | None = None,
-             negative_prompt: str | None = None) -> list[list[Image.Image]]:
+def generate(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+    negative_prompt: str | None = None,
+) -> list[list[Image.Image]]:
     """images[p][s]: prompt p with seed s. Each image has its own generator, so an image
     depends only on (prompt, seed), not on batch size or order."""
     out = []
     for prompt in prompts:
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         images = pipe(
-            [prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds)
-            if negative_prompt else None, generator=generators,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            height=resolution, width=resolution,
+            [prompt] * len(seeds),
+            negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
         ).images
         out.append(images)
     return out
 
 
-def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None,
-              col_labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
+def make_grid(
+    rows: list[list[Image.Image]],
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    cell: int | None = None,
+) -> Image.Image:
     """Images in a labelled grid (rows x columns), upscaled so small images stay readable."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     size = cell or max(128, rows[0][0].width)
@@ -224,13 +245,16 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None
         if row_labels:
             _draw_wrapped(draw, row_labels[r], (4, label_h + r * size + 4), width_chars=30)
         for c, img in enumerate(row):
-            grid.paste(img.convert("RGB").resize((size, size), Image.NEAREST),
-                       (label_w + c * size, label_h + r * size))
+            grid.paste(
+                img.convert("RGB").resize((size, size), Image.NEAREST),
+                (label_w + c * size, label_h + r * size),
+            )
     return grid
 
 
-def _draw_wrapped(draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int],
-                  width_chars: int) -> None:
+def _draw_wrapped(
+    draw: ImageDraw.ImageDraw, text: str, xy: tuple[int, int], width_chars: int
+) -> None:
     words, lines, line = text.split(), [], ""
     for w in words:
         if len(line) + len(w) + 1 > width_chars and line:

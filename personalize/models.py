@@ -74,11 +74,18 @@ def _check_components(folder: Path) -> None:
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder / 'model_index.json'} is not readable JSON ({e}); "
-                             "copy or download the model folder again") from e
-    missing = [name for name, spec in index.items() if not name.startswith("_")
-               and isinstance(spec, list) and spec[0] is not None
-               and not (folder / name).is_dir()]
+        raise ModelLoadError(
+            f"{folder / 'model_index.json'} is not readable JSON ({e}); "
+            "copy or download the model folder again"
+        ) from e
+    missing = [
+        name
+        for name, spec in index.items()
+        if not name.startswith("_")
+        and isinstance(spec, list)
+        and spec[0] is not None
+        and not (folder / name).is_dir()
+    ]
     if missing:
         raise ModelLoadError(
             f"{folder} is incomplete: model_index.json lists {', '.join(missing)} but the "
@@ -103,8 +110,12 @@ def _refused_pickle(error: BaseException) -> str | None:
     return None
 
 
-def load_pipeline(path: str, revision: str | None = None, variant: str | None = None,
-                  torch_dtype: torch.dtype | None = None):
+def load_pipeline(
+    path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+):
     """A StableDiffusionPipeline from a diffusers folder, single file, or hub id."""
     from diffusers import StableDiffusionPipeline
 
@@ -128,15 +139,21 @@ def load_pipeline(path: str, revision: str | None = None, variant: str | None = 
                 "personalize never unpickles code, which could run anything. Use the model's "
                 ".safetensors file, or convert this one with a tool you trust."
             ) from e
-        raise ModelLoadError(f"could not load a Stable Diffusion model from {path}: "
-                             f"{str(e).strip()} If a file is damaged or cut short (an "
-                             "interrupted download), get it again.") from e
+        raise ModelLoadError(
+            f"could not load a Stable Diffusion model from {path}: "
+            f"{str(e).strip()} If a file is damaged or cut short (an "
+            "interrupted download), get it again."
+        ) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def load_parts(path: str, revision: str | None = None, variant: str | None = None,
-               prediction_type: str | None = None) -> SDParts:
+def load_parts(
+    path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    prediction_type: str | None = None,
+) -> SDParts:
     """The components for training, with a DDPM noise scheduler for the forward process."""
     from diffusers import DDPMScheduler
 

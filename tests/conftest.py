@@ -36,8 +36,14 @@ def base_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> dict:
         "seed": 0,
         "model": {"path": str(model_dir)},
         "data": {"path": str(data_dir), "prompt": "a photo of sks disc"},
-        "train": {"max_steps": 4, "resolution": 32, "batch_size": 2, "lr": 1e-3,
-                  "report_to": "none", "log_every": 1},
+        "train": {
+            "max_steps": 4,
+            "resolution": 32,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "report_to": "none",
+            "log_every": 1,
+        },
     }
     for key, value in sections.items():
         if isinstance(value, dict):

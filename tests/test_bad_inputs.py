@@ -81,8 +81,13 @@ class Env:
         out = self.shared / "lora-run"
         checkpoint = out / "checkpoints" / "step-000001"
         if not checkpoint.is_dir():
-            train(from_dict(base_config(self.model, self.images, out,
-                                        train={"max_steps": 1, "checkpoint_every": 1})))
+            train(
+                from_dict(
+                    base_config(
+                        self.model, self.images, out, train={"max_steps": 1, "checkpoint_every": 1}
+                    )
+                )
+            )
         return checkpoint
 
 
@@ -100,11 +105,19 @@ class Case:
 CASES: list[Case] = []
 
 
-def case(name: str, what: str, *, raises: type[BaseException] | None = None,
-         message: str | None = None, warns: str | None = None, outcome: str = ""):
+def case(
+    name: str,
+    what: str,
+    *,
+    raises: type[BaseException] | None = None,
+    message: str | None = None,
+    warns: str | None = None,
+    outcome: str = "",
+):
     def register(fn: Callable[[Env], Any]) -> Callable[[Env], Any]:
         CASES.append(Case(name, what, fn, raises, message, warns, outcome))
         return fn
+
     return register
 
 
@@ -156,16 +169,22 @@ def _cut_in_half(path: Path) -> Path:
 def _png_bomb(path: Path, width: int, height: int) -> Path:
     """A real decompression bomb: a 1-bit PNG whose all-zero rows deflate to almost nothing
     (15000 x 15000 = 225 million pixels in ~30 KB), written row by row in little memory."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     compressor = zlib.compressobj(9)
     row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -200,48 +219,70 @@ def _refused_without_running(env: Env, path: Path, marker: Path) -> None:
 # ------------------------------------------------------------------------------ images
 
 
-@case("truncated-png", "a PNG cut off halfway (strict)", raises=DataError,
-      message=r"Cannot use image {tmp}/data/half\.png: corrupt or truncated \(.*\)\. "
-              r"Fix or remove it, or load with strict=False")
+@case(
+    "truncated-png",
+    "a PNG cut off halfway (strict)",
+    raises=DataError,
+    message=r"Cannot use image {tmp}/data/half\.png: corrupt or truncated \(.*\)\. "
+    r"Fix or remove it, or load with strict=False",
+)
 def _(env):
     _cut_in_half(_noise_image(env.folder() / "half.png"))
     load_records(env.tmp / "data", strict=True)
 
 
-@case("truncated-jpeg", "a JPEG cut off halfway (default: skipped)",
-      warns=r"Skipping: Cannot use image {tmp}/data/half\.jpg: corrupt or truncated",
-      outcome="skipped with a warning naming it; the other images train")
+@case(
+    "truncated-jpeg",
+    "a JPEG cut off halfway (default: skipped)",
+    warns=r"Skipping: Cannot use image {tmp}/data/half\.jpg: corrupt or truncated",
+    outcome="skipped with a warning naming it; the other images train",
+)
 def _(env):
     _cut_in_half(_noise_image(env.folder() / "half.jpg"))
     assert [r.key for r in load_records(env.tmp / "data")] == ["good0.png"]
 
 
-@case("zero-byte", "a 0-byte image file", raises=DataError,
-      message=r"Cannot use image {tmp}/data/empty\.jpg: the file is empty \(0 bytes\)")
+@case(
+    "zero-byte",
+    "a 0-byte image file",
+    raises=DataError,
+    message=r"Cannot use image {tmp}/data/empty\.jpg: the file is empty \(0 bytes\)",
+)
 def _(env):
     (env.folder() / "empty.jpg").write_bytes(b"")
     load_records(env.tmp / "data", strict=True)
 
 
-@case("not-an-image", "a text file named .png", raises=DataError,
-      message=r"Cannot use image {tmp}/data/notes\.png: not an image file PIL can read")
+@case(
+    "not-an-image",
+    "a text file named .png",
+    raises=DataError,
+    message=r"Cannot use image {tmp}/data/notes\.png: not an image file PIL can read",
+)
 def _(env):
     (env.folder() / "notes.png").write_text("this is text")
     load_records(env.tmp / "data", strict=True)
 
 
-@case("decompression-bomb", "a 15000x15000 PNG of 30 KB (decompression bomb)",
-      raises=DataError,
-      message=r"Cannot use image {tmp}/data/bomb\.png: too large, possibly a decompression "
-              r"bomb \(.*225000000 pixels.*limit of 178956970 pixels")
+@case(
+    "decompression-bomb",
+    "a 15000x15000 PNG of 30 KB (decompression bomb)",
+    raises=DataError,
+    message=r"Cannot use image {tmp}/data/bomb\.png: too large, possibly a decompression "
+    r"bomb \(.*225000000 pixels.*limit of 178956970 pixels",
+)
 def _(env):
     _png_bomb(env.folder() / "bomb.png", 15000, 15000)
     load_records(env.tmp / "data", strict=True)
 
 
-@case("all-images-bad", "a folder where no image can be read", raises=DataError,
-      message=r"None of the images in {tmp}/data could be read; see the warnings above",
-      warns=r"Skipped 2 of 2 images in {tmp}/data")
+@case(
+    "all-images-bad",
+    "a folder where no image can be read",
+    raises=DataError,
+    message=r"None of the images in {tmp}/data could be read; see the warnings above",
+    warns=r"Skipped 2 of 2 images in {tmp}/data",
+)
 def _(env):
     folder = env.folder(good=0)
     (folder / "a.png").write_bytes(b"")
@@ -282,8 +323,11 @@ def _(env):
     assert rgb.shape == (8, 8, 3) and (rgb == 128).all()
 
 
-@case("palette-transparent", "a palette PNG with a transparent index",
-      outcome="transparent pixels become white, opaque ones keep their colour")
+@case(
+    "palette-transparent",
+    "a palette PNG with a transparent index",
+    outcome="transparent pixels become white, opaque ones keep their colour",
+)
 def _(env):
     folder = env.folder(good=0)
     image = Image.new("P", (8, 8), 1)
@@ -294,8 +338,11 @@ def _(env):
     assert tuple(rgb[0, 0]) == (0, 0, 255) and tuple(rgb[0, 7]) == (255, 255, 255)
 
 
-@case("rgba", "an RGBA PNG, half transparent",
-      outcome="composited on white: (255, 0, 0, 128) -> (255, 127, 127)")
+@case(
+    "rgba",
+    "an RGBA PNG, half transparent",
+    outcome="composited on white: (255, 0, 0, 128) -> (255, 127, 127)",
+)
 def _(env):
     folder = env.folder(good=0)
     Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(folder / "cut.png")
@@ -311,8 +358,11 @@ def _(env):
     assert rgb.shape == (8, 8, 3) and np.abs(rgb - 77).max() <= 1
 
 
-@case("exif-rotated", "a phone JPEG stored sideways with EXIF orientation 6",
-      outcome="comes out upright (10x20, red on top)")
+@case(
+    "exif-rotated",
+    "a phone JPEG stored sideways with EXIF orientation 6",
+    outcome="comes out upright (10x20, red on top)",
+)
 def _(env):
     folder = env.folder(good=0)
     image = Image.new("RGB", (20, 10), (255, 0, 0))
@@ -342,8 +392,11 @@ def _(env):
     assert np.abs(rgb[4, 4] - (255, 0, 0)).max() <= 3
 
 
-@case("macos-resource-fork", "macOS `._photo.jpg` files and a `.ipynb_checkpoints` folder",
-      outcome="ignored: not training data, no warning")
+@case(
+    "macos-resource-fork",
+    "macOS `._photo.jpg` files and a `.ipynb_checkpoints` folder",
+    outcome="ignored: not training data, no warning",
+)
 def _(env):
     folder = env.folder()
     (folder / "._good0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
@@ -355,8 +408,11 @@ def _(env):
 # ------------------------------------------------------------------------------ folders
 
 
-@case("duplicate-names", "`a/img.png` and `b/img.png`, each with its own caption",
-      outcome="both kept, keys a/img.png and b/img.png, each with its own caption")
+@case(
+    "duplicate-names",
+    "`a/img.png` and `b/img.png`, each with its own caption",
+    outcome="both kept, keys a/img.png and b/img.png, each with its own caption",
+)
 def _(env):
     folder = env.folder(good=0)
     for sub, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
@@ -364,28 +420,42 @@ def _(env):
         Image.new("RGB", (8, 8), colour).save(folder / sub / "img.png")
         (folder / sub / "img.txt").write_text(f"caption {sub}")
     records = load_records(folder, strict=True)
-    assert [(r.key, r.caption) for r in records] == [("a/img.png", "caption a"),
-                                                      ("b/img.png", "caption b")]
+    assert [(r.key, r.caption) for r in records] == [
+        ("a/img.png", "caption a"),
+        ("b/img.png", "caption b"),
+    ]
     assert tuple(np.asarray(read_image(records[1]))[0, 0]) == (0, 0, 255)
 
 
-@case("missing-folder", "data.path that does not exist", raises=DataError,
-      message=r"Data path {tmp}/nope does not exist\. Point it at a folder of images, a "
-              r"metadata\.jsonl/\.csv file")
+@case(
+    "missing-folder",
+    "data.path that does not exist",
+    raises=DataError,
+    message=r"Data path {tmp}/nope does not exist\. Point it at a folder of images, a "
+    r"metadata\.jsonl/\.csv file",
+)
 def _(env):
     load_records(env.tmp / "nope")
 
 
-@case("empty-folder", "an empty data folder", raises=DataError,
-      message=r"No images in {tmp}/data\. Accepted extensions: \.bmp, \.gif, \.jpeg, \.jpg, "
-              r"\.png, \.tif, \.tiff, \.webp\.")
+@case(
+    "empty-folder",
+    "an empty data folder",
+    raises=DataError,
+    message=r"No images in {tmp}/data\. Accepted extensions: \.bmp, \.gif, \.jpeg, \.jpg, "
+    r"\.png, \.tif, \.tiff, \.webp\.",
+)
 def _(env):
     load_records(env.folder(good=0))
 
 
-@case("unsupported-format", "a folder of .heic photos only", raises=DataError,
-      message=r"No images in {tmp}/data\. Accepted extensions: .*; found only \.heic \(2\)\. "
-              r"Convert the images to one of those formats\.")
+@case(
+    "unsupported-format",
+    "a folder of .heic photos only",
+    raises=DataError,
+    message=r"No images in {tmp}/data\. Accepted extensions: .*; found only \.heic \(2\)\. "
+    r"Convert the images to one of those formats\.",
+)
 def _(env):
     folder = env.folder(good=0)
     for name in ("a.heic", "b.heic"):
@@ -393,37 +463,53 @@ def _(env):
     load_records(folder)
 
 
-@case("data-path-is-image", "data.path pointing at one image file", raises=DataError,
-      message=r"Data path {tmp}/data/good0\.png is a file; it must be a folder of images")
+@case(
+    "data-path-is-image",
+    "data.path pointing at one image file",
+    raises=DataError,
+    message=r"Data path {tmp}/data/good0\.png is a file; it must be a folder of images",
+)
 def _(env):
     load_records(env.folder() / "good0.png")
 
 
-@case("metadata-missing-image", "metadata.jsonl naming an image that is not there",
-      raises=DataError,
-      message=r"Cannot use image {tmp}/data/gone\.png \(listed in metadata\.jsonl line 2\): "
-              r"the file does not exist\. Fix or remove it")
+@case(
+    "metadata-missing-image",
+    "metadata.jsonl naming an image that is not there",
+    raises=DataError,
+    message=r"Cannot use image {tmp}/data/gone\.png \(listed in metadata\.jsonl line 2\): "
+    r"the file does not exist\. Fix or remove it",
+)
 def _(env):
     folder = env.folder()
-    (folder / "metadata.jsonl").write_text('{"file_name": "good0.png", "text": "a"}\n'
-                                           '{"file_name": "gone.png", "text": "b"}\n')
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "good0.png", "text": "a"}\n{"file_name": "gone.png", "text": "b"}\n'
+    )
     load_records(folder, strict=True)
 
 
-@case("metadata-bad-json", "metadata.jsonl with a broken line", raises=DataError,
-      message=r"{tmp}/data/metadata\.jsonl line 2 is not valid JSON \(.*\)\. Each line must be "
-              r"one object")
+@case(
+    "metadata-bad-json",
+    "metadata.jsonl with a broken line",
+    raises=DataError,
+    message=r"{tmp}/data/metadata\.jsonl line 2 is not valid JSON \(.*\)\. Each line must be "
+    r"one object",
+)
 def _(env):
     folder = env.folder()
-    (folder / "metadata.jsonl").write_text('{"file_name": "good0.png", "text": "a"}\n'
-                                           '{"file_name": "good0.png", text: b}\n')
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "good0.png", "text": "a"}\n{"file_name": "good0.png", text: b}\n'
+    )
     load_records(folder)
 
 
-@case("metadata-caption-column", "metadata.csv whose caption column is not `text`",
-      raises=DataError,
-      message=r"{tmp}/data/metadata\.csv has no caption column 'text' \(columns: caption, "
-              r"file_name\)\. Set caption_column")
+@case(
+    "metadata-caption-column",
+    "metadata.csv whose caption column is not `text`",
+    raises=DataError,
+    message=r"{tmp}/data/metadata\.csv has no caption column 'text' \(columns: caption, "
+    r"file_name\)\. Set caption_column",
+)
 def _(env):
     folder = env.folder()
     (folder / "metadata.csv").write_text("file_name,caption\ngood0.png,a red thing\n")
@@ -433,34 +519,47 @@ def _(env):
 # ------------------------------------------------------------------------------ captions
 
 
-@case("latin-1-caption", "a caption file in latin-1 (not UTF-8)",
-      warns=r"Caption {tmp}/data/good0\.txt is not valid UTF-8; read it as latin-1",
-      outcome="read as latin-1 ('café'), with a warning to re-save it as UTF-8")
+@case(
+    "latin-1-caption",
+    "a caption file in latin-1 (not UTF-8)",
+    warns=r"Caption {tmp}/data/good0\.txt is not valid UTF-8; read it as latin-1",
+    outcome="read as latin-1 ('café'), with a warning to re-save it as UTF-8",
+)
 def _(env):
     folder = env.folder()
     (folder / "good0.txt").write_bytes("un café noir".encode("latin-1"))
     assert load_records(folder, strict=True)[0].caption == "un café noir"
 
 
-@case("utf-16-caption", "a caption saved as UTF-16 by Windows Notepad",
-      outcome="read as UTF-16 (its byte-order mark says so)")
+@case(
+    "utf-16-caption",
+    "a caption saved as UTF-16 by Windows Notepad",
+    outcome="read as UTF-16 (its byte-order mark says so)",
+)
 def _(env):
     folder = env.folder()
     (folder / "good0.txt").write_bytes("a photo of sks, café".encode("utf-16"))
     assert load_records(folder, strict=True)[0].caption == "a photo of sks, café"
 
 
-@case("empty-caption", "an empty caption file and no data.prompt", raises=DataError,
-      message=r"Image {tmp}/data/good0\.png has no caption\. Add a \.txt caption \(a good0\.txt "
-              r"file next to it, .*\) or set data\.prompt")
+@case(
+    "empty-caption",
+    "an empty caption file and no data.prompt",
+    raises=DataError,
+    message=r"Image {tmp}/data/good0\.png has no caption\. Add a \.txt caption \(a good0\.txt "
+    r"file next to it, .*\) or set data\.prompt",
+)
 def _(env):
     folder = env.folder()
     (folder / "good0.txt").write_text("  \n")
     ImageCaptionDataset(load_records(folder), resolution=8)
 
 
-@case("empty-caption-with-prompt", "an empty caption file with data.prompt set",
-      outcome="the image is captioned with data.prompt")
+@case(
+    "empty-caption-with-prompt",
+    "an empty caption file with data.prompt set",
+    outcome="the image is captioned with data.prompt",
+)
 def _(env):
     folder = env.folder()
     (folder / "good0.txt").write_text("")
@@ -468,9 +567,12 @@ def _(env):
     assert item["caption"] == "sks dog"
 
 
-@case("long-caption", "a caption of more than 77 tokens",
-      warns=r"caption of {tmp}/data/good0\.png is 172 tokens; truncated to 77",
-      outcome="trains on the first 77 tokens, with a warning naming the image")
+@case(
+    "long-caption",
+    "a caption of more than 77 tokens",
+    warns=r"caption of {tmp}/data/good0\.png is 172 tokens; truncated to 77",
+    outcome="trains on the first 77 tokens, with a warning naming the image",
+)
 def _(env):
     from personalize.training.loop import Trainer
 
@@ -487,77 +589,149 @@ def _cfg(**data: Any) -> Callable[[Env], Any]:
     return lambda env: from_dict(data)
 
 
-case("unknown-key", "`train.max_step` (typo)", raises=ConfigError,
-     message=r"unknown config key\(s\): train\.max_step\. Valid keys under train: .*max_steps"
-     )(_cfg(train={"max_step": 10}))
-case("unknown-section", "a `lora2:` section", raises=ConfigError,
-     message=r"unknown config key\(s\): lora2\. Valid keys: data, db, hn, lora")(
-    _cfg(lora2={"rank": 4}))
-case("section-not-mapping", "`train: 5`", raises=ConfigError,
-     message=r"train: expected a mapping of options, got 5")(_cfg(train=5))
-case("wrong-type-str", "`train.max_steps: ten`", raises=ConfigError,
-     message=r"train\.max_steps: expected int, got 'ten' \(str\)")(
-    _cfg(train={"max_steps": "ten"}))
-case("wrong-type-float", "`train.max_steps: 10.5`", raises=ConfigError,
-     message=r"train\.max_steps: expected int, got 10\.5 \(float\)")(
-    _cfg(train={"max_steps": 10.5}))
-case("wrong-type-bool", "`data.random_flip: yes please`", raises=ConfigError,
-     message=r"data\.random_flip: expected bool, got 'yes please' \(str\)")(
-    _cfg(data={"random_flip": "yes please"}))
-case("wrong-type-list", "`validation.prompts: a photo` (not a list)", raises=ConfigError,
-     message=r"validation\.prompts: expected a list, got 'a photo'")(
-    _cfg(validation={"prompts": "a photo"}))
-case("zero-steps", "`train.max_steps: 0`", raises=ConfigError,
-     message=r"train\.max_steps: must be > 0, got 0")(_cfg(train={"max_steps": 0}))
-case("negative-steps", "`train.max_steps: -5`", raises=ConfigError,
-     message=r"train\.max_steps: must be > 0, got -5")(_cfg(train={"max_steps": -5}))
-case("zero-lr", "`train.lr: 0`", raises=ConfigError,
-     message=r"train\.lr: must be > 0 and finite, got 0\.0")(_cfg(train={"lr": 0}))
-case("negative-lr", "`train.lr: -1e-4`", raises=ConfigError,
-     message=r"train\.lr: must be > 0 and finite, got -0\.0001")(_cfg(train={"lr": -1e-4}))
-case("infinite-lr", "`train.lr: .inf`", raises=ConfigError,
-     message=r"train\.lr: must be > 0 and finite, got inf")(_cfg(train={"lr": float("inf")}))
-case("negative-text-encoder-lr", "`lora.text_encoder_lr: -1e-5`", raises=ConfigError,
-     message=r"lora\.text_encoder_lr: must be > 0 and finite, or null for train\.lr")(
-    _cfg(lora={"text_encoder_lr": -1e-5}))
-case("negative-warmup", "`train.lr_warmup_steps: -10`", raises=ConfigError,
-     message=r"train\.lr_warmup_steps: must be >= 0 \(0 = no warm-up\), got -10")(
-    _cfg(train={"lr_warmup_steps": -10}))
-case("unknown-method", "`method: lorra`", raises=ConfigError,
-     message=r"method: must be one of lora, textual_inversion, dreambooth, hypernetwork, "
-             r"got 'lorra'")(_cfg(method="lorra"))
+case(
+    "unknown-key",
+    "`train.max_step` (typo)",
+    raises=ConfigError,
+    message=r"unknown config key\(s\): train\.max_step\. Valid keys under train: .*max_steps",
+)(_cfg(train={"max_step": 10}))
+case(
+    "unknown-section",
+    "a `lora2:` section",
+    raises=ConfigError,
+    message=r"unknown config key\(s\): lora2\. Valid keys: data, db, hn, lora",
+)(_cfg(lora2={"rank": 4}))
+case(
+    "section-not-mapping",
+    "`train: 5`",
+    raises=ConfigError,
+    message=r"train: expected a mapping of options, got 5",
+)(_cfg(train=5))
+case(
+    "wrong-type-str",
+    "`train.max_steps: ten`",
+    raises=ConfigError,
+    message=r"train\.max_steps: expected int, got 'ten' \(str\)",
+)(_cfg(train={"max_steps": "ten"}))
+case(
+    "wrong-type-float",
+    "`train.max_steps: 10.5`",
+    raises=ConfigError,
+    message=r"train\.max_steps: expected int, got 10\.5 \(float\)",
+)(_cfg(train={"max_steps": 10.5}))
+case(
+    "wrong-type-bool",
+    "`data.random_flip: yes please`",
+    raises=ConfigError,
+    message=r"data\.random_flip: expected bool, got 'yes please' \(str\)",
+)(_cfg(data={"random_flip": "yes please"}))
+case(
+    "wrong-type-list",
+    "`validation.prompts: a photo` (not a list)",
+    raises=ConfigError,
+    message=r"validation\.prompts: expected a list, got 'a photo'",
+)(_cfg(validation={"prompts": "a photo"}))
+case(
+    "zero-steps",
+    "`train.max_steps: 0`",
+    raises=ConfigError,
+    message=r"train\.max_steps: must be > 0, got 0",
+)(_cfg(train={"max_steps": 0}))
+case(
+    "negative-steps",
+    "`train.max_steps: -5`",
+    raises=ConfigError,
+    message=r"train\.max_steps: must be > 0, got -5",
+)(_cfg(train={"max_steps": -5}))
+case(
+    "zero-lr",
+    "`train.lr: 0`",
+    raises=ConfigError,
+    message=r"train\.lr: must be > 0 and finite, got 0\.0",
+)(_cfg(train={"lr": 0}))
+case(
+    "negative-lr",
+    "`train.lr: -1e-4`",
+    raises=ConfigError,
+    message=r"train\.lr: must be > 0 and finite, got -0\.0001",
+)(_cfg(train={"lr": -1e-4}))
+case(
+    "infinite-lr",
+    "`train.lr: .inf`",
+    raises=ConfigError,
+    message=r"train\.lr: must be > 0 and finite, got inf",
+)(_cfg(train={"lr": float("inf")}))
+case(
+    "negative-text-encoder-lr",
+    "`lora.text_encoder_lr: -1e-5`",
+    raises=ConfigError,
+    message=r"lora\.text_encoder_lr: must be > 0 and finite, or null for train\.lr",
+)(_cfg(lora={"text_encoder_lr": -1e-5}))
+case(
+    "negative-warmup",
+    "`train.lr_warmup_steps: -10`",
+    raises=ConfigError,
+    message=r"train\.lr_warmup_steps: must be >= 0 \(0 = no warm-up\), got -10",
+)(_cfg(train={"lr_warmup_steps": -10}))
+case(
+    "unknown-method",
+    "`method: lorra`",
+    raises=ConfigError,
+    message=r"method: must be one of lora, textual_inversion, dreambooth, hypernetwork, "
+    r"got 'lorra'",
+)(_cfg(method="lorra"))
 
 
-@case("invalid-yaml", "a YAML file with a bad indent", raises=ConfigError,
-      message=r"{tmp}/cfg\.yaml is not valid YAML: .*line 3, column 2")
+@case(
+    "invalid-yaml",
+    "a YAML file with a bad indent",
+    raises=ConfigError,
+    message=r"{tmp}/cfg\.yaml is not valid YAML: .*line 3, column 2",
+)
 def _(env):
     (env.tmp / "cfg.yaml").write_text("train:\n  lr: 1e-4\n max_steps: 3\n")
     load_config(env.tmp / "cfg.yaml")
 
 
-@case("yaml-not-utf8", "a YAML file that is not UTF-8", raises=ConfigError,
-      message=r"{tmp}/cfg\.yaml is not UTF-8 text \(byte 22 cannot be decoded\); re-save it as "
-              r"UTF-8")
+@case(
+    "yaml-not-utf8",
+    "a YAML file that is not UTF-8",
+    raises=ConfigError,
+    message=r"{tmp}/cfg\.yaml is not UTF-8 text \(byte 22 cannot be decoded\); re-save it as "
+    r"UTF-8",
+)
 def _(env):
     (env.tmp / "cfg.yaml").write_bytes("data:\n  prompt: un café\n".encode("latin-1"))
     load_config(env.tmp / "cfg.yaml")
 
 
-@case("yaml-not-mapping", "a YAML file holding a list", raises=ConfigError,
-      message=r"{tmp}/cfg\.yaml must hold a mapping of options at the top level")
+@case(
+    "yaml-not-mapping",
+    "a YAML file holding a list",
+    raises=ConfigError,
+    message=r"{tmp}/cfg\.yaml must hold a mapping of options at the top level",
+)
 def _(env):
     (env.tmp / "cfg.yaml").write_text("- lora\n- 500\n")
     load_config(env.tmp / "cfg.yaml")
 
 
-@case("missing-config", "a config file that does not exist", raises=ConfigError,
-      message=r"config file {tmp}/nope\.yaml does not exist")
+@case(
+    "missing-config",
+    "a config file that does not exist",
+    raises=ConfigError,
+    message=r"config file {tmp}/nope\.yaml does not exist",
+)
 def _(env):
     load_config(env.tmp / "nope.yaml")
 
 
-@case("bad-override", "a command-line override without `=`", raises=ConfigError,
-      message=r"override 'train\.lr' must look like key\.subkey=value")
+@case(
+    "bad-override",
+    "a command-line override without `=`",
+    raises=ConfigError,
+    message=r"override 'train\.lr' must look like key\.subkey=value",
+)
 def _(env):
     load_config(None, ["train.lr"])
 
@@ -565,24 +739,35 @@ def _(env):
 # ------------------------------------------------------------------------------ models
 
 
-@case("model-not-diffusers", "model.path: a folder without model_index.json",
-      raises=ModelLoadError,
-      message=r"{tmp}/photos is not a diffusers Stable Diffusion folder \(no model_index\.json\)"
-              r"\. Point model\.path at the folder that holds model_index\.json")
+@case(
+    "model-not-diffusers",
+    "model.path: a folder without model_index.json",
+    raises=ModelLoadError,
+    message=r"{tmp}/photos is not a diffusers Stable Diffusion folder \(no model_index\.json\)"
+    r"\. Point model\.path at the folder that holds model_index\.json",
+)
 def _(env):
     env.folder("photos")
     load_pipeline(str(env.tmp / "photos"))
 
 
-@case("model-missing", "model.path that does not exist", raises=ModelLoadError,
-      message=r"model path {tmp}/sd15 does not exist; set model\.path to a diffusers folder")
+@case(
+    "model-missing",
+    "model.path that does not exist",
+    raises=ModelLoadError,
+    message=r"model path {tmp}/sd15 does not exist; set model\.path to a diffusers folder",
+)
 def _(env):
     load_pipeline(str(env.tmp / "sd15"))
 
 
-@case("model-incomplete", "a diffusers folder without its unet/", raises=ModelLoadError,
-      message=r"{tmp}/model is incomplete: model_index\.json lists unet but the folder has no "
-              r"unet/; copy or download the whole model folder again")
+@case(
+    "model-incomplete",
+    "a diffusers folder without its unet/",
+    raises=ModelLoadError,
+    message=r"{tmp}/model is incomplete: model_index\.json lists unet but the folder has no "
+    r"unet/; copy or download the whole model folder again",
+)
 def _(env):
     import shutil
 
@@ -590,18 +775,25 @@ def _(env):
     load_pipeline(str(env.tmp / "model"))
 
 
-@case("model-not-checkpoint", "model.path: a .bin file", raises=ModelLoadError,
-      message=r"{tmp}/weights\.bin is a file but not a \.safetensors/\.ckpt checkpoint")
+@case(
+    "model-not-checkpoint",
+    "model.path: a .bin file",
+    raises=ModelLoadError,
+    message=r"{tmp}/weights\.bin is a file but not a \.safetensors/\.ckpt checkpoint",
+)
 def _(env):
     (env.tmp / "weights.bin").write_bytes(b"\0" * 16)
     load_pipeline(str(env.tmp / "weights.bin"))
 
 
-@case("model-ckpt-runs-code", "a .ckpt model whose pickle would run code",
-      raises=ModelLoadError,
-      message=r"{tmp}/model\.ckpt is a pickle that torch\.load\(weights_only=True\) refuses "
-              r"\(.*Unsupported global.*\); personalize never unpickles code",
-      outcome="refused; the code did not run")
+@case(
+    "model-ckpt-runs-code",
+    "a .ckpt model whose pickle would run code",
+    raises=ModelLoadError,
+    message=r"{tmp}/model\.ckpt is a pickle that torch\.load\(weights_only=True\) refuses "
+    r"\(.*Unsupported global.*\); personalize never unpickles code",
+    outcome="refused; the code did not run",
+)
 def _(env):
     marker = env.tmp / "code_ran"
     torch.save({"state_dict": {"w": _RunsCode(marker)}}, env.tmp / "model.ckpt")
@@ -614,10 +806,13 @@ def _(env):
 # ------------------------------------------------------------------------------ runs
 
 
-@case("output-dir-holds-run", "output_dir of a finished run, no resume/overwrite",
-      raises=FileExistsError,
-      message=r"output_dir {tmp}/run already holds a run\. Set resume=latest to continue it, "
-              r"overwrite=true to write over it, or choose another output_dir\.")
+@case(
+    "output-dir-holds-run",
+    "output_dir of a finished run, no resume/overwrite",
+    raises=FileExistsError,
+    message=r"output_dir {tmp}/run already holds a run\. Set resume=latest to continue it, "
+    r"overwrite=true to write over it, or choose another output_dir\.",
+)
 def _(env):
     from personalize import train
 
@@ -627,8 +822,11 @@ def _(env):
     train(from_dict(base_config(env.tmp / "no-model", env.images, env.tmp / "run")))
 
 
-@case("output-dir-overwrite", "the same output_dir with `overwrite: true`",
-      outcome="trains (1 step) and writes the new artifact")
+@case(
+    "output-dir-overwrite",
+    "the same output_dir with `overwrite: true`",
+    outcome="trains (1 step) and writes the new artifact",
+)
 def _(env):
     from personalize import train
 
@@ -638,9 +836,13 @@ def _(env):
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
-@case("output-dir-under-file", "output_dir inside a regular file", raises=PermissionError,
-      message=r"output_dir {tmp}/notes\.txt/run cannot be created or written \(\[Errno 20\] Not "
-              r"a directory.*\); choose another output_dir")
+@case(
+    "output-dir-under-file",
+    "output_dir inside a regular file",
+    raises=PermissionError,
+    message=r"output_dir {tmp}/notes\.txt/run cannot be created or written \(\[Errno 20\] Not "
+    r"a directory.*\); choose another output_dir",
+)
 def _(env):
     from personalize import train
 
@@ -649,115 +851,180 @@ def _(env):
     train(from_dict(base_config(env.tmp / "no-model", env.images, env.tmp / "notes.txt" / "run")))
 
 
-@case("resume-not-checkpoint", "`resume:` a folder that is not a checkpoint",
-      raises=FileNotFoundError,
-      message=r"resume={tmp}/photos: not a complete checkpoint folder \(no state\.json\); use "
-              r"'latest' or one of")
+@case(
+    "resume-not-checkpoint",
+    "`resume:` a folder that is not a checkpoint",
+    raises=FileNotFoundError,
+    message=r"resume={tmp}/photos: not a complete checkpoint folder \(no state\.json\); use "
+    r"'latest' or one of",
+)
 def _(env):
     from personalize import train
 
     train(from_dict(env.config(resume=str(env.folder("photos")), train={"max_steps": 1})))
 
 
-@case("resume-other-rank", "`resume:` a rank-4 LoRA checkpoint with `lora.rank: 8`",
-      raises=TrainingError,
-      message=r"checkpoint .*step-000001 does not fit this run \(lora\): checkpoint weights "
-              r"have other shapes than this run's \(.*lora_A\.default\.weight "
-              r"\[4, 32\] != \[8, 32\].*\); was it written with another config \(e\.g\. "
-              r"lora\.rank\) or base model\?")
+@case(
+    "resume-other-rank",
+    "`resume:` a rank-4 LoRA checkpoint with `lora.rank: 8`",
+    raises=TrainingError,
+    message=r"checkpoint .*step-000001 does not fit this run \(lora\): checkpoint weights "
+    r"have other shapes than this run's \(.*lora_A\.default\.weight "
+    r"\[4, 32\] != \[8, 32\].*\); was it written with another config \(e\.g\. "
+    r"lora\.rank\) or base model\?",
+)
 def _(env):
     from personalize import train
 
-    train(from_dict(env.config(resume=str(env.lora_checkpoint()), lora={"rank": 8},
-                               train={"max_steps": 2})))
+    train(
+        from_dict(
+            env.config(resume=str(env.lora_checkpoint()), lora={"rank": 8}, train={"max_steps": 2})
+        )
+    )
 
 
-@case("resume-other-method", "`resume:` a LoRA checkpoint in a hypernetwork run",
-      raises=TrainingError,
-      message=r"checkpoint .*step-000001 does not fit this run \(hypernetwork\): checkpoint "
-              r"does not match this run's trainable weights \(missing: "
-              r"\['unet\.personalize_hypernetworks.*unexpected: \['unet\..*lora_A.*\); was it "
-              r"written by another method or config\?")
+@case(
+    "resume-other-method",
+    "`resume:` a LoRA checkpoint in a hypernetwork run",
+    raises=TrainingError,
+    message=r"checkpoint .*step-000001 does not fit this run \(hypernetwork\): checkpoint "
+    r"does not match this run's trainable weights \(missing: "
+    r"\['unet\.personalize_hypernetworks.*unexpected: \['unet\..*lora_A.*\); was it "
+    r"written by another method or config\?",
+)
 def _(env):
     from personalize import train
 
-    train(from_dict(env.config(method="hypernetwork", resume=str(env.lora_checkpoint()),
-                               hn={"enable_sizes": [32, 64]}, train={"max_steps": 2})))
+    train(
+        from_dict(
+            env.config(
+                method="hypernetwork",
+                resume=str(env.lora_checkpoint()),
+                hn={"enable_sizes": [32, 64]},
+                train={"max_steps": 2},
+            )
+        )
+    )
 
 
 # ------------------------------------------------------------------------------ artifacts
 
 
-@case("embedding-sd2", "an SD2 embedding (width 1024) into the SD1-style pipeline",
-      raises=ArtifactError,
-      message=r"{tmp}/sd2\.safetensors: embedding width 1024 \(SD 2\.x \(OpenCLIP ViT-H\)\) does "
-              r"not fit this pipeline's text encoder width 32; it was made for another base model")
+@case(
+    "embedding-sd2",
+    "an SD2 embedding (width 1024) into the SD1-style pipeline",
+    raises=ArtifactError,
+    message=r"{tmp}/sd2\.safetensors: embedding width 1024 \(SD 2\.x \(OpenCLIP ViT-H\)\) does "
+    r"not fit this pipeline's text encoder width 32; it was made for another base model",
+)
 def _(env):
     save_file({"<sd2>": torch.randn(2, 1024)}, str(env.tmp / "sd2.safetensors"))
     load(env.pipe(), env.tmp / "sd2.safetensors")
 
 
-@case("embedding-sd2-webui", "an SD2 webui .pt embedding", raises=ArtifactError,
-      message=r"{tmp}/style\.pt: embedding width 1024 .* does not fit this pipeline's text "
-              r"encoder width 32")
+@case(
+    "embedding-sd2-webui",
+    "an SD2 webui .pt embedding",
+    raises=ArtifactError,
+    message=r"{tmp}/style\.pt: embedding width 1024 .* does not fit this pipeline's text "
+    r"encoder width 32",
+)
 def _(env):
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(3, 1024)},
-                "name": "style", "step": 100}, env.tmp / "style.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.randn(3, 1024)},
+            "name": "style",
+            "step": 100,
+        },
+        env.tmp / "style.pt",
+    )
     load(env.pipe(), env.tmp / "style.pt")
 
 
-@case("embedding-sdxl", "an SDXL embedding (clip_l + clip_g)", raises=ArtifactError,
-      message=r"{tmp}/xl\.safetensors is an SDXL embedding \(clip_l \+ clip_g tensors\); "
-              r"personalize loads SD 1\.x/2\.x embeddings")
+@case(
+    "embedding-sdxl",
+    "an SDXL embedding (clip_l + clip_g)",
+    raises=ArtifactError,
+    message=r"{tmp}/xl\.safetensors is an SDXL embedding \(clip_l \+ clip_g tensors\); "
+    r"personalize loads SD 1\.x/2\.x embeddings",
+)
 def _(env):
-    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
-              str(env.tmp / "xl.safetensors"))
+    save_file(
+        {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
+        str(env.tmp / "xl.safetensors"),
+    )
     load(env.pipe(), env.tmp / "xl.safetensors")
 
 
-@case("lora-other-modules", "a kohya LoRA for modules this UNet lacks (SD1.5 down_blocks.2)",
-      raises=ArtifactError,
-      message=r"{tmp}/sd15\.safetensors does not fit this pipeline's UNet/text encoder: Target "
-              r"modules .*down_blocks\.2\.attentions\.1.* not found in the base model.*It was "
-              r"made for another base model; use a LoRA trained on this one\.")
+@case(
+    "lora-other-modules",
+    "a kohya LoRA for modules this UNet lacks (SD1.5 down_blocks.2)",
+    raises=ArtifactError,
+    message=r"{tmp}/sd15\.safetensors does not fit this pipeline's UNet/text encoder: Target "
+    r"modules .*down_blocks\.2\.attentions\.1.* not found in the base model.*It was "
+    r"made for another base model; use a LoRA trained on this one\.",
+)
 def _(env):
     prefix = "lora_unet_down_blocks_2_attentions_1_transformer_blocks_0_attn2_to_k"
-    save_file({f"{prefix}.lora_down.weight": torch.zeros(4, 768),
-               f"{prefix}.lora_up.weight": torch.zeros(1280, 4),
-               f"{prefix}.alpha": torch.tensor(4.0)}, str(env.tmp / "sd15.safetensors"))
+    save_file(
+        {
+            f"{prefix}.lora_down.weight": torch.zeros(4, 768),
+            f"{prefix}.lora_up.weight": torch.zeros(1280, 4),
+            f"{prefix}.alpha": torch.tensor(4.0),
+        },
+        str(env.tmp / "sd15.safetensors"),
+    )
     load(env.pipe(), env.tmp / "sd15.safetensors")
 
 
-@case("lora-wrong-shapes", "a LoRA for the right module names with SD1.5 widths",
-      raises=ArtifactError,
-      message=r"{tmp}/pytorch_lora_weights\.safetensors does not fit this pipeline's UNet/text "
-              r"encoder: .*size mismatch .*attn2\.to_k\.lora_A.*torch\.Size\(\[4, 768\]\).*"
-              r"torch\.Size\(\[4, 32\]\).*It was made for another base model")
+@case(
+    "lora-wrong-shapes",
+    "a LoRA for the right module names with SD1.5 widths",
+    raises=ArtifactError,
+    message=r"{tmp}/pytorch_lora_weights\.safetensors does not fit this pipeline's UNet/text "
+    r"encoder: .*size mismatch .*attn2\.to_k\.lora_A.*torch\.Size\(\[4, 768\]\).*"
+    r"torch\.Size\(\[4, 32\]\).*It was made for another base model",
+)
 def _(env):
     prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 768),
-               f"{prefix}.lora_B.weight": torch.zeros(320, 4)},
-              str(env.tmp / "pytorch_lora_weights.safetensors"))
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(4, 768),
+            f"{prefix}.lora_B.weight": torch.zeros(320, 4),
+        },
+        str(env.tmp / "pytorch_lora_weights.safetensors"),
+    )
     load(env.pipe(), env.tmp)
 
 
-@case("lora-sdxl-text-encoder", "an SDXL LoRA for the second text encoder only",
-      raises=ArtifactError,
-      message=r"{tmp}/xl_te2\.safetensors: no LoRA key matched this pipeline's UNet modules; it "
-              r"was made for another base model \(e\.g\. SDXL\)")
+@case(
+    "lora-sdxl-text-encoder",
+    "an SDXL LoRA for the second text encoder only",
+    raises=ArtifactError,
+    message=r"{tmp}/xl_te2\.safetensors: no LoRA key matched this pipeline's UNet modules; it "
+    r"was made for another base model \(e\.g\. SDXL\)",
+)
 def _(env):
     prefix = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
-    save_file({f"{prefix}.lora_down.weight": torch.zeros(4, 1280),
-               f"{prefix}.lora_up.weight": torch.zeros(1280, 4)},
-              str(env.tmp / "xl_te2.safetensors"))
+    save_file(
+        {
+            f"{prefix}.lora_down.weight": torch.zeros(4, 1280),
+            f"{prefix}.lora_up.weight": torch.zeros(1280, 4),
+        },
+        str(env.tmp / "xl_te2.safetensors"),
+    )
     load(env.pipe(), env.tmp / "xl_te2.safetensors")
 
 
-@case("hypernetwork-widths", "an SD1 webui hypernetwork (widths 768, 320, 640, 1280)",
-      raises=ArtifactError,
-      message=r"{tmp}/anime\.pt: widths \[320, 640, 768, 1280\] have no attention layer of that "
-              r"width in this UNet\. Its attention context widths are \[32, 64\] .*Use a "
-              r"hypernetwork made for this base model\.")
+@case(
+    "hypernetwork-widths",
+    "an SD1 webui hypernetwork (widths 768, 320, 640, 1280)",
+    raises=ArtifactError,
+    message=r"{tmp}/anime\.pt: widths \[320, 640, 768, 1280\] have no attention layer of that "
+    r"width in this UNet\. Its attention context widths are \[32, 64\] .*Use a "
+    r"hypernetwork made for this base model\.",
+)
 def _(env):
     from personalize.adapters.hypernetwork import Hypernetwork, save_hypernetwork
 
@@ -765,89 +1032,131 @@ def _(env):
     load(env.pipe(), env.tmp / "anime.pt")
 
 
-@case("embedding-pickle-runs-code", "a webui embedding .pt whose pickle would run code",
-      raises=ArtifactError,
-      message=r"{tmp}/evil\.pt cannot be loaded safely \(only tensors, numbers and strings are "
-              r"unpickled\): .*Unsupported global",
-      outcome="refused; the code did not run")
+@case(
+    "embedding-pickle-runs-code",
+    "a webui embedding .pt whose pickle would run code",
+    raises=ArtifactError,
+    message=r"{tmp}/evil\.pt cannot be loaded safely \(only tensors, numbers and strings are "
+    r"unpickled\): .*Unsupported global",
+    outcome="refused; the code did not run",
+)
 def _(env):
     marker = env.tmp / "code_ran"
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _RunsCode(marker)},
-                "name": "evil"}, env.tmp / "evil.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": _RunsCode(marker)},
+            "name": "evil",
+        },
+        env.tmp / "evil.pt",
+    )
     _refused_without_running(env, env.tmp / "evil.pt", marker)
 
 
-@case("hypernetwork-pickle-runs-code", "a webui hypernetwork .pt whose pickle would run code",
-      raises=ArtifactError,
-      message=r"{tmp}/evil\.pt: refused to load\. This pickle file asks to run code or build "
-              r"objects that a hypernetwork never contains \(Unsupported global.*weights_only=True",
-      outcome="refused; the code did not run")
+@case(
+    "hypernetwork-pickle-runs-code",
+    "a webui hypernetwork .pt whose pickle would run code",
+    raises=ArtifactError,
+    message=r"{tmp}/evil\.pt: refused to load\. This pickle file asks to run code or build "
+    r"objects that a hypernetwork never contains \(Unsupported global.*weights_only=True",
+    outcome="refused; the code did not run",
+)
 def _(env):
     marker = env.tmp / "code_ran"
     torch.save({32: (_RunsCode(marker), {}), "layer_structure": [1, 2, 1]}, env.tmp / "evil.pt")
     _refused_without_running(env, env.tmp / "evil.pt", marker)
 
 
-@case("bin-pickle-runs-code", "a `learned_embeds.bin` whose pickle would run code",
-      raises=ArtifactError,
-      message=r"{tmp}/learned_embeds\.bin: refused to load: this pickle asks to run code "
-              r"\(.*Unsupported global.*\)\. personalize reads pickles with "
-              r"torch\.load\(weights_only=True\) only",
-      outcome="refused; the code did not run")
+@case(
+    "bin-pickle-runs-code",
+    "a `learned_embeds.bin` whose pickle would run code",
+    raises=ArtifactError,
+    message=r"{tmp}/learned_embeds\.bin: refused to load: this pickle asks to run code "
+    r"\(.*Unsupported global.*\)\. personalize reads pickles with "
+    r"torch\.load\(weights_only=True\) only",
+    outcome="refused; the code did not run",
+)
 def _(env):
     marker = env.tmp / "code_ran"
     torch.save({"<cat>": _RunsCode(marker)}, env.tmp / "learned_embeds.bin")
     _refused_without_running(env, env.tmp / "learned_embeds.bin", marker)
 
 
-@case("artifact-corrupt-safetensors", "a .safetensors file with a damaged header",
-      raises=ArtifactError,
-      message=r"{tmp}/lora\.safetensors is not a readable \.safetensors file \(damaged, or an "
-              r"incomplete download\): .*\. Get the file again\.")
+@case(
+    "artifact-corrupt-safetensors",
+    "a .safetensors file with a damaged header",
+    raises=ArtifactError,
+    message=r"{tmp}/lora\.safetensors is not a readable \.safetensors file \(damaged, or an "
+    r"incomplete download\): .*\. Get the file again\.",
+)
 def _(env):
     (env.tmp / "lora.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     load(env.pipe(), env.tmp / "lora.safetensors")
 
 
-@case("artifact-truncated-safetensors", "a LoRA .safetensors cut off halfway",
-      raises=ArtifactError,
-      message=r"{tmp}/lora\.safetensors is not a readable \.safetensors file \(damaged, or an "
-              r"incomplete download\)")
+@case(
+    "artifact-truncated-safetensors",
+    "a LoRA .safetensors cut off halfway",
+    raises=ArtifactError,
+    message=r"{tmp}/lora\.safetensors is not a readable \.safetensors file \(damaged, or an "
+    r"incomplete download\)",
+)
 def _(env):
     prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 32),
-               f"{prefix}.lora_B.weight": torch.zeros(32, 4)}, str(env.tmp / "lora.safetensors"))
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(4, 32),
+            f"{prefix}.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(env.tmp / "lora.safetensors"),
+    )
     _cut_in_half(env.tmp / "lora.safetensors")
     load(env.pipe(), env.tmp / "lora.safetensors")
 
 
-@case("artifact-empty", "a 0-byte artifact file", raises=ArtifactError,
-      message=r"{tmp}/style\.pt is empty \(0 bytes\): an interrupted download or copy\? Get the "
-              r"file again\.")
+@case(
+    "artifact-empty",
+    "a 0-byte artifact file",
+    raises=ArtifactError,
+    message=r"{tmp}/style\.pt is empty \(0 bytes\): an interrupted download or copy\? Get the "
+    r"file again\.",
+)
 def _(env):
     (env.tmp / "style.pt").write_bytes(b"")
     load(env.pipe(), env.tmp / "style.pt")
 
 
-@case("artifact-garbage-pt", "a .pt file that is not a PyTorch file", raises=ArtifactError,
-      message=r"{tmp}/model\.pt: not a readable PyTorch file \(damaged, or not written by "
-              r"torch\.save\): Unsupported operand")
+@case(
+    "artifact-garbage-pt",
+    "a .pt file that is not a PyTorch file",
+    raises=ArtifactError,
+    message=r"{tmp}/model\.pt: not a readable PyTorch file \(damaged, or not written by "
+    r"torch\.save\): Unsupported operand",
+)
 def _(env):
     (env.tmp / "model.pt").write_bytes(b"not a pickle at all")
     load(env.pipe(), env.tmp / "model.pt")
 
 
-@case("artifact-unknown", "a .safetensors of unrelated tensors", raises=ArtifactError,
-      message=r"{tmp}/vae\.safetensors is not a learned artifact personalize knows: expected a "
-              r"LoRA \(pytorch_lora_weights\.safetensors\), a Textual Inversion embedding, a "
-              r"hypernetwork or a fine-tuned diffusers pipeline folder")
+@case(
+    "artifact-unknown",
+    "a .safetensors of unrelated tensors",
+    raises=ArtifactError,
+    message=r"{tmp}/vae\.safetensors is not a learned artifact personalize knows: expected a "
+    r"LoRA \(pytorch_lora_weights\.safetensors\), a Textual Inversion embedding, a "
+    r"hypernetwork or a fine-tuned diffusers pipeline folder",
+)
 def _(env):
     save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(env.tmp / "vae.safetensors"))
     load(env.pipe(), env.tmp / "vae.safetensors")
 
 
-@case("artifact-missing", "`personalize.load` of a path that does not exist",
-      raises=FileNotFoundError, message=r"artifact {tmp}/lora\.safetensors does not exist")
+@case(
+    "artifact-missing",
+    "`personalize.load` of a path that does not exist",
+    raises=FileNotFoundError,
+    message=r"artifact {tmp}/lora\.safetensors does not exist",
+)
 def _(env):
     load(env.pipe(), env.tmp / "lora.safetensors")
 
@@ -864,9 +1173,11 @@ def _untouched(pipe) -> bool:
     """A failed load left nothing behind: no LoRA layers, token or hypernetwork."""
     from personalize.adapters.hypernetwork import STACK_ATTR
 
-    return (not any("lora" in k for k in pipe.unet.state_dict())
-            and len(pipe.tokenizer) == TINY_VOCAB
-            and not hasattr(pipe.unet, STACK_ATTR))
+    return (
+        not any("lora" in k for k in pipe.unet.state_dict())
+        and len(pipe.tokenizer) == TINY_VOCAB
+        and not hasattr(pipe.unet, STACK_ATTR)
+    )
 
 
 @pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
@@ -876,8 +1187,7 @@ def test_bad_input(c: Case, tiny_model_dir, instance_dir, shared, tmp_path):
     if c.raises is None:
         assert error is None, f"{c.name} must work, raised {error!r}"
     else:
-        assert isinstance(error, c.raises), f"{c.name}: expected {c.raises.__name__}, got " \
-                                            f"{error!r}"
+        assert isinstance(error, c.raises), f"{c.name}: expected {c.raises.__name__}, got {error!r}"
         assert re.search(_pattern(c.message, env), str(error), re.DOTALL), str(error)
         assert "Traceback" not in str(error)
     if c.warns:
@@ -900,28 +1210,42 @@ def test_corpus_is_large_and_every_case_is_documented():
     assert len(CASES) >= 30
     page = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     missing = [n for n in names if f"`{n}`" not in page]
-    assert not missing, f"docs/reliability.md lacks {missing}; regenerate its table with " \
-                        "`python tests/test_bad_inputs.py`"
+    assert not missing, (
+        f"docs/reliability.md lacks {missing}; regenerate its table with "
+        "`python tests/test_bad_inputs.py`"
+    )
 
 
-def test_the_cli_prints_the_message_not_a_traceback(tiny_model_dir, instance_dir, tmp_path,
-                                                   capsys):
+def test_the_cli_prints_the_message_not_a_traceback(tiny_model_dir, instance_dir, tmp_path, capsys):
     """The same messages reach a command-line user as one `error:` line and exit code 2."""
     from personalize.cli import main
 
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_bytes("data:\n  prompt: un café\n".encode("latin-1"))
     no_data = tmp_path / "no_data.yaml"
-    no_data.write_text(yaml.safe_dump(base_config(tiny_model_dir, tmp_path / "nope",
-                                                  tmp_path / "run")))
+    no_data.write_text(
+        yaml.safe_dump(base_config(tiny_model_dir, tmp_path / "nope", tmp_path / "run"))
+    )
     evil = tmp_path / "evil.bin"
     marker = tmp_path / "code_ran"
     torch.save({"<cat>": _RunsCode(marker)}, evil)
     runs = [
         (["train", str(bad_yaml)], "is not UTF-8 text"),
         (["train", str(no_data)], "does not exist. Point it at a folder of images"),
-        (["sample", "--model", str(tiny_model_dir), "--load", str(evil), "--prompt", "a cat",
-          "--out", str(tmp_path / "samples")], "refused to load"),
+        (
+            [
+                "sample",
+                "--model",
+                str(tiny_model_dir),
+                "--load",
+                str(evil),
+                "--prompt",
+                "a cat",
+                "--out",
+                str(tmp_path / "samples"),
+            ],
+            "refused to load",
+        ),
     ]
     for argv, expected in runs:
         assert main(argv) == 2
@@ -955,8 +1279,9 @@ def _markdown_table() -> str:
             else:
                 text = f"works: {c.outcome}"
                 if c.warns:
-                    text += " — warning: " + next(w for w in warnings
-                                                  if re.search(_pattern(c.warns, env), w))
+                    text += " — warning: " + next(
+                        w for w in warnings if re.search(_pattern(c.warns, env), w)
+                    )
             text = text.replace(str(tmp), "<dir>").replace(str(model), "<model>")
             text = " ".join(text.split())
             text = text if len(text) <= 400 else text[:397] + "..."

@@ -63,8 +63,9 @@ def test_rectangular_transform_matches_the_square_one():
     image = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
     for center in (True, False):
         a = prepare_image(image, 24, center_crop=center, crop_rng=np.random.default_rng(5))
-        b = prepare_image_to_size(image, (24, 24), center_crop=center,
-                                  crop_rng=np.random.default_rng(5))
+        b = prepare_image_to_size(
+            image, (24, 24), center_crop=center, crop_rng=np.random.default_rng(5)
+        )
         assert torch.equal(a, b)
     wide = prepare_image_to_size(image, (40, 16), flip=True)
     assert wide.shape == (3, 16, 40)
@@ -125,8 +126,15 @@ def _mixed_images(folder):
     return folder
 
 
-BUCKETED = dict(data={"bucketing": True, "bucket_step": 8, "bucket_min_size": 16,
-                      "bucket_max_size": 64, "random_flip": True})
+BUCKETED = dict(
+    data={
+        "bucketing": True,
+        "bucket_step": 8,
+        "bucket_min_size": 16,
+        "bucket_max_size": 64,
+        "random_flip": True,
+    }
+)
 
 
 def test_bucketed_training_resumes_bit_identically(tiny_model_dir, tmp_path):
@@ -134,8 +142,9 @@ def test_bucketed_training_resumes_bit_identically(tiny_model_dir, tmp_path):
     train = {"max_steps": 4, "checkpoint_every": 2}
     # One cache folder for all three runs: the later ones reuse the first one's latents.
     sections = dict(BUCKETED, data=dict(BUCKETED["data"], cache_dir=str(tmp_path / "cache")))
-    straight = Trainer(from_dict(base_config(tiny_model_dir, data, tmp_path / "a", train=train,
-                                             **sections)))
+    straight = Trainer(
+        from_dict(base_config(tiny_model_dir, data, tmp_path / "a", train=train, **sections))
+    )
     assert sorted(set(straight.train_dataset.sizes)) == [(24, 40), (32, 32), (40, 24)]
     straight.run()
     # Each cached latent has its bucket's shape (latents are 1/2 the pixel size here).
@@ -143,11 +152,13 @@ def test_bucketed_training_resumes_bit_identically(tiny_model_dir, tmp_path):
     for (index, _), dist in straight.train_dataset.latents.entries.items():
         w, h = straight.train_dataset.sizes[index]
         assert dist.shape[-2:] == (h // 2, w // 2)
-    first = base_config(tiny_model_dir, data, tmp_path / "b", train=dict(train, max_steps=2),
-                        **sections)
+    first = base_config(
+        tiny_model_dir, data, tmp_path / "b", train=dict(train, max_steps=2), **sections
+    )
     Trainer(from_dict(first)).run()
-    resumed = base_config(tiny_model_dir, data, tmp_path / "b", train=train, resume="latest",
-                          **sections)
+    resumed = base_config(
+        tiny_model_dir, data, tmp_path / "b", train=train, resume="latest", **sections
+    )
     Trainer(from_dict(resumed)).run()
     a, b = load_file(tmp_path / "a" / LORA_WEIGHTS), load_file(tmp_path / "b" / LORA_WEIGHTS)
     for k in a:
@@ -156,9 +167,15 @@ def test_bucketed_training_resumes_bit_identically(tiny_model_dir, tmp_path):
 
 def test_bucket_config_is_checked(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="bucket_min_size"):
-        from_dict(base_config(tiny_model_dir, tmp_path, tmp_path / "o",
-                              data={"bucketing": True}))  # resolution 32 < min 256
+        from_dict(
+            base_config(tiny_model_dir, tmp_path, tmp_path / "o", data={"bucketing": True})
+        )  # resolution 32 < min 256
     with pytest.raises(ConfigError, match="bucket_step"):
-        from_dict(base_config(tiny_model_dir, tmp_path, tmp_path / "o",
-                              data={"bucketing": True, "bucket_step": 12,
-                                    "bucket_min_size": 16}))
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                tmp_path,
+                tmp_path / "o",
+                data={"bucketing": True, "bucket_step": 12, "bucket_min_size": 16},
+            )
+        )

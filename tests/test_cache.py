@@ -23,8 +23,7 @@ from personalize.training.loop import Trainer
 
 def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path):
     common = dict(train={"max_steps": 3, "batch_size": 2}, data={"random_flip": True})
-    cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
-                                           **common)))
+    cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c", **common)))
     # LoRA leaves the text encoder frozen: its outputs are cached and it leaves the device;
     # the VAE stays until every view (both flips of 4 images) has been encoded once.
     assert cached.offloaded == {"text_encoder"}
@@ -46,24 +45,27 @@ def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_class_images_are_cached_too_and_train_the_same(tiny_model_dir, instance_dir,
-                                                        tmp_path):
+def test_class_images_are_cached_too_and_train_the_same(tiny_model_dir, instance_dir, tmp_path):
     """Prior preservation: the class images' latents join the cache as batches first use
     them, the VAE leaves the device once every view is cached, a later run with the same
     cache folder starts without it, and training is the one the uncached path gives."""
     class_dir = tmp_path / "class"
     write_synthetic_images(class_dir, count=3, size=40, seed=7)
-    common = dict(train={"max_steps": 3, "batch_size": 2},
-                  data={"random_flip": False, "cache_dir": str(tmp_path / "cache")},
-                  db={"with_prior_preservation": True, "class_prompt": "a photo of a disc",
-                      "class_data_dir": str(class_dir), "num_class_images": 3})
-    first = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c",
-                                          **common)))
+    common = dict(
+        train={"max_steps": 3, "batch_size": 2},
+        data={"random_flip": False, "cache_dir": str(tmp_path / "cache")},
+        db={
+            "with_prior_preservation": True,
+            "class_prompt": "a photo of a disc",
+            "class_data_dir": str(class_dir),
+            "num_class_images": 3,
+        },
+    )
+    first = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c", **common)))
     assert len(first.dataloader.dataset.prior.latents) == 3 and "vae" not in first.offloaded
     first.run()  # 4 instance + 3 class images, all drawn in the first epoch (2 steps)
     assert first.dataloader.dataset.prior.latents.complete and "vae" in first.offloaded
-    again = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c2",
-                                          **common)))
+    again = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c2", **common)))
     assert "vae" in again.offloaded  # everything was on disk already
     batch = next(iter(again.dataloader))
     assert "pixel_values" not in batch and len(batch["latent_dist"]) == 4
@@ -82,11 +84,27 @@ def test_class_images_are_cached_too_and_train_the_same(tiny_model_dir, instance
 def test_class_images_stay_uncached_with_buckets(tiny_model_dir, instance_dir, tmp_path):
     class_dir = tmp_path / "class"
     write_synthetic_images(class_dir, count=2, seed=7)
-    trainer = Trainer(from_dict(base_config(
-        tiny_model_dir, instance_dir, tmp_path / "b",
-        data={"bucketing": True, "bucket_step": 8, "bucket_min_size": 16, "bucket_max_size": 64},
-        db={"with_prior_preservation": True, "class_prompt": "a photo of a disc",
-            "class_data_dir": str(class_dir), "num_class_images": 2})))
+    trainer = Trainer(
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                tmp_path / "b",
+                data={
+                    "bucketing": True,
+                    "bucket_step": 8,
+                    "bucket_min_size": 16,
+                    "bucket_max_size": 64,
+                },
+                db={
+                    "with_prior_preservation": True,
+                    "class_prompt": "a photo of a disc",
+                    "class_data_dir": str(class_dir),
+                    "num_class_images": 2,
+                },
+            )
+        )
+    )
     assert trainer.train_dataset.latents is not None
     assert trainer.dataloader.dataset.prior.latents is None
     batch = next(iter(trainer.dataloader))
@@ -96,10 +114,16 @@ def test_class_images_stay_uncached_with_buckets(tiny_model_dir, instance_dir, t
     assert trainer.train_dataset.latents.entries and "vae" not in trainer.offloaded
 
 
-def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(tiny_model_dir, instance_dir,
-                                                               tmp_path):
-    cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "o", train={"max_steps": 2},
-                      data={"cache_dir": str(tmp_path / "cache")})
+def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(
+    tiny_model_dir, instance_dir, tmp_path
+):
+    cfg = base_config(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "o",
+        train={"max_steps": 2},
+        data={"cache_dir": str(tmp_path / "cache")},
+    )
     Trainer(from_dict(cfg)).run()  # one epoch: every view encoded once, on disk
     cfg["overwrite"] = True
     trainer = Trainer(from_dict(cfg))
@@ -123,8 +147,9 @@ def _vae(model_dir):
 
 
 def _dataset(folder, resolution=32, random_flip=True):
-    return ImageCaptionDataset(load_records(folder), resolution=resolution,
-                               random_flip=random_flip, instance_prompt="x")
+    return ImageCaptionDataset(
+        load_records(folder), resolution=resolution, random_flip=random_flip, instance_prompt="x"
+    )
 
 
 def _count_encodes(vae, monkeypatch):
@@ -151,7 +176,8 @@ def _filled(dataset, vae, folder) -> LatentStore:
 
 
 def test_latent_cache_is_invalidated_by_images_transforms_and_weights(
-        tiny_model_dir, tmp_path, monkeypatch, caplog):
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
     from personalize.testing import write_synthetic_images
 
     data, folder = tmp_path / "data", tmp_path / "cache"
@@ -201,23 +227,33 @@ def test_latent_cache_is_invalidated_by_images_transforms_and_weights(
 
 def test_random_crops_are_not_cached(tiny_model_dir, instance_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "r",
-                                                data={"center_crop": False})))
+        trainer = Trainer(
+            from_dict(
+                base_config(
+                    tiny_model_dir, instance_dir, tmp_path / "r", data={"center_crop": False}
+                )
+            )
+        )
     assert trainer.train_dataset.latents is None and "vae" not in trainer.offloaded
     assert "random crops" in caplog.text
     with pytest.raises(ValueError, match="center crops"):
         latent_store(trainer.train_dataset, trainer.parts.vae, tmp_path / "c")
 
 
-@pytest.mark.parametrize("sections, cached", [
-    ({"data": {"caption_dropout": 0.5}}, {"", "a photo of sks disc"}),
-    ({"lora": {"train_text_encoder": True}}, None),  # the text encoder trains
-    ({"data": {"shuffle_tags": True}}, None),  # captions change every step
-])
-def test_text_embeddings_are_cached_only_when_fixed(tiny_model_dir, instance_dir, tmp_path,
-                                                    sections, cached):
-    trainer = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "t",
-                                            **sections)))
+@pytest.mark.parametrize(
+    "sections, cached",
+    [
+        ({"data": {"caption_dropout": 0.5}}, {"", "a photo of sks disc"}),
+        ({"lora": {"train_text_encoder": True}}, None),  # the text encoder trains
+        ({"data": {"shuffle_tags": True}}, None),  # captions change every step
+    ],
+)
+def test_text_embeddings_are_cached_only_when_fixed(
+    tiny_model_dir, instance_dir, tmp_path, sections, cached
+):
+    trainer = Trainer(
+        from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "t", **sections))
+    )
     if cached is None:
         assert trainer.text_cache is None and "text_encoder" not in trainer.offloaded
     else:
@@ -233,16 +269,19 @@ def test_mixed_batches_keep_example_order(tiny_model_dir, instance_dir, tmp_path
     mean = torch.full((1, 4, 16, 16), 5.0)
     params = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)  # ~zero variance
     encoded = torch.cat([torch.full_like(mean, -1.0), torch.full_like(mean, -30.0)], dim=1)
-    monkeypatch.setattr(trainer, "_encode_params",
-                        lambda pixels: encoded.expand(len(pixels), -1, -1, -1))
-    batch = {"latent_dist": params, "pixel_values": torch.zeros(2, 3, 32, 32),
-             "cached": [False, True, False]}
+    monkeypatch.setattr(
+        trainer, "_encode_params", lambda pixels: encoded.expand(len(pixels), -1, -1, -1)
+    )
+    batch = {
+        "latent_dist": params,
+        "pixel_values": torch.zeros(2, 3, 32, 32),
+        "cached": [False, True, False],
+    }
     latents = trainer._batch_latents(batch, torch.Generator().manual_seed(0))
     scale = trainer.parts.vae.config.scaling_factor
     torch.testing.assert_close(latents[0], torch.full((4, 16, 16), -scale), atol=1e-5, rtol=0)
     torch.testing.assert_close(latents[2], torch.full((4, 16, 16), -scale), atol=1e-5, rtol=0)
-    torch.testing.assert_close(latents[1], torch.full((4, 16, 16), 5.0 * scale), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(latents[1], torch.full((4, 16, 16), 5.0 * scale), atol=1e-5, rtol=0)
 
 
 class _FakeRank:
@@ -268,8 +307,9 @@ def test_processes_share_the_work_and_meet_once(tmp_path):
             computed.setdefault(rank.process_index, []).extend(indices)
             return [{"x": torch.tensor([float(j)])} for j in indices]
 
-        results[rank.process_index] = build_entries(TensorCache(tmp_path), keys, compute, rank,
-                                                    batch_size=2)
+        results[rank.process_index] = build_entries(
+            TensorCache(tmp_path), keys, compute, rank, batch_size=2
+        )
 
     threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
     for t in threads:

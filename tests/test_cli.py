@@ -15,13 +15,35 @@ def test_train_then_sample_with_the_artifact(tiny_model_dir, instance_dir, tmp_p
     assert main(["train", str(cfg), "train.max_steps=2"]) == 0
     assert "artifact saved in" in capsys.readouterr().out
     out = tmp_path / "samples"
-    code = main(["sample", "--model", str(tiny_model_dir), "--load", str(tmp_path / "run"),
-                 "--prompt", "a photo of sks disc", "--prompt", "a dog", "--num-images", "2",
-                 "--steps", "2", "--resolution", "32", "--out", str(out)])
+    code = main(
+        [
+            "sample",
+            "--model",
+            str(tiny_model_dir),
+            "--load",
+            str(tmp_path / "run"),
+            "--prompt",
+            "a photo of sks disc",
+            "--prompt",
+            "a dog",
+            "--num-images",
+            "2",
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     pngs = sorted(p.name for p in out.glob("prompt*.png"))
-    assert pngs == ["prompt00_seed0.png", "prompt00_seed1.png", "prompt01_seed0.png",
-                    "prompt01_seed1.png"]
+    assert pngs == [
+        "prompt00_seed0.png",
+        "prompt00_seed1.png",
+        "prompt01_seed0.png",
+        "prompt01_seed1.png",
+    ]
     grid = Image.open(out / "grid.png")
     assert grid.width > 2 * 32 and grid.height >= 2 * 32
 

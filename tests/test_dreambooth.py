@@ -39,9 +39,12 @@ def _config(model_dir, data_dir, out, **sections) -> dict:
 
 
 def _images(pipe, prompt=PROMPT) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float32)
-                     for im in generate(pipe, [prompt], [0, 1], num_inference_steps=4,
-                                        resolution=32)[0]])
+    return np.stack(
+        [
+            np.asarray(im, dtype=np.float32)
+            for im in generate(pipe, [prompt], [0, 1], num_inference_steps=4, resolution=32)[0]
+        ]
+    )
 
 
 def _state(module) -> dict[str, torch.Tensor]:
@@ -67,8 +70,16 @@ def class_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """Four generated class images, shared by the tests that only need some."""
     folder = tmp_path_factory.mktemp("class")
     pipe = load_pipeline(str(tiny_model_dir))
-    prior.ensure_class_images(folder, CLASS_PROMPT, 4, lambda: pipe, seed=0, batch_size=4,
-                              num_inference_steps=2, resolution=32)
+    prior.ensure_class_images(
+        folder,
+        CLASS_PROMPT,
+        4,
+        lambda: pipe,
+        seed=0,
+        batch_size=4,
+        num_inference_steps=2,
+        resolution=32,
+    )
     return folder
 
 
@@ -77,12 +88,24 @@ def class_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.mark.parametrize("method", ["dreambooth", "lora"])
 def test_batches_hold_both_kinds_and_loss_is_instance_plus_weighted_class(
-        method, tiny_model_dir, instance_dir, class_dir, tmp_path):
+    method, tiny_model_dir, instance_dir, class_dir, tmp_path
+):
     weight = 0.37
-    cfg = from_dict(_config(tiny_model_dir, instance_dir, tmp_path / "run", method=method,
-                            db={"with_prior_preservation": True, "class_prompt": CLASS_PROMPT,
-                                "class_data_dir": str(class_dir), "num_class_images": 4,
-                                "prior_loss_weight": weight}))
+    cfg = from_dict(
+        _config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            method=method,
+            db={
+                "with_prior_preservation": True,
+                "class_prompt": CLASS_PROMPT,
+                "class_data_dir": str(class_dir),
+                "num_class_images": 4,
+                "prior_loss_weight": weight,
+            },
+        )
+    )
     trainer = Trainer(cfg)
     batch = next(iter(trainer.dataloader))
     assert batch["is_prior"].tolist() == [False, False, True, True]
@@ -114,17 +137,20 @@ def test_prior_preservation_loss_without_class_rows_is_the_mean():
     batch = {"is_prior": torch.tensor([False, False, False])}
     torch.testing.assert_close(prior.prior_preservation_loss(per, batch, 3.0), per.mean())
     batch = {"is_prior": torch.tensor([False, True, True])}
-    torch.testing.assert_close(prior.prior_preservation_loss(per, batch, 0.5),
-                               torch.tensor(1.0 + 0.5 * 4.0))
+    torch.testing.assert_close(
+        prior.prior_preservation_loss(per, batch, 0.5), torch.tensor(1.0 + 0.5 * 4.0)
+    )
 
 
 def test_paired_dataset_rotates_class_images_and_fits_bucket_sizes(instance_dir, class_dir):
     from personalize.data import ImageCaptionDataset, load_records
 
-    instance = ImageCaptionDataset(load_records(instance_dir), resolution=32,
-                                   instance_prompt=PROMPT)
-    class_ds = ImageCaptionDataset(load_records(class_dir)[:3], resolution=32,
-                                   instance_prompt=CLASS_PROMPT)
+    instance = ImageCaptionDataset(
+        load_records(instance_dir), resolution=32, instance_prompt=PROMPT
+    )
+    class_ds = ImageCaptionDataset(
+        load_records(class_dir)[:3], resolution=32, instance_prompt=CLASS_PROMPT
+    )
     paired = prior.PriorPairedDataset(instance, class_ds)
     keys = [paired[i]["prior"]["key"] for i in range(len(paired))]
     paired.set_epoch(1)
@@ -197,31 +223,72 @@ def test_class_generation_resumes_after_interruption(tiny_model_dir, tmp_path):
 
 
 def test_two_process_run_splits_class_generation_without_duplicates(
-        tiny_model_dir, instance_dir, tmp_path):
+    tiny_model_dir, instance_dir, tmp_path
+):
     out = tmp_path / "run"
     class_folder = tmp_path / "class"
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(
-        tiny_model_dir, instance_dir, out, train={"max_steps": 3},
-        db={"with_prior_preservation": True, "class_prompt": CLASS_PROMPT,
-            "class_data_dir": str(class_folder), "num_class_images": 6,
-            "sample_batch_size": 2, "class_num_inference_steps": 2,
-            # Under DDP: a text encoder frozen mid-run and the L2-SP term's gradients.
-            "train_text_encoder": True, "stop_text_encoder_training": 1,
-            "weight_constraint": "l2sp", "weight_constraint_lambda": 1.0})))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            _config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                train={"max_steps": 3},
+                db={
+                    "with_prior_preservation": True,
+                    "class_prompt": CLASS_PROMPT,
+                    "class_data_dir": str(class_folder),
+                    "num_class_images": 6,
+                    "sample_batch_size": 2,
+                    "class_num_inference_steps": 2,
+                    # Under DDP: a text encoder frozen mid-run and the L2-SP term's gradients.
+                    "train_text_encoder": True,
+                    "stop_text_encoder_training": 1,
+                    "weight_constraint": "l2sp",
+                    "weight_constraint_lambda": 1.0,
+                },
+            )
+        )
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29533", "-m", "personalize", "train", str(cfg_path)],
-        env=env, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "personalize",
+            "train",
+            str(cfg_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    shares = {int(r): eval(ixs) for r, ixs in re.findall(  # noqa: S307 - our own log line
-        r"process (\d) generates class images (\[[\d, ]*\])", proc.stderr)}
+    shares = {
+        int(r): eval(ixs)
+        for r, ixs in re.findall(  # noqa: S307 - our own log line
+            r"process (\d) generates class images (\[[\d, ]*\])", proc.stderr
+        )
+    }
     assert shares == {0: [0, 2, 4], 1: [1, 3, 5]}
     assert sorted(p.name for p in class_folder.iterdir()) == sorted(
-        prior.class_image_name(CLASS_PROMPT, 0, i) for i in range(6))
+        prior.class_image_name(CLASS_PROMPT, 0, i) for i in range(6)
+    )
     assert (out / "model_index.json").is_file() and "text encoder frozen" in proc.stderr
 
 
@@ -232,18 +299,28 @@ def test_two_process_run_splits_class_generation_without_duplicates(
 def db_run(tiny_model_dir, instance_dir, class_dir, tmp_path_factory):
     """DreamBooth with class-image prior preservation and the single-file output."""
     out = tmp_path_factory.mktemp("db") / "run"
-    cfg = from_dict(_config(tiny_model_dir, instance_dir, out, train={"max_steps": 4},
-                            db={"with_prior_preservation": True, "class_prompt": CLASS_PROMPT,
-                                "class_data_dir": str(class_dir), "num_class_images": 4,
-                                "save_single_file": True}))
+    cfg = from_dict(
+        _config(
+            tiny_model_dir,
+            instance_dir,
+            out,
+            train={"max_steps": 4},
+            db={
+                "with_prior_preservation": True,
+                "class_prompt": CLASS_PROMPT,
+                "class_data_dir": str(class_dir),
+                "num_class_images": 4,
+                "save_single_file": True,
+            },
+        )
+    )
     parts = load_parts(str(tiny_model_dir))
     base_unet, base_te = _state(parts.unet), _state(parts.text_encoder)
     train(cfg, parts=parts)
     return out, parts, base_unet, base_te
 
 
-def test_saved_pipeline_loads_generates_and_leaves_the_text_encoder_alone(db_run,
-                                                                         tiny_model_dir):
+def test_saved_pipeline_loads_generates_and_leaves_the_text_encoder_alone(db_run, tiny_model_dir):
     out, parts, base_unet, base_te = db_run
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -277,8 +354,9 @@ def test_single_file_round_trips_through_diffusers(db_run, tiny_model_dir):
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
-    pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(tiny_model_dir),
-                                                    safety_checker=None, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(single), config=str(tiny_model_dir), safety_checker=None, local_files_only=True
+    )
     saved = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(pipe, name).state_dict(), getattr(saved, name).state_dict()
@@ -296,34 +374,60 @@ def test_single_file_layout_matches_original_sd_names(tmp_path):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 16, 16, 16), layers_per_block=2,
+        sample_size=8,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=16,
-        attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=2,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4)
-    converted = {**convert_unet(unet.state_dict(), unet.config),
-                 **convert_vae(vae.state_dict(), vae.config)}
-    for key in ["input_blocks.3.0.op.weight", "input_blocks.4.0.skip_connection.weight",
-                "input_blocks.8.1.transformer_blocks.0.attn2.to_k.weight",
-                "input_blocks.11.0.out_layers.3.weight", "output_blocks.2.1.conv.weight",
-                "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
-                "output_blocks.11.1.proj_out.weight", "middle_block.1.proj_in.weight",
-                "middle_block.2.emb_layers.1.weight", "time_embed.2.bias", "out.0.weight"]:
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+    )
+    converted = {
+        **convert_unet(unet.state_dict(), unet.config),
+        **convert_vae(vae.state_dict(), vae.config),
+    }
+    for key in [
+        "input_blocks.3.0.op.weight",
+        "input_blocks.4.0.skip_connection.weight",
+        "input_blocks.8.1.transformer_blocks.0.attn2.to_k.weight",
+        "input_blocks.11.0.out_layers.3.weight",
+        "output_blocks.2.1.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.8.2.conv.weight",
+        "output_blocks.11.1.proj_out.weight",
+        "middle_block.1.proj_in.weight",
+        "middle_block.2.emb_layers.1.weight",
+        "time_embed.2.bias",
+        "out.0.weight",
+    ]:
         assert "model.diffusion_model." + key in converted, key
-    for key in ["encoder.down.3.block.1.conv2.weight", "encoder.down.2.downsample.conv.weight",
-                "decoder.up.0.block.2.conv1.weight", "decoder.up.3.upsample.conv.weight",
-                "decoder.up.1.block.0.nin_shortcut.weight", "encoder.mid.block_2.norm1.bias",
-                "encoder.norm_out.weight", "post_quant_conv.weight"]:
+    for key in [
+        "encoder.down.3.block.1.conv2.weight",
+        "encoder.down.2.downsample.conv.weight",
+        "decoder.up.0.block.2.conv1.weight",
+        "decoder.up.3.upsample.conv.weight",
+        "decoder.up.1.block.0.nin_shortcut.weight",
+        "encoder.mid.block_2.norm1.bias",
+        "encoder.norm_out.weight",
+        "post_quant_conv.weight",
+    ]:
         assert "first_stage_model." + key in converted, key
     assert converted["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
     save_file(converted, str(tmp_path / "sd.safetensors"))
     unet.save_pretrained(tmp_path / "unet")
     vae.save_pretrained(tmp_path / "vae")
     for model, cls, sub in ((unet, UNet2DConditionModel, "unet"), (vae, AutoencoderKL, "vae")):
-        back = cls.from_single_file(str(tmp_path / "sd.safetensors"), config=str(tmp_path / sub),
-                                    local_files_only=True).state_dict()
+        back = cls.from_single_file(
+            str(tmp_path / "sd.safetensors"), config=str(tmp_path / sub), local_files_only=True
+        ).state_dict()
         ref = model.state_dict()
         assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k]) for k in ref)
 
@@ -336,8 +440,9 @@ def plain_run(tiny_model_dir, instance_dir, tmp_path_factory):
     """Plain DreamBooth (no prior, no constraint): the reference for the regularizers."""
     out = tmp_path_factory.mktemp("plain") / "run"
     parts = load_parts(str(tiny_model_dir))
-    train(from_dict(_config(tiny_model_dir, instance_dir, out, train={"max_steps": 3})),
-          parts=parts)
+    train(
+        from_dict(_config(tiny_model_dir, instance_dir, out, train={"max_steps": 3})), parts=parts
+    )
     return parts
 
 
@@ -353,19 +458,31 @@ def _distance(unet, reference: dict[str, torch.Tensor]) -> float:
     return float(sum(((v - reference[k]) ** 2).sum() for k, v in unet.state_dict().items()))
 
 
-def test_l2sp_lambda_zero_equals_plain_dreambooth_bit_for_bit(plain_run, tiny_model_dir,
-                                                             instance_dir, tmp_path):
-    parts, _ = _run(tiny_model_dir, instance_dir, tmp_path / "run", weight_constraint="l2sp",
-                    weight_constraint_lambda=0.0)
+def test_l2sp_lambda_zero_equals_plain_dreambooth_bit_for_bit(
+    plain_run, tiny_model_dir, instance_dir, tmp_path
+):
+    parts, _ = _run(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        weight_constraint="l2sp",
+        weight_constraint_lambda=0.0,
+    )
     plain = plain_run.unet.state_dict()
     assert all(torch.equal(v, plain[k]) for k, v in parts.unet.state_dict().items())
 
 
-def test_l2sp_huge_lambda_keeps_weights_near_pretrained(plain_run, tiny_model_dir, instance_dir,
-                                                       tmp_path):
+def test_l2sp_huge_lambda_keeps_weights_near_pretrained(
+    plain_run, tiny_model_dir, instance_dir, tmp_path
+):
     base = _state(load_parts(str(tiny_model_dir)).unet)
-    parts, _ = _run(tiny_model_dir, instance_dir, tmp_path / "run", weight_constraint="l2sp",
-                    weight_constraint_lambda=1e4)
+    parts, _ = _run(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        weight_constraint="l2sp",
+        weight_constraint_lambda=1e4,
+    )
     constrained, free = _distance(parts.unet, base), _distance(plain_run.unet, base)
     assert constrained < 0.1 * free, (constrained, free)
 
@@ -391,8 +508,9 @@ def test_lora_l2sp_is_the_effective_weight_change(tiny_model_dir):
     from peft import LoraConfig
 
     unet = load_parts(str(tiny_model_dir)).unet
-    unet.add_adapter(LoraConfig(r=3, lora_alpha=6, target_modules=["to_q", "to_v"],
-                                init_lora_weights="gaussian"))
+    unet.add_adapter(
+        LoraConfig(r=3, lora_alpha=6, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
+    )
     torch.manual_seed(0)
     for name, p in unet.named_parameters():
         if "lora_B" in name:
@@ -400,16 +518,25 @@ def test_lora_l2sp_is_the_effective_weight_change(tiny_model_dir):
     term = LoRAL2SP([unet], lam=2.0)
     from peft.tuners.lora import LoraLayer
 
-    explicit = sum((layer.get_delta_weight("default") ** 2).sum()
-                   for layer in unet.modules() if isinstance(layer, LoraLayer))
+    explicit = sum(
+        (layer.get_delta_weight("default") ** 2).sum()
+        for layer in unet.modules()
+        if isinstance(layer, LoraLayer)
+    )
     torch.testing.assert_close(term({}, None, None), 2.0 * explicit)
 
 
 @pytest.fixture(scope="module")
 def distilled_run(tiny_model_dir, instance_dir, tmp_path_factory):
-    return _run(tiny_model_dir, instance_dir, tmp_path_factory.mktemp("distill") / "run",
-                with_prior_preservation=True, prior="distillation", class_prompt=CLASS_PROMPT,
-                distillation_weight=5.0)
+    return _run(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path_factory.mktemp("distill") / "run",
+        with_prior_preservation=True,
+        prior="distillation",
+        class_prompt=CLASS_PROMPT,
+        distillation_weight=5.0,
+    )
 
 
 def test_distillation_teacher_stays_bit_identical(distilled_run, tiny_model_dir):
@@ -420,8 +547,9 @@ def test_distillation_teacher_stays_bit_identical(distilled_run, tiny_model_dir)
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_distillation_keeps_class_predictions_closer_to_the_teacher(distilled_run, plain_run,
-                                                                   tiny_model_dir):
+def test_distillation_keeps_class_predictions_closer_to_the_teacher(
+    distilled_run, plain_run, tiny_model_dir
+):
     parts, _ = distilled_run
     base = load_parts(str(tiny_model_dir))
     with_term = _class_prompt_gap(parts.unet, base.unet, base)
@@ -429,27 +557,33 @@ def test_distillation_keeps_class_predictions_closer_to_the_teacher(distilled_ru
     assert with_term < 0.7 * without, (with_term, without)  # ~0.45 measured
 
 
-def test_lora_distillation_uses_the_base_weights_as_teacher(tiny_model_dir, instance_dir,
-                                                           tmp_path):
+def test_lora_distillation_uses_the_base_weights_as_teacher(tiny_model_dir, instance_dir, tmp_path):
     from personalize.methods.lora import LoRA
 
     def run(out, **db):
-        cfg = from_dict(_config(tiny_model_dir, instance_dir, out, method="lora",
-                                train={"max_steps": 3}, db=db))
+        cfg = from_dict(
+            _config(tiny_model_dir, instance_dir, out, method="lora", train={"max_steps": 3}, db=db)
+        )
         parts = load_parts(str(tiny_model_dir))
         method = LoRA(cfg)
         train(cfg, method=method, parts=parts)
         return parts, method
 
-    parts, method = run(tmp_path / "distill", with_prior_preservation=True,
-                        prior="distillation", class_prompt=CLASS_PROMPT, distillation_weight=5.0)
+    parts, method = run(
+        tmp_path / "distill",
+        with_prior_preservation=True,
+        prior="distillation",
+        class_prompt=CLASS_PROMPT,
+        distillation_weight=5.0,
+    )
     term = method.regularizers.terms["distillation"]
     assert term.teacher_unet is None  # no copy: the adapters are switched off instead
     assert all(p.requires_grad for n, p in parts.unet.named_parameters() if "lora_" in n)
     plain, _ = run(tmp_path / "plain")
     base = load_parts(str(tiny_model_dir))
-    assert _class_prompt_gap(parts.unet, base.unet, base) < \
-        _class_prompt_gap(plain.unet, base.unet, base)
+    assert _class_prompt_gap(parts.unet, base.unet, base) < _class_prompt_gap(
+        plain.unet, base.unet, base
+    )
 
 
 # ------------------------------------------------------------------------------ what trains
@@ -457,14 +591,24 @@ def test_lora_distillation_uses_the_base_weights_as_teacher(tiny_model_dir, inst
 
 def test_train_unet_blocks_freezes_the_rest(tiny_model_dir, instance_dir, tmp_path):
     base = _state(load_parts(str(tiny_model_dir)).unet)
-    cfg = from_dict(_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                            train={"max_steps": 2}, db={"train_unet_blocks": ["up_blocks.1"]}))
+    cfg = from_dict(
+        _config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            train={"max_steps": 2},
+            db={"train_unet_blocks": ["up_blocks.1"]},
+        )
+    )
     parts = load_parts(str(tiny_model_dir))
     train(cfg, parts=parts)
     for k, v in parts.unet.state_dict().items():
         assert torch.equal(v, base[k]) != k.startswith("up_blocks.1."), k
-    bad = from_dict(_config(tiny_model_dir, instance_dir, tmp_path / "bad",
-                            db={"train_unet_blocks": ["up_block"]}))
+    bad = from_dict(
+        _config(
+            tiny_model_dir, instance_dir, tmp_path / "bad", db={"train_unet_blocks": ["up_block"]}
+        )
+    )
     with pytest.raises(ValueError, match=r"db\.train_unet_blocks.*up_blocks\.0, up_blocks\.1"):
         train(bad)
 
@@ -480,14 +624,21 @@ def fresh_accelerate_state():
 
 
 def test_frozen_blocks_are_saved_at_full_precision_under_mixed_precision(
-        tiny_model_dir, instance_dir, tmp_path, fresh_accelerate_state):
+    tiny_model_dir, instance_dir, tmp_path, fresh_accelerate_state
+):
     """bf16 training holds the frozen blocks in bf16; the saved UNet takes them from the
     base model's files, so they stay bit-identical to the fp32 originals."""
     from diffusers import UNet2DConditionModel
 
-    cfg = from_dict(_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                            train={"max_steps": 2, "mixed_precision": "bf16"},
-                            db={"train_unet_blocks": ["up_blocks.1"]}))
+    cfg = from_dict(
+        _config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            train={"max_steps": 2, "mixed_precision": "bf16"},
+            db={"train_unet_blocks": ["up_blocks.1"]},
+        )
+    )
     train(cfg)
     base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "run", subfolder="unet").state_dict()
@@ -495,13 +646,25 @@ def test_frozen_blocks_are_saved_at_full_precision_under_mixed_precision(
         assert saved[k].dtype == torch.float32
         assert torch.equal(v, saved[k]) != k.startswith("up_blocks.1."), k
 
-def test_text_encoder_trains_until_its_stop_step_also_across_resume(tiny_model_dir,
-                                                                    instance_dir, tmp_path):
+
+def test_text_encoder_trains_until_its_stop_step_also_across_resume(
+    tiny_model_dir, instance_dir, tmp_path
+):
     def run(out, steps, **extra):
-        cfg = from_dict(_config(
-            tiny_model_dir, instance_dir, out, train={"max_steps": steps, "checkpoint_every": 2},
-            db={"train_text_encoder": True, "text_encoder_lr": 5e-4,
-                "stop_text_encoder_training": 1}, **extra))
+        cfg = from_dict(
+            _config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                train={"max_steps": steps, "checkpoint_every": 2},
+                db={
+                    "train_text_encoder": True,
+                    "text_encoder_lr": 5e-4,
+                    "stop_text_encoder_training": 1,
+                },
+                **extra,
+            )
+        )
         parts = load_parts(str(tiny_model_dir))
         train(cfg, parts=parts)
         return parts
@@ -513,8 +676,9 @@ def test_text_encoder_trains_until_its_stop_step_also_across_resume(tiny_model_d
     assert all(torch.equal(v, one[k]) for k, v in three.text_encoder.state_dict().items())
     out = StableDiffusionPipeline.from_pretrained(tmp_path / "three").text_encoder.state_dict()
     assert all(torch.equal(v, one[k]) for k, v in out.items())
-    resumed = run(tmp_path / "resumed", 3,
-                  resume=str(tmp_path / "three" / "checkpoints" / "step-000002"))
+    resumed = run(
+        tmp_path / "resumed", 3, resume=str(tmp_path / "three" / "checkpoints" / "step-000002")
+    )
     assert all(torch.equal(v, one[k]) for k, v in resumed.text_encoder.state_dict().items())
 
 
@@ -522,8 +686,9 @@ def test_config_errors_name_the_db_key(tmp_path):
     with pytest.raises(ConfigError, match=r"db\.class_prompt"):
         from_dict({"method": "dreambooth", "db": {"with_prior_preservation": True}})
     with pytest.raises(ConfigError, match=r"db\.prior.*with_prior_preservation"):
-        from_dict({"method": "dreambooth", "db": {"prior": "distillation",
-                                                  "class_prompt": "a dog"}})
+        from_dict(
+            {"method": "dreambooth", "db": {"prior": "distillation", "class_prompt": "a dog"}}
+        )
     with pytest.raises(ConfigError, match=r"db\.train_text_encoder.*lora\.train_text_encoder"):
         from_dict({"method": "lora", "db": {"train_text_encoder": True}})
     with pytest.raises(ConfigError, match=r"db\.weight_constraint_anchor"):
@@ -540,8 +705,9 @@ def test_example_config_parses():
 def test_demo_runs_with_dreambooth(tmp_path):
     from personalize.demo import run_demo
 
-    summary = run_demo(method="dreambooth", out=tmp_path / "demo", steps=3, seeds=(0,),
-                       world="tiny")
+    summary = run_demo(
+        method="dreambooth", out=tmp_path / "demo", steps=3, seeds=(0,), world="tiny"
+    )
     assert summary["steps"] == 3 and summary["it_per_s"] > 0
     run = Path(summary["artifact"])
     assert (run / "model_index.json").is_file()

@@ -47,12 +47,27 @@ def save_tiny_clip(path: Path) -> Path:
     tok = tiny_tokenizer()
     n = len(tok)
     config = CLIPConfig(
-        text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77,
-                         bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=n - 2,
+            eos_token_id=n - 1,
+            pad_token_id=n - 1,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -63,8 +78,14 @@ def save_tiny_vit(path: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(1)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(path)
     return path
 
@@ -109,17 +130,21 @@ def test_identical_images_score_one_and_shuffled_pixels_score_lower(encoders, in
     clip_dir, dino_dir = encoders
     images = _images(instance_dir)
     rng = np.random.default_rng(0)
-    shuffled = [Image.fromarray(rng.permutation(np.asarray(im).reshape(-1, 3)).reshape(
-        np.asarray(im).shape)) for im in images]
+    shuffled = [
+        Image.fromarray(
+            rng.permutation(np.asarray(im).reshape(-1, 3)).reshape(np.asarray(im).shape)
+        )
+        for im in images
+    ]
     for encoder in (M.ClipEncoder(str(clip_dir)), M.DinoEncoder(str(dino_dir))):
         a = encoder.image_features(images)
         b = encoder.image_features([im.copy() for im in images])
         assert torch.allclose(a.norm(dim=-1), torch.ones(len(images)), atol=1e-5)
         for i in range(len(images)):
-            assert M.mean_similarity(a[i:i + 1], b[i:i + 1]) == pytest.approx(1.0, abs=1e-5)
+            assert M.mean_similarity(a[i : i + 1], b[i : i + 1]) == pytest.approx(1.0, abs=1e-5)
         c = encoder.image_features(shuffled)
         for i in range(len(images)):
-            assert M.mean_similarity(c[i:i + 1], a[i:i + 1]) < 1 - 1e-3
+            assert M.mean_similarity(c[i : i + 1], a[i : i + 1]) < 1 - 1e-3
     clip = M.ClipEncoder(str(clip_dir))
     texts = clip.text_features(["a photo of a disc", "a photo of a disc", "snow"])
     assert M.paired_similarity(texts[:1], texts[1:2]) == pytest.approx(1.0, abs=1e-5)
@@ -130,17 +155,23 @@ def test_preprocessing_matches_transformers_image_processors(tmp_path):
     transformers = pytest.importorskip("transformers")
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), np.uint8))
     cases = [
-        (transformers.CLIPImageProcessor(size={"shortest_edge": 32},
-                                         crop_size={"height": 32, "width": 32}), "clip"),
+        (
+            transformers.CLIPImageProcessor(
+                size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+            ),
+            "clip",
+        ),
         (transformers.ViTImageProcessor(size={"height": 32, "width": 32}), "vit"),
     ]
     for processor, name in cases:
         folder = tmp_path / name
         processor.save_pretrained(folder)
-        ours = M.load_preprocess(folder, 32, M.IMAGENET_MEAN, M.IMAGENET_STD,
-                                 {"shortest_edge": 32})([img])
-        theirs = torch.as_tensor(np.asarray(processor(images=[img], return_tensors="np")
-                                            ["pixel_values"]))
+        ours = M.load_preprocess(
+            folder, 32, M.IMAGENET_MEAN, M.IMAGENET_STD, {"shortest_edge": 32}
+        )([img])
+        theirs = torch.as_tensor(
+            np.asarray(processor(images=[img], return_tensors="np")["pixel_values"])
+        )
         assert ours.shape == theirs.shape == (1, 3, 32, 32)
         assert torch.allclose(ours, theirs.float(), atol=1e-4), name
 
@@ -180,16 +211,26 @@ def test_dreambench_templates_and_prompt_files(tmp_path):
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-lora") / "run"
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, out,
-                                train={"max_steps": 3, "lr": 5e-3}))
+    cfg = from_dict(
+        base_config(tiny_model_dir, instance_dir, out, train={"max_steps": 3, "lr": 5e-3})
+    )
     return train(cfg)
 
 
 def _eval_dict(model, out, artifacts, **extra) -> dict:
-    cfg = {"model": str(model), "output_dir": str(out), "artifacts": artifacts,
-           "prompts": {"count": 2, "class_name": "disc"},
-           "generation": {"seeds": SEEDS, "num_inference_steps": 2, "resolution": 32,
-                          "batch_size": 3, "scheduler": "DDIM"}}
+    cfg = {
+        "model": str(model),
+        "output_dir": str(out),
+        "artifacts": artifacts,
+        "prompts": {"count": 2, "class_name": "disc"},
+        "generation": {
+            "seeds": SEEDS,
+            "num_inference_steps": 2,
+            "resolution": 32,
+            "batch_size": 3,
+            "scheduler": "DDIM",
+        },
+    }
     for key, value in extra.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
@@ -199,11 +240,21 @@ def _eval_dict(model, out, artifacts, **extra) -> dict:
 def full_eval(tiny_model_dir, instance_dir, lora_run, encoders, tmp_path_factory):
     clip_dir, dino_dir = encoders
     out = tmp_path_factory.mktemp("eval") / "full"
-    cfg = evaluation_from_dict(_eval_dict(
-        tiny_model_dir, out, [{"path": str(lora_run), "label": "lora"},
-                              {"path": str(lora_run), "label": "lora-off", "strength": 0.0}],
-        metrics={"clip_model": str(clip_dir), "dino_model": str(dino_dir),
-                 "instance_data": str(instance_dir)}))
+    cfg = evaluation_from_dict(
+        _eval_dict(
+            tiny_model_dir,
+            out,
+            [
+                {"path": str(lora_run), "label": "lora"},
+                {"path": str(lora_run), "label": "lora-off", "strength": 0.0},
+            ],
+            metrics={
+                "clip_model": str(clip_dir),
+                "dino_model": str(dino_dir),
+                "instance_data": str(instance_dir),
+            },
+        )
+    )
     return out, evaluate(cfg)
 
 
@@ -217,10 +268,22 @@ def test_evaluate_writes_images_grids_metrics_and_report(full_eval):
     pngs = sorted((out / "images").rglob("*.png"))
     assert len(pngs) == summary["generated"] == 3 * 3 * 2
     assert {p.relative_to(out / "images").parts[0] for p in pngs} == {"base", "lora", "lora-off"}
-    assert (out / "images" / "base" / Prompt(OBJECT_TEMPLATES[0]).folder_name("sks", "disc")
-            / "seed3.png").is_file()
-    for name in ("metrics.json", "metrics.csv", "report.html", "generation.json",
-                 "loss_curve.png", "grids/seed3.png", "grids/class_seed7.png"):
+    assert (
+        out
+        / "images"
+        / "base"
+        / Prompt(OBJECT_TEMPLATES[0]).folder_name("sks", "disc")
+        / "seed3.png"
+    ).is_file()
+    for name in (
+        "metrics.json",
+        "metrics.csv",
+        "report.html",
+        "generation.json",
+        "loss_curve.png",
+        "grids/seed3.png",
+        "grids/class_seed7.png",
+    ):
         assert (out / name).is_file(), name
     # rows: prompts; columns: base + 2 artifacts; the 32 px images are shown at 128 px.
     assert Image.open(out / "grids" / "seed3.png").size == R.grid_size(2, 3, 128)
@@ -245,10 +308,16 @@ def test_each_column_starts_from_a_fresh_base_pipeline(full_eval):
     leaked into its pipeline it would not match the base images."""
     out, _ = full_eval
     base = sorted((out / "images" / "base").rglob("*.png"))
-    diff_off = max(np.abs(_pixels(p) - _pixels(Path(str(p).replace("/base/", "/lora-off/"))))
-                   .max() for p in base)
-    diff_lora = np.mean([np.abs(_pixels(p) - _pixels(Path(str(p).replace("/base/", "/lora/"))))
-                         .mean() for p in base])
+    diff_off = max(
+        np.abs(_pixels(p) - _pixels(Path(str(p).replace("/base/", "/lora-off/")))).max()
+        for p in base
+    )
+    diff_lora = np.mean(
+        [
+            np.abs(_pixels(p) - _pixels(Path(str(p).replace("/base/", "/lora/")))).mean()
+            for p in base
+        ]
+    )
     assert diff_off <= 1  # uint8 rounding only
     assert diff_lora > 0.05
 
@@ -276,13 +345,34 @@ def test_report_parses_and_references_only_existing_files(full_eval):
 
 
 def test_same_seeds_give_identical_base_images_and_runs_resume(
-        full_eval, tiny_model_dir, lora_run, tmp_path, capsys):
+    full_eval, tiny_model_dir, lora_run, tmp_path, capsys
+):
     first, _ = full_eval
     out = tmp_path / "again"
-    argv = ["evaluate", "--model", str(tiny_model_dir), "--artifact", f"lora={lora_run}",
-            "--class-name", "disc", "--num-prompts", "2", "--seeds", "3,7", "--steps", "2",
-            "--resolution", "32", "--scheduler", "DDIM", "--batch-size", "3", "--embed-images",
-            "--out", str(out)]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--artifact",
+        f"lora={lora_run}",
+        "--class-name",
+        "disc",
+        "--num-prompts",
+        "2",
+        "--seeds",
+        "3,7",
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--scheduler",
+        "DDIM",
+        "--batch-size",
+        "3",
+        "--embed-images",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["generated"] == 2 * 3 * 2
@@ -320,31 +410,38 @@ def test_evaluation_draws_what_sampling_draws(full_eval, tiny_model_dir):
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     prompt = Prompt(OBJECT_TEMPLATES[1])
-    images = generate(pipe, [prompt.text("sks", "disc")], SEEDS, num_inference_steps=2,
-                      resolution=32)[0]
+    images = generate(
+        pipe, [prompt.text("sks", "disc")], SEEDS, num_inference_steps=2, resolution=32
+    )[0]
     for seed, image in zip(SEEDS, images):
-        ours = _pixels(out / "images" / "base" / prompt.folder_name("sks", "disc")
-                       / f"seed{seed}.png")
+        ours = _pixels(
+            out / "images" / "base" / prompt.folder_name("sks", "disc") / f"seed{seed}.png"
+        )
         assert np.abs(ours - np.asarray(image, dtype=np.int16)).max() <= 1
 
 
-def test_pipeline_folder_artifact_and_loss_curve_from_given_log(
-        tiny_model_dir, lora_run, tmp_path):
+def test_pipeline_folder_artifact_and_loss_curve_from_given_log(tiny_model_dir, lora_run, tmp_path):
     """A fine-tuned pipeline folder (DreamBooth output) is a column like a LoRA; an explicit
     train log gives the loss curve."""
     tuned = save_tiny_pipeline(tmp_path / "dreambooth", seed=1)
-    cfg = evaluation_from_dict(_eval_dict(
-        tiny_model_dir, tmp_path / "out", [str(tuned)],
-        prompts={"count": 1, "class_prompts": []},
-        generation={"seeds": [0]},
-        report={"train_logs": [str(lora_run)]}))
+    cfg = evaluation_from_dict(
+        _eval_dict(
+            tiny_model_dir,
+            tmp_path / "out",
+            [str(tuned)],
+            prompts={"count": 1, "class_prompts": []},
+            generation={"seeds": [0]},
+            report={"train_logs": [str(lora_run)]},
+        )
+    )
     summary = evaluate(cfg)
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert data["columns"][1]["kind"] == "pipeline"
     assert data["columns"][1]["label"] == "dreambooth"
     assert summary["generated"] == 2
-    a, b = (sorted((tmp_path / "out" / "images" / c).rglob("*.png"))[0]
-            for c in ("base", "dreambooth"))
+    a, b = (
+        sorted((tmp_path / "out" / "images" / c).rglob("*.png"))[0] for c in ("base", "dreambooth")
+    )
     assert np.abs(_pixels(a) - _pixels(b)).mean() > 1
     assert (tmp_path / "out" / "loss_curve.png").is_file()
 
@@ -360,24 +457,42 @@ def test_embedding_and_hypernetwork_artifacts_are_columns_too(tiny_model_dir, tm
     save_file({"<disc>": torch.randn(1, 32)}, str(tmp_path / "learned_embeds.safetensors"))
     hn_file = H.save_hypernetwork(
         H.Hypernetwork([32, 64], H.HypernetworkOptions(weight_initialization="XavierNormal")),
-        tmp_path / "disc_hn.pt")
+        tmp_path / "disc_hn.pt",
+    )
     emb = str(tmp_path / "learned_embeds.safetensors")
-    cfg = evaluation_from_dict(_eval_dict(
-        tiny_model_dir, tmp_path / "out",
-        [{"path": emb, "token": "<disc>"}, emb, {"path": str(hn_file), "strength": 0.5}],
-        prompts={"count": 1, "class_prompts": []}, generation={"seeds": [0]}))
+    cfg = evaluation_from_dict(
+        _eval_dict(
+            tiny_model_dir,
+            tmp_path / "out",
+            [{"path": emb, "token": "<disc>"}, emb, {"path": str(hn_file), "strength": 0.5}],
+            prompts={"count": 1, "class_prompts": []},
+            generation={"seeds": [0]},
+        )
+    )
     with caplog.at_level("WARNING"):
         evaluate(cfg)
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())
     cols = {c["label"]: c for c in data["columns"]}
     assert [(c["kind"], c["token"]) for c in data["columns"]] == [
-        (None, "sks"), ("textual_inversion", "<disc>"), ("textual_inversion", "sks"),
-        ("hypernetwork", "sks")]
+        (None, "sks"),
+        ("textual_inversion", "<disc>"),
+        ("textual_inversion", "sks"),
+        ("hypernetwork", "sks"),
+    ]
     assert list(cols) == ["base", "learned_embeds", "learned_embeds-2", "disc_hn"]
     assert any("<disc>" in r.message and "learned_embeds-2" in r.message for r in caplog.records)
     prompt = Prompt(OBJECT_TEMPLATES[0])
-    images = {label: _pixels(tmp_path / "out" / "images" / label / prompt.folder_name(
-        cols[label]["token"], "disc") / "seed0.png") for label in cols}
+    images = {
+        label: _pixels(
+            tmp_path
+            / "out"
+            / "images"
+            / label
+            / prompt.folder_name(cols[label]["token"], "disc")
+            / "seed0.png"
+        )
+        for label in cols
+    }
     assert np.abs(images["learned_embeds"] - images["base"]).mean() > 0.5  # token used
     assert np.abs(images["learned_embeds-2"] - images["base"]).max() <= 1  # token unused
     assert np.abs(images["disc_hn"] - images["base"]).mean() > 0.5
@@ -385,7 +500,9 @@ def test_embedding_and_hypernetwork_artifacts_are_columns_too(tiny_model_dir, tm
 
 def test_loss_curve_is_drawn_from_log_rows(tmp_path):
     rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 11)] + [
-        {"step": 5, "val_loss": 0.4}, {"step": 10, "val_loss": 0.3}]
+        {"step": 5, "val_loss": 0.4},
+        {"step": 10, "val_loss": 0.3},
+    ]
     img = R.loss_curve(rows, "run")
     assert img is not None and img.size == (720, 360)
     colors = {tuple(c) for c in np.asarray(img).reshape(-1, 3)}
@@ -405,8 +522,17 @@ def test_config_errors_name_the_key(tiny_model_dir, lora_run, tmp_path):
         evaluate(evaluation_from_dict({**base, "generation": {"scheduler": "Nope"}}))
     assert not (tmp_path / "o" / "images").exists()  # failed before drawing anything
     with pytest.raises(ConfigError, match="label"):
-        evaluate(evaluation_from_dict({**base, "artifacts": [
-            {"path": str(lora_run), "label": "x"}, {"path": str(lora_run), "label": "x"}]}))
+        evaluate(
+            evaluation_from_dict(
+                {
+                    **base,
+                    "artifacts": [
+                        {"path": str(lora_run), "label": "x"},
+                        {"path": str(lora_run), "label": "x"},
+                    ],
+                }
+            )
+        )
     with pytest.raises(ConfigError, match="prompts.colour"):
         evaluation_from_dict({**base, "prompts": {"colour": "red"}})
     with pytest.raises(ConfigError, match="generation.seeds"):
@@ -414,9 +540,11 @@ def test_config_errors_name_the_key(tiny_model_dir, lora_run, tmp_path):
 
 
 def test_shipped_config_parses(tiny_model_dir, lora_run, tmp_path):
-    cfg = load_evaluation_config(ROOT / "configs" / "evaluate.yaml",
-                                 [f"model={tiny_model_dir}", "generation.num_images=2"],
-                                 {"artifacts": [f"final={lora_run}"]})
+    cfg = load_evaluation_config(
+        ROOT / "configs" / "evaluate.yaml",
+        [f"model={tiny_model_dir}", "generation.num_images=2"],
+        {"artifacts": [f"final={lora_run}"]},
+    )
     assert cfg.artifacts[0].label == "final" and cfg.generation.seed_list() == [0, 1]
     raw = yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text())
     assert set(raw) <= set(cfg.to_dict())

@@ -27,12 +27,23 @@ def _nan_at(trainer, bad_steps):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_streak_of_nan_steps_stops_the_run(tiny_model_dir, instance_dir, tmp_path, fused,
-                                             monkeypatch):
+def test_a_streak_of_nan_steps_stops_the_run(
+    tiny_model_dir, instance_dir, tmp_path, fused, monkeypatch
+):
     # log_every 10: with the fused optimizer the host reads the guard every 3 steps only.
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                                train={"max_steps": 20, "max_nonfinite_steps": 3,
-                                       "log_every": 10, "fused_optimizer": fused}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            train={
+                "max_steps": 20,
+                "max_nonfinite_steps": 3,
+                "log_every": 10,
+                "fused_optimizer": fused,
+            },
+        )
+    )
     trainer = Trainer(cfg)
     assert bool(trainer.optimizer.optimizer.defaults.get("fused")) == fused
     before = {k: v.clone() for k, v in trainer.method.trainable_state_dict(trainer.parts).items()}
@@ -47,12 +58,18 @@ def test_a_streak_of_nan_steps_stops_the_run(tiny_model_dir, instance_dir, tmp_p
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_single_nan_step_is_skipped_and_training_goes_on(tiny_model_dir, instance_dir,
-                                                           tmp_path, fused, monkeypatch):
+def test_a_single_nan_step_is_skipped_and_training_goes_on(
+    tiny_model_dir, instance_dir, tmp_path, fused, monkeypatch
+):
     out = tmp_path / "run"
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, out,
-                                train={"max_steps": 4, "log_every": 3,
-                                       "fused_optimizer": fused}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            out,
+            train={"max_steps": 4, "log_every": 3, "fused_optimizer": fused},
+        )
+    )
     trainer = Trainer(cfg)
     monkeypatch.setattr(trainer, "compute_loss", _nan_at(trainer, {1}))  # the second step
     trainer.run()
@@ -76,11 +93,23 @@ def test_switches_run_together(tiny_model_dir, instance_dir, tmp_path, monkeypat
     compiled = []
     monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self: compiled.append(self))
     out = tmp_path / "run"
-    trainer = Trainer(from_dict(base_config(
-        tiny_model_dir, instance_dir, out,
-        train={"max_steps": 2, "channels_last": True, "compile_unet": True,
-               "gradient_checkpointing": True, "allow_tf32": False},
-        data={"num_workers": 1, "pin_memory": True})))
+    trainer = Trainer(
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                train={
+                    "max_steps": 2,
+                    "channels_last": True,
+                    "compile_unet": True,
+                    "gradient_checkpointing": True,
+                    "allow_tf32": False,
+                },
+                data={"num_workers": 1, "pin_memory": True},
+            )
+        )
+    )
     assert compiled == [trainer.parts.unet]
     conv = trainer.parts.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -90,11 +119,20 @@ def test_switches_run_together(tiny_model_dir, instance_dir, tmp_path, monkeypat
 
 def test_unavailable_or_unknown_fast_paths_fail_clearly(tiny_model_dir, instance_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.attention"):
-        from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "a",
-                              train={"attention": "flash"}))
+        from_dict(
+            base_config(tiny_model_dir, instance_dir, tmp_path / "a", train={"attention": "flash"})
+        )
     try:
         import xformers  # noqa: F401
     except ImportError:
         with pytest.raises(FastPathError, match="attention=sdpa"):
-            Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "b",
-                                          train={"attention": "xformers"})))
+            Trainer(
+                from_dict(
+                    base_config(
+                        tiny_model_dir,
+                        instance_dir,
+                        tmp_path / "b",
+                        train={"attention": "xformers"},
+                    )
+                )
+            )

@@ -47,9 +47,12 @@ def _pipe(model_dir):
 
 
 def _images(pipe, prompt=PROMPT):
-    return np.stack([np.asarray(im, dtype=np.float32)
-                     for im in generate(pipe, [prompt], [0, 1], num_inference_steps=4,
-                                        resolution=32)[0]])
+    return np.stack(
+        [
+            np.asarray(im, dtype=np.float32)
+            for im in generate(pipe, [prompt], [0, 1], num_inference_steps=4, resolution=32)[0]
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,31 +75,45 @@ def _types(module: H.HypernetworkModule) -> list[str]:
 # ------------------------------------------------------------------------------ architecture
 
 
-@pytest.mark.parametrize("options, expected", [
-    (dict(), ["Linear", "Linear"]),
-    (dict(activation_func="relu"), ["Linear", "ReLU", "Linear"]),
-    (dict(activation_func="relu", activate_output=True), ["Linear", "ReLU", "Linear", "ReLU"]),
-    (dict(activation_func="swish", is_layer_norm=True),
-     ["Linear", "Hardswish", "LayerNorm", "Linear", "LayerNorm"]),
-    # The webui's dropout rule: hidden layers but the last get 0.3; the last one only with
-    # last_layer_dropout; never the output.
-    (dict(layer_structure=[1, 2, 1], use_dropout=True), ["Linear", "Linear"]),
-    (dict(layer_structure=[1, 2, 1], use_dropout=True, last_layer_dropout=True),
-     ["Linear", "Dropout", "Linear"]),
-    (dict(layer_structure=[1, 2, 2, 1], use_dropout=True, activation_func="elu"),
-     ["Linear", "ELU", "Dropout", "Linear", "ELU", "Linear"]),
-    (dict(layer_structure=[1, 2, 2, 1], use_dropout=True, last_layer_dropout=True),
-     ["Linear", "Dropout", "Linear", "Dropout", "Linear"]),
-    (dict(layer_structure=[1, 1.5, 1], use_dropout=True, dropout_structure=[0, 0.1, 0]),
-     ["Linear", "Dropout", "Linear"]),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (dict(), ["Linear", "Linear"]),
+        (dict(activation_func="relu"), ["Linear", "ReLU", "Linear"]),
+        (dict(activation_func="relu", activate_output=True), ["Linear", "ReLU", "Linear", "ReLU"]),
+        (
+            dict(activation_func="swish", is_layer_norm=True),
+            ["Linear", "Hardswish", "LayerNorm", "Linear", "LayerNorm"],
+        ),
+        # The webui's dropout rule: hidden layers but the last get 0.3; the last one only with
+        # last_layer_dropout; never the output.
+        (dict(layer_structure=[1, 2, 1], use_dropout=True), ["Linear", "Linear"]),
+        (
+            dict(layer_structure=[1, 2, 1], use_dropout=True, last_layer_dropout=True),
+            ["Linear", "Dropout", "Linear"],
+        ),
+        (
+            dict(layer_structure=[1, 2, 2, 1], use_dropout=True, activation_func="elu"),
+            ["Linear", "ELU", "Dropout", "Linear", "ELU", "Linear"],
+        ),
+        (
+            dict(layer_structure=[1, 2, 2, 1], use_dropout=True, last_layer_dropout=True),
+            ["Linear", "Dropout", "Linear", "Dropout", "Linear"],
+        ),
+        (
+            dict(layer_structure=[1, 1.5, 1], use_dropout=True, dropout_structure=[0, 0.1, 0]),
+            ["Linear", "Dropout", "Linear"],
+        ),
+    ],
+)
 def test_module_layout_is_the_webuis(options, expected):
     module = H.HypernetworkModule(8, H.HypernetworkOptions(**options))
     assert _types(module) == expected
     ls = options.get("layer_structure", [1, 2, 1])
     linears = [m for m in module.linear if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == \
-        [(int(8 * a), int(8 * b)) for a, b in zip(ls, ls[1:])]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (int(8 * a), int(8 * b)) for a, b in zip(ls, ls[1:])
+    ]
 
 
 def test_dropout_structure_rule_and_behaviour():
@@ -104,9 +121,15 @@ def test_dropout_structure_rule_and_behaviour():
     assert H.default_dropout_structure([1, 2, 2, 1], True, False) == [0, 0.3, 0, 0]
     assert H.default_dropout_structure([1, 2, 2, 2, 1], True, True) == [0, 0.3, 0.3, 0.3, 0]
     torch.manual_seed(0)
-    module = H.HypernetworkModule(16, H.HypernetworkOptions(
-        layer_structure=[1, 4, 1], use_dropout=True, dropout_structure=[0, 0.5, 0],
-        weight_initialization="XavierNormal"))
+    module = H.HypernetworkModule(
+        16,
+        H.HypernetworkOptions(
+            layer_structure=[1, 4, 1],
+            use_dropout=True,
+            dropout_structure=[0, 0.5, 0],
+            weight_initialization="XavierNormal",
+        ),
+    )
     x = torch.randn(4, 16)
     module.train()
     assert not torch.equal(module(x), module(x))  # dropout is active while training
@@ -122,8 +145,9 @@ def test_weight_inits_follow_the_webui():
     lin, ln = m.linear[0], m.linear[1]
     assert abs(lin.weight.std().item() - 0.01) < 0.002 and lin.bias.abs().sum() == 0
     # LayerNorm is initialized like "Normal" too (the webui's choice), whatever the init.
-    k = H.HypernetworkModule(64, H.HypernetworkOptions(
-        is_layer_norm=True, weight_initialization="KaimingNormal"))
+    k = H.HypernetworkModule(
+        64, H.HypernetworkOptions(is_layer_norm=True, weight_initialization="KaimingNormal")
+    )
     assert k.linear[1].weight.abs().max() < 0.1 and k.linear[0].weight.std() > 0.1
     assert ln.weight.abs().max() < 0.1 and ln.bias.abs().sum() == 0
     # Residual: a fresh module is close to the identity.
@@ -132,11 +156,13 @@ def test_weight_inits_follow_the_webui():
 
 
 def test_options_are_checked():
-    for bad, key in [(dict(layer_structure=[2, 1]), "layer_structure"),
-                     (dict(activation_func="wiggle"), "activation_func"),
-                     (dict(weight_initialization="He"), "weight_initialization"),
-                     (dict(use_dropout=True, dropout_structure=[0, 1.0, 0]), "dropout_structure"),
-                     (dict(dropout_structure=[0, 0.1]), "dropout_structure")]:
+    for bad, key in [
+        (dict(layer_structure=[2, 1]), "layer_structure"),
+        (dict(activation_func="wiggle"), "activation_func"),
+        (dict(weight_initialization="He"), "weight_initialization"),
+        (dict(use_dropout=True, dropout_structure=[0, 1.0, 0]), "dropout_structure"),
+        (dict(dropout_structure=[0, 0.1]), "dropout_structure"),
+    ]:
         with pytest.raises(ValueError, match=key):
             H.Hypernetwork([8], H.HypernetworkOptions(**bad))
 
@@ -162,11 +188,14 @@ def test_strength_scales_and_stacks_like_the_webui():
     unet = tiny_unet().eval()
     base = _unet_out(unet)
     torch.manual_seed(1)
-    a = H.Hypernetwork(TINY_SIZES, H.HypernetworkOptions(weight_initialization="XavierNormal"),
-                       name="a")
-    b = H.Hypernetwork([64], H.HypernetworkOptions(activation_func="tanh",
-                                                   weight_initialization="XavierUniform"),
-                       name="b")
+    a = H.Hypernetwork(
+        TINY_SIZES, H.HypernetworkOptions(weight_initialization="XavierNormal"), name="a"
+    )
+    b = H.Hypernetwork(
+        [64],
+        H.HypernetworkOptions(activation_func="tanh", weight_initialization="XavierUniform"),
+        name="b",
+    )
     H.attach(unet, a, strength=0.5)
     half = _unet_out(unet)
     H.set_strength(unet, 0.0)
@@ -230,16 +259,26 @@ class _TwoAttentions(torch.nn.Module):
         return x + self.attn2(x, encoder_hidden_states=ctx)
 
 
-@pytest.mark.parametrize("activation, init", [(a, "Normal") for a in H.ACTIVATIONS]
-                         + [("leakyrelu", w) for w in H.WEIGHT_INITS])
+@pytest.mark.parametrize(
+    "activation, init",
+    [(a, "Normal") for a in H.ACTIVATIONS] + [("leakyrelu", w) for w in H.WEIGHT_INITS],
+)
 def test_every_activation_and_init_builds_and_trains_a_step(activation, init):
     torch.manual_seed(0)
     model = _TwoAttentions().requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hn = H.Hypernetwork(TINY_SIZES, H.HypernetworkOptions(
-        activation_func=activation, weight_initialization=init, activate_output=True,
-        is_layer_norm=init != "Normal", layer_structure=[1, 2, 2, 1], use_dropout=True,
-        last_layer_dropout=True))
+    hn = H.Hypernetwork(
+        TINY_SIZES,
+        H.HypernetworkOptions(
+            activation_func=activation,
+            weight_initialization=init,
+            activate_output=True,
+            is_layer_norm=init != "Normal",
+            layer_structure=[1, 2, 2, 1],
+            use_dropout=True,
+            last_layer_dropout=True,
+        ),
+    )
     H.attach(model, hn)
     start = [p.detach().clone() for p in hn.parameters()]
     opt = torch.optim.AdamW(hn.parameters(), lr=1e-3)
@@ -263,14 +302,28 @@ def test_every_activation_and_init_builds_and_trains_a_step(activation, init):
 @pytest.fixture(scope="module")
 def hn_run(tiny_model_dir, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("hn") / "run"
-    cfg = from_dict(base_config(
-        tiny_model_dir, instance_dir, out, method="hypernetwork",
-        train={"max_steps": 6, "lr": 5e-3, "checkpoint_every": 3},
-        hn={"enable_sizes": TINY_SIZES, "activation": "relu", "layer_structure": [1, 2, 2, 1],
-            "layer_norm": True, "use_dropout": True, "name": NAME}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            out,
+            method="hypernetwork",
+            train={"max_steps": 6, "lr": 5e-3, "checkpoint_every": 3},
+            hn={
+                "enable_sizes": TINY_SIZES,
+                "activation": "relu",
+                "layer_structure": [1, 2, 2, 1],
+                "layer_norm": True,
+                "use_dropout": True,
+                "name": NAME,
+            },
+        )
+    )
     parts = load_parts(str(tiny_model_dir))
-    base = {name: {k: v.clone() for k, v in m.state_dict().items()}
-            for name, m in parts.modules().items()}
+    base = {
+        name: {k: v.clone() for k, v in m.state_dict().items()}
+        for name, m in parts.modules().items()
+    }
     train(cfg, parts=parts)
     return out, parts, base, cfg
 
@@ -294,8 +347,14 @@ def test_artifact_files_have_the_webui_layout(hn_run):
         k_state, v_state = raw[width]
         # [1, 2, 2, 1] relu + layer norm + dropout on the first hidden layer:
         # Linear ReLU LayerNorm Dropout | Linear ReLU LayerNorm | Linear LayerNorm
-        assert sorted({key.rsplit(".", 1)[0] for key in k_state}) == \
-            ["linear.0", "linear.2", "linear.4", "linear.6", "linear.7", "linear.8"]
+        assert sorted({key.rsplit(".", 1)[0] for key in k_state}) == [
+            "linear.0",
+            "linear.2",
+            "linear.4",
+            "linear.6",
+            "linear.7",
+            "linear.8",
+        ]
         assert k_state["linear.0.weight"].shape == (2 * width, width)
         assert set(v_state) == set(k_state)
     assert raw["layer_structure"] == [1, 2, 2, 1] and raw["activation_func"] == "relu"
@@ -326,8 +385,9 @@ def test_checkpoint_holds_the_mlps_and_restores_them(hn_run, tiny_model_dir):
     assert all(torch.equal(trained[k], v) for k, v in state.items())
 
 
-def test_strength_zero_is_the_base_image_and_trained_changes_it(hn_run, tiny_model_dir,
-                                                                base_images):
+def test_strength_zero_is_the_base_image_and_trained_changes_it(
+    hn_run, tiny_model_dir, base_images
+):
     out, *_ = hn_run
     assert detect_artifact(out) == "hypernetwork"
     before = base_images
@@ -343,17 +403,20 @@ def test_round_trip_pt_safetensors_module_identical(hn_run, tmp_path):
     from_pt = H.read_hypernetwork(out / f"{NAME}.pt")
     from_st = H.read_hypernetwork(out / f"{NAME}.safetensors")
     pt_to_st = H.read_hypernetwork(
-        H.convert_hypernetwork(out / f"{NAME}.pt", tmp_path / "a.safetensors"))
+        H.convert_hypernetwork(out / f"{NAME}.pt", tmp_path / "a.safetensors")
+    )
     st_to_pt = H.read_hypernetwork(
-        H.convert_hypernetwork(out / f"{NAME}.safetensors", tmp_path / "b.pt"))
+        H.convert_hypernetwork(out / f"{NAME}.safetensors", tmp_path / "b.pt")
+    )
     x = {w: torch.randn(2, 9, w) for w in TINY_SIZES}
     trained.eval()
 
     def outputs(hn):
         hn.eval()
         with torch.no_grad():
-            return [hn.pair(w).k(x[w]) for w in TINY_SIZES] + \
-                [hn.pair(w).v(x[w]) for w in TINY_SIZES]
+            return [hn.pair(w).k(x[w]) for w in TINY_SIZES] + [
+                hn.pair(w).v(x[w]) for w in TINY_SIZES
+            ]
 
     ref = outputs(trained)
     for hn in (from_pt, from_st, pt_to_st, st_to_pt):
@@ -373,8 +436,14 @@ def test_stacks_with_a_lora(hn_run, tiny_model_dir, tmp_path, base_images):
 
     out, *_ = hn_run
     lora_pipe = _pipe(tiny_model_dir)
-    lora_pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_pipe.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in lora_pipe.unet.named_parameters():
@@ -383,8 +452,10 @@ def test_stacks_with_a_lora(hn_run, tiny_model_dir, tmp_path, base_images):
     from diffusers.utils import convert_state_dict_to_diffusers
 
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(lora_pipe.unet)), safe_serialization=True)
+        tmp_path,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_pipe.unet)),
+        safe_serialization=True,
+    )
     lora_only = _images(load(_pipe(tiny_model_dir), tmp_path))
     hn_only = _images(load(_pipe(tiny_model_dir), out))
     pipe = load(load(_pipe(tiny_model_dir), tmp_path), out)
@@ -417,15 +488,34 @@ def test_loads_a_hand_built_webui_file(tmp_path, tiny_model_dir, base_images):
             w0, b0 = _linear(2 * width, width, width + j)
             w2, b2 = _linear(width, 2 * width, 100 + width + j)
             weights[(width, j)] = (w0, b0, w2, b2)
-            pair.append(OrderedDict([("linear.0.weight", w0), ("linear.0.bias", b0),
-                                     ("linear.2.weight", w2), ("linear.2.bias", b2)]))
+            pair.append(
+                OrderedDict(
+                    [
+                        ("linear.0.weight", w0),
+                        ("linear.0.bias", b0),
+                        ("linear.2.weight", w2),
+                        ("linear.2.bias", b2),
+                    ]
+                )
+            )
         raw[width] = tuple(pair)
-    raw.update({"step": 1234, "name": "webui_made", "layer_structure": [1, 2, 1],
-                "activation_func": "relu", "is_layer_norm": False,
-                "weight_initialization": "Normal", "sd_checkpoint": "abcdef1234",
-                "sd_checkpoint_name": "v1-5-pruned", "activate_output": False,
-                "use_dropout": False, "dropout_structure": [0, 0, 0],
-                "last_layer_dropout": False, "optional_info": None})
+    raw.update(
+        {
+            "step": 1234,
+            "name": "webui_made",
+            "layer_structure": [1, 2, 1],
+            "activation_func": "relu",
+            "is_layer_norm": False,
+            "weight_initialization": "Normal",
+            "sd_checkpoint": "abcdef1234",
+            "sd_checkpoint_name": "v1-5-pruned",
+            "activate_output": False,
+            "use_dropout": False,
+            "dropout_structure": [0, 0, 0],
+            "last_layer_dropout": False,
+            "optional_info": None,
+        }
+    )
     path = tmp_path / "webui_made.pt"
     torch.save(raw, path)
     assert detect_artifact(path) == "hypernetwork"
@@ -460,11 +550,9 @@ def test_missing_activate_output_defaults_to_true(tmp_path):
     """A file from before the activate_output option had its output activated."""
     w0, b0 = _linear(64, 32, 1)
     w2, b2 = _linear(32, 64, 2)
-    state = {"linear.0.weight": w0, "linear.0.bias": b0, "linear.2.weight": w2,
-             "linear.2.bias": b2}
+    state = {"linear.0.weight": w0, "linear.0.bias": b0, "linear.2.weight": w2, "linear.2.bias": b2}
     path = tmp_path / "relu_old.pt"
-    torch.save({32: (state, state), "activation_func": "relu", "layer_structure": [1, 2, 1]},
-               path)
+    torch.save({32: (state, state), "activation_func": "relu", "layer_structure": [1, 2, 1]}, path)
     hn = H.read_hypernetwork(path)
     x = torch.randn(2, 4, 32)
     expected = x + torch.relu(torch.relu(x @ w0.T + b0) @ w2.T + b2)
@@ -479,8 +567,15 @@ def test_missing_dropout_structure_is_derived_like_the_webui(tmp_path):
         w, b = _linear(o, i, idx)
         module[f"linear.{idx}.weight"], module[f"linear.{idx}.bias"] = w, b
     path = tmp_path / "drop.pt"
-    torch.save({32: (module, module), "layer_structure": [1, 2, 2, 1], "use_dropout": True,
-                "activate_output": False}, path)
+    torch.save(
+        {
+            32: (module, module),
+            "layer_structure": [1, 2, 2, 1],
+            "use_dropout": True,
+            "activate_output": False,
+        },
+        path,
+    )
     hn = H.read_hypernetwork(path)
     assert hn.options.dropout_structure == [0, 0.3, 0, 0]
     assert _types(hn.pair(32).k) == ["Linear", "Dropout", "Linear", "Linear"]
@@ -504,8 +599,11 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, tiny_model_dir):
     path = tmp_path / "evil.pt"
     torch.save({32: (_Payload(marker), {}), "layer_structure": [1, 2, 1]}, path)
     pipe = _pipe(tiny_model_dir)
-    for attempt in (lambda: load(pipe, path), lambda: H.read_hypernetwork(path),
-                    lambda: load(pipe, tmp_path)):
+    for attempt in (
+        lambda: load(pipe, path),
+        lambda: H.read_hypernetwork(path),
+        lambda: load(pipe, tmp_path),
+    ):
         with pytest.raises(ArtifactError, match="refused to load.*weights_only=True"):
             attempt()
         assert not marker.exists()
@@ -542,18 +640,32 @@ def test_broken_files_are_clear_errors(tmp_path, tiny_model_dir):
     path, raw = _tiny_file(tmp_path, [32])
     k_state, v_state = raw[32]
     cases = {
-        "missing.pt": ({32: ({k: v for k, v in k_state.items() if k != "linear.1.bias"},
-                             v_state)}, r"width 32 k.*missing \['linear.1.bias'\]"),
-        "options_mismatch.pt": ({32: (k_state, v_state), "activation_func": "relu",
-                                 "activate_output": True, "is_layer_norm": True},
-                                r"unexpected|missing"),
-        "shape.pt": ({32: (k_state, {**v_state, "linear.0.weight": torch.zeros(3, 3)})},
-                     r"width 32 v.*wrong shapes"),
+        "missing.pt": (
+            {32: ({k: v for k, v in k_state.items() if k != "linear.1.bias"}, v_state)},
+            r"width 32 k.*missing \['linear.1.bias'\]",
+        ),
+        "options_mismatch.pt": (
+            {
+                32: (k_state, v_state),
+                "activation_func": "relu",
+                "activate_output": True,
+                "is_layer_norm": True,
+            },
+            r"unexpected|missing",
+        ),
+        "shape.pt": (
+            {32: (k_state, {**v_state, "linear.0.weight": torch.zeros(3, 3)})},
+            r"width 32 v.*wrong shapes",
+        ),
         "not_pair.pt": ({32: (k_state,), "layer_structure": [1, 2, 1]}, r"\(k, v\) pair"),
-        "bad_structure.pt": ({32: (k_state, v_state), "layer_structure": [2, 1]},
-                             "layer_structure"),
-        "bad_activation.pt": ({32: (k_state, v_state), "activation_func": "wiggle"},
-                              "activation_func"),
+        "bad_structure.pt": (
+            {32: (k_state, v_state), "layer_structure": [2, 1]},
+            "layer_structure",
+        ),
+        "bad_activation.pt": (
+            {32: (k_state, v_state), "activation_func": "wiggle"},
+            "activation_func",
+        ),
     }
     for name, (data, pattern) in cases.items():
         torch.save(data, tmp_path / name)
@@ -565,8 +677,10 @@ def test_broken_files_are_clear_errors(tmp_path, tiny_model_dir):
         load(pipe, tmp_path / "garbage.pt")
     from safetensors.torch import save_file
 
-    save_file({"32.k.linear.0.weight": torch.zeros(64, 32), "32.k.linear.0.bias": torch.zeros(64)},
-              str(tmp_path / "half.safetensors"))
+    save_file(
+        {"32.k.linear.0.weight": torch.zeros(64, 32), "32.k.linear.0.bias": torch.zeros(64)},
+        str(tmp_path / "half.safetensors"),
+    )
     with pytest.raises(ArtifactError, match=r"width 32 k.*missing \['linear.1.bias'"):
         load(pipe, tmp_path / "half.safetensors")
 
@@ -574,10 +688,19 @@ def test_broken_files_are_clear_errors(tmp_path, tiny_model_dir):
 def test_other_artifacts_are_not_taken_for_hypernetworks(tmp_path):
     from safetensors.torch import save_file
 
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(1, 32)},
-                "name": "emb", "step": 1}, tmp_path / "embedding.pt")
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight":
-               torch.zeros(4, 32)}, str(tmp_path / "lora.safetensors"))
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.zeros(1, 32)},
+            "name": "emb",
+            "step": 1,
+        },
+        tmp_path / "embedding.pt",
+    )
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+        str(tmp_path / "lora.safetensors"),
+    )
     save_file({"<concept>": torch.zeros(1, 32)}, str(tmp_path / "learned_embeds.safetensors"))
     for name in ("embedding.pt", "lora.safetensors", "learned_embeds.safetensors"):
         assert H.find_hypernetwork_file(tmp_path / name) is None, name
@@ -589,8 +712,9 @@ def test_other_artifacts_are_not_taken_for_hypernetworks(tmp_path):
 
 def test_config_errors_name_the_hn_key(tiny_model_dir, instance_dir, tmp_path):
     def cfg(**hn):
-        return base_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                           method="hypernetwork", hn=hn)
+        return base_config(
+            tiny_model_dir, instance_dir, tmp_path / "run", method="hypernetwork", hn=hn
+        )
 
     with pytest.raises(ConfigError, match=r"hn\.activation: unknown 'wiggle'"):
         from_dict(cfg(activation="wiggle"))
@@ -601,16 +725,26 @@ def test_config_errors_name_the_hn_key(tiny_model_dir, instance_dir, tmp_path):
     # The default SD1 widths do not exist in the tiny model: said before anything trains.
     method = HypernetworkMethod(from_dict(cfg()))
     parts = load_parts(str(tiny_model_dir))
-    with pytest.raises(ConfigError, match=r"hn\.enable_sizes: widths \[320, 640, 768, 1280\]"
-                                          r".*\[32, 64\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"hn\.enable_sizes: widths \[320, 640, 768, 1280\]"
+        r".*\[32, 64\]",
+    ):
         method.setup(parts)
 
 
 def test_replaced_processors_are_caught(tiny_model_dir, instance_dir, tmp_path):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                                method="hypernetwork", hn={"enable_sizes": TINY_SIZES}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            method="hypernetwork",
+            hn={"enable_sizes": TINY_SIZES},
+        )
+    )
     parts = load_parts(str(tiny_model_dir))
     method = HypernetworkMethod(cfg)
     method.setup(parts)
@@ -630,17 +764,50 @@ def test_example_config_parses():
 def test_two_process_cpu_run(tiny_model_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(base_config(
-        tiny_model_dir, instance_dir, out, method="hypernetwork",
-        train={"max_steps": 3, "lr": 5e-3, "gradient_checkpointing": True},
-        hn={"enable_sizes": TINY_SIZES, "use_dropout": True, "layer_structure": [1, 2, 2, 1],
-            "activation": "elu", "name": NAME})))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                method="hypernetwork",
+                train={"max_steps": 3, "lr": 5e-3, "gradient_checkpointing": True},
+                hn={
+                    "enable_sizes": TINY_SIZES,
+                    "use_dropout": True,
+                    "layer_structure": [1, 2, 2, 1],
+                    "activation": "elu",
+                    "name": NAME,
+                },
+            )
+        )
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29561", "-m", "personalize", "train", str(cfg_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29561",
+            "-m",
+            "personalize",
+            "train",
+            str(cfg_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr

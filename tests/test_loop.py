@@ -28,17 +28,20 @@ def _lora(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tiny_model_dir, instance_dir, tmp_path):
-    common = dict(train={"max_steps": 10, "checkpoint_every": 5, "batch_size": 3},
-                  lora={"dropout": 0.1}, data={"random_flip": True})
-    straight = train(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "a",
-                                           **common)))
+    common = dict(
+        train={"max_steps": 10, "checkpoint_every": 5, "batch_size": 3},
+        lora={"dropout": 0.1},
+        data={"random_flip": True},
+    )
+    straight = train(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "a", **common)))
     # The interrupted run: stop after 5 steps (a checkpoint is written there), then resume.
     first = base_config(tiny_model_dir, instance_dir, tmp_path / "b", **common)
     first["train"] = dict(first["train"], max_steps=5, checkpoint_every=5)
     train(from_dict(first))
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "b")] == ["step-000005"]
-    resumed_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "b", resume="latest",
-                              **common)
+    resumed_cfg = base_config(
+        tiny_model_dir, instance_dir, tmp_path / "b", resume="latest", **common
+    )
     trainer = Trainer(from_dict(resumed_cfg))
     trainer.run()
     assert trainer.global_step == 10
@@ -48,12 +51,20 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tiny_model_dir, instanc
         assert torch.equal(a[k], b[k]), k
 
 
-def test_checkpoints_are_pruned_and_half_written_ones_ignored(tiny_model_dir, instance_dir,
-                                                               tmp_path):
+def test_checkpoints_are_pruned_and_half_written_ones_ignored(
+    tiny_model_dir, instance_dir, tmp_path
+):
     out = tmp_path / "run"
-    train(from_dict(base_config(tiny_model_dir, instance_dir, out,
-                                train={"max_steps": 6, "checkpoint_every": 2,
-                                       "checkpoints_total_limit": 2})))
+    train(
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                train={"max_steps": 6, "checkpoint_every": 2, "checkpoints_total_limit": 2},
+            )
+        )
+    )
     names = [p.name for p in ckpt.complete_checkpoints(out)]
     assert names == ["step-000004", "step-000006"]
     # A checkpoint folder without state.json (killed mid-save) is never "latest".
@@ -77,10 +88,14 @@ def test_validation_loss_early_stopping_keeps_best(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     write_synthetic_images(data, count=6)
     out = tmp_path / "run"
-    cfg = base_config(tiny_model_dir, data, out,
-                      train={"max_steps": 40, "lr": 0.5, "early_stopping_patience": 2},
-                      data={"validation_split": 0.34},
-                      validation={"loss_every_steps": 1, "loss_timesteps": [200, 600]})
+    cfg = base_config(
+        tiny_model_dir,
+        data,
+        out,
+        train={"max_steps": 40, "lr": 0.5, "early_stopping_patience": 2},
+        data={"validation_split": 0.34},
+        validation={"loss_every_steps": 1, "loss_timesteps": [200, 600]},
+    )
     trainer = Trainer(from_dict(cfg))
     trainer.run()
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -99,8 +114,9 @@ def test_validation_loss_is_deterministic(tiny_model_dir, tmp_path):
 
     data = tmp_path / "data"
     write_synthetic_images(data, count=4)
-    cfg = from_dict(base_config(tiny_model_dir, data, tmp_path / "run",
-                                data={"validation_split": 0.5}))
+    cfg = from_dict(
+        base_config(tiny_model_dir, data, tmp_path / "run", data={"validation_split": 0.5})
+    )
     trainer = Trainer(cfg)
     vl = ValidationLoss(trainer.val_dataset, [100, 500], seed=0)
     assert vl.compute(trainer) == vl.compute(trainer)
@@ -108,20 +124,42 @@ def test_validation_loss_is_deterministic(tiny_model_dir, tmp_path):
 
 def test_validation_samples_are_written(tiny_model_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
-    train(from_dict(base_config(tiny_model_dir, instance_dir, out, train={"max_steps": 2},
-                                validation={"prompts": ["a photo of sks disc"],
-                                            "every_steps": 2, "num_inference_steps": 2})))
+    train(
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                train={"max_steps": 2},
+                validation={
+                    "prompts": ["a photo of sks disc"],
+                    "every_steps": 2,
+                    "num_inference_steps": 2,
+                },
+            )
+        )
+    )
     assert (out / "samples" / "step-000002.png").is_file()
 
 
 def test_nan_loss_stops_cleanly(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                                train={"max_steps": 20, "max_nonfinite_steps": 3}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            train={"max_steps": 20, "max_nonfinite_steps": 3},
+        )
+    )
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.method.trainable_state_dict(trainer.parts).items()}
-    monkeypatch.setattr(trainer, "compute_loss",
-                        lambda batch: torch.tensor(float("nan"), requires_grad=True) * sum(
-                            p.sum() for p in trainer.trainable))
+    monkeypatch.setattr(
+        trainer,
+        "compute_loss",
+        lambda batch: (
+            torch.tensor(float("nan"), requires_grad=True) * sum(p.sum() for p in trainer.trainable)
+        ),
+    )
     with pytest.raises(TrainingError, match="non-finite for 3 steps"):
         trainer.run()
     after = trainer.method.trainable_state_dict(trainer.parts)
@@ -130,28 +168,66 @@ def test_nan_loss_stops_cleanly(tiny_model_dir, instance_dir, tmp_path, monkeypa
 
 
 def test_min_snr_v_prediction_and_noise_offset_run(tiny_model_dir, instance_dir, tmp_path):
-    out = train(from_dict(base_config(
-        tiny_model_dir, instance_dir, tmp_path / "run",
-        model={"prediction_type": "v_prediction"},
-        train={"max_steps": 2, "snr_gamma": 5.0, "noise_offset": 0.05,
-               "gradient_accumulation_steps": 2, "lr_scheduler": "cosine",
-               "lr_warmup_steps": 1, "gradient_checkpointing": True})))
+    out = train(
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                tmp_path / "run",
+                model={"prediction_type": "v_prediction"},
+                train={
+                    "max_steps": 2,
+                    "snr_gamma": 5.0,
+                    "noise_offset": 0.05,
+                    "gradient_accumulation_steps": 2,
+                    "lr_scheduler": "cosine",
+                    "lr_warmup_steps": 1,
+                    "gradient_checkpointing": True,
+                },
+            )
+        )
+    )
     assert (out / LORA_WEIGHTS).is_file()
 
 
 def test_two_process_cpu_run_saves_once(tiny_model_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(base_config(
-        tiny_model_dir, instance_dir, out, train={"max_steps": 4, "checkpoint_every": 2})))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            base_config(
+                tiny_model_dir, instance_dir, out, train={"max_steps": 4, "checkpoint_every": 2}
+            )
+        )
+    )
     # The literal user command. accelerate's simple launcher starts one process on CPU;
     # our CLI recognizes that and starts the 2 gloo ranks asked for (cli._cpu_ranks_to_start).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29517", "-m", "personalize", "train", str(cfg_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29517",
+            "-m",
+            "personalize",
+            "train",
+            str(cfg_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / LORA_WEIGHTS).is_file()
@@ -194,8 +270,10 @@ def test_bad_model_path_is_a_clear_error(instance_dir, tmp_path):
     from personalize.models import ModelLoadError
 
     (tmp_path / "notamodel").mkdir()
-    for bad, msg in [(tmp_path / "missing", "does not exist"),
-                     (tmp_path / "notamodel", "model_index.json")]:
+    for bad, msg in [
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "notamodel", "model_index.json"),
+    ]:
         cfg = from_dict(base_config(bad, instance_dir, tmp_path / "run", overwrite=True))
         with pytest.raises(ModelLoadError, match=msg):
             train(cfg)

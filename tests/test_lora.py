@@ -19,16 +19,20 @@ PROMPT = "a photo of sks disc"
 
 
 def _images(pipe, prompt=PROMPT):
-    return np.stack([np.asarray(im, dtype=np.float32)
-                     for im in generate(pipe, [prompt], [0, 1], num_inference_steps=4,
-                                        resolution=32)[0]])
+    return np.stack(
+        [
+            np.asarray(im, dtype=np.float32)
+            for im in generate(pipe, [prompt], [0, 1], num_inference_steps=4, resolution=32)[0]
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, instance_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, out,
-                                train={"max_steps": 6}, lora={"rank": 4}))
+    cfg = from_dict(
+        base_config(tiny_model_dir, instance_dir, out, train={"max_steps": 6}, lora={"rank": 4})
+    )
     trainer_parts = load_parts(str(tiny_model_dir))
     base_unet = {k: v.clone() for k, v in trainer_parts.unet.state_dict().items()}
     base_te = {k: v.clone() for k, v in trainer_parts.text_encoder.state_dict().items()}
@@ -40,8 +44,7 @@ def test_base_weights_bit_identical(lora_run):
     _, parts, base_unet, base_te = lora_run
     trained = parts.unet.state_dict()
     for key, value in base_unet.items():
-        peft_key = key.replace(".weight", ".base_layer.weight").replace(
-            ".bias", ".base_layer.bias")
+        peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         now = trained[key] if key in trained else trained[peft_key]
         assert torch.equal(now, value), key
     for key, value in parts.text_encoder.state_dict().items():
@@ -97,9 +100,15 @@ def test_kohya_file_loads_with_stock_diffusers(lora_run, tiny_model_dir):
 
 
 def test_text_encoder_lora(tiny_model_dir, instance_dir, tmp_path):
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                                train={"max_steps": 2},
-                                lora={"train_text_encoder": True, "text_encoder_lr": 5e-4}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            train={"max_steps": 2},
+            lora={"train_text_encoder": True, "text_encoder_lr": 5e-4},
+        )
+    )
     out = train(cfg)
     keys = load_file(out / LORA_WEIGHTS).keys()
     assert any(k.startswith("text_encoder.") for k in keys)
@@ -110,33 +119,62 @@ def test_wrong_artifact_for_model_is_a_clear_error(tmp_path, tiny_model_dir):
     bogus = tmp_path / "pytorch_lora_weights.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"unet.nothing.here.lora.down.weight": torch.zeros(4, 7),
-               "unet.nothing.here.lora.up.weight": torch.zeros(7, 4)}, str(bogus))
+    save_file(
+        {
+            "unet.nothing.here.lora.down.weight": torch.zeros(4, 7),
+            "unet.nothing.here.lora.up.weight": torch.zeros(7, 4),
+        },
+        str(bogus),
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     with pytest.raises(ArtifactError):
         load(pipe, tmp_path)
 
 
 def test_unknown_target_module_is_a_clear_error(tiny_model_dir, instance_dir, tmp_path):
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "run",
-                                lora={"unet_target_modules": ["no_such_proj"]}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            lora={"unet_target_modules": ["no_such_proj"]},
+        )
+    )
     with pytest.raises(ValueError, match="lora.unet_target_modules"):
         train(cfg)
 
 
-WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                "ff.net.2", "conv1", "conv2", "time_emb_proj"]
+WIDE_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+]
 
 
 @pytest.mark.parametrize("weight_name", [LORA_WEIGHTS, KOHYA_WEIGHTS])
-def test_every_adapted_layer_survives_save_and_load(tiny_model_dir, instance_dir,
-                                                    tmp_path_factory, weight_name):
+def test_every_adapted_layer_survives_save_and_load(
+    tiny_model_dir, instance_dir, tmp_path_factory, weight_name
+):
     """Adapters beyond attention (ff, proj_in, resnet convs) and the text encoder's load back
     exactly: a file that mixes the old lora.down names with lora_A once dropped them."""
     out = tmp_path_factory.mktemp("wide") / "run"
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, out, train={"max_steps": 3},
-                                lora={"rank": 4, "unet_target_modules": WIDE_TARGETS,
-                                      "train_text_encoder": True}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            out,
+            train={"max_steps": 3},
+            lora={"rank": 4, "unet_target_modules": WIDE_TARGETS, "train_text_encoder": True},
+        )
+    )
     parts = load_parts(str(tiny_model_dir))
     train(cfg, parts=parts)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
@@ -148,8 +186,12 @@ def test_every_adapted_layer_survives_save_and_load(tiny_model_dir, instance_dir
     assert adapted(pipe.unet) == adapted(parts.unet)
     assert adapted(pipe.text_encoder) == adapted(parts.text_encoder)
     assert any(".ff." in n for n in adapted(pipe.unet))
-    ids = parts.tokenizer([PROMPT], padding="max_length", return_tensors="pt",
-                          max_length=parts.tokenizer.model_max_length).input_ids
+    ids = parts.tokenizer(
+        [PROMPT],
+        padding="max_length",
+        return_tensors="pt",
+        max_length=parts.tokenizer.model_max_length,
+    ).input_ids
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden, loaded_hidden = parts.text_encoder(ids)[0], pipe.text_encoder(ids)[0]

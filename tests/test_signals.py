@@ -33,8 +33,14 @@ def _logged_step(out: Path) -> int:
 
 def _start(cmd: list[str], out: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
@@ -48,14 +54,14 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
 def _config(tmp_path: Path, model: Path, data: Path) -> tuple[Path, Path]:
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(base_config(model, data, out,
-                                              train={"max_steps": 100000, "log_every": 1})))
+    cfg.write_text(
+        yaml.safe_dump(base_config(model, data, out, train={"max_steps": 100000, "log_every": 1}))
+    )
     return cfg, out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tiny_model_dir, instance_dir,
-                                                     tmp_path):
+def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tiny_model_dir, instance_dir, tmp_path):
     cfg, out = _config(tmp_path, tiny_model_dir, instance_dir)
     proc = _start([sys.executable, "-m", "personalize", "train", str(cfg)], out)
     _wait_for_step(proc, out, 3)
@@ -69,18 +75,45 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tiny_model_dir, instan
     step = ckpt.read_state(saved[0])["step"]
     assert step >= 3 and step == _logged_step(out)
     # The run goes on from there.
-    done = train(from_dict(base_config(tiny_model_dir, instance_dir, out, resume="latest",
-                                       train={"max_steps": step + 2, "log_every": 1})))
+    done = train(
+        from_dict(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                resume="latest",
+                train={"max_steps": step + 2, "log_every": 1},
+            )
+        )
+    )
     assert json.loads((done / "summary.json").read_text())["step"] == step + 2
 
 
-def test_two_processes_stop_together_on_a_group_signal(tiny_model_dir, instance_dir,
-                                                        tmp_path):
+def test_two_processes_stop_together_on_a_group_signal(tiny_model_dir, instance_dir, tmp_path):
     cfg, out = _config(tmp_path, tiny_model_dir, instance_dir)
-    proc = _start([sys.executable, "-m", "accelerate.commands.launch", "--cpu",
-                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", "29533",
-                   "-m", "personalize", "train", str(cfg)], out)
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "personalize",
+            "train",
+            str(cfg),
+        ],
+        out,
+    )
     _wait_for_step(proc, out, 3)
     # What a terminal's Ctrl-C or a scheduler does: the signal reaches every process.
     os.killpg(proc.pid, signal.SIGTERM)
@@ -93,11 +126,17 @@ def test_two_processes_stop_together_on_a_group_signal(tiny_model_dir, instance_
     assert err.count("stopped by SIGTERM") == 2  # both ranks agreed on the same stop
 
 
-def test_failed_checkpoint_save_keeps_the_previous_one(tiny_model_dir, instance_dir, tmp_path,
-                                                        monkeypatch):
+def test_failed_checkpoint_save_keeps_the_previous_one(
+    tiny_model_dir, instance_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
-    train(from_dict(base_config(tiny_model_dir, instance_dir, out,
-                                train={"max_steps": 2, "checkpoint_every": 2})))
+    train(
+        from_dict(
+            base_config(
+                tiny_model_dir, instance_dir, out, train={"max_steps": 2, "checkpoint_every": 2}
+            )
+        )
+    )
     before = ckpt.complete_checkpoints(out)
     assert [p.name for p in before] == ["step-000002"]
 
@@ -109,8 +148,15 @@ def test_failed_checkpoint_save_keeps_the_previous_one(tiny_model_dir, instance_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Accelerator, "save_state", disk_full)
-    cfg = from_dict(base_config(tiny_model_dir, instance_dir, out, resume="latest",
-                                train={"max_steps": 4, "checkpoint_every": 2}))
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            out,
+            resume="latest",
+            train={"max_steps": 4, "checkpoint_every": 2},
+        )
+    )
     with pytest.raises(CheckpointError, match="No space left on device") as info:
         train(cfg)
     assert "step-000002 is intact" in str(info.value)
@@ -121,14 +167,37 @@ def test_failed_checkpoint_save_keeps_the_previous_one(tiny_model_dir, instance_
 
 def test_one_failing_rank_does_not_hang_the_other(tiny_model_dir, instance_dir, tmp_path):
     cfg, out = _config(tmp_path, tiny_model_dir, instance_dir)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               PERSONALIZE_FAULT="error-rank1:3")
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PERSONALIZE_FAULT="error-rank1:3"
+    )
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29541", "-m", "personalize", "train", str(cfg)],
-        env=env, capture_output=True, text=True, timeout=240, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29541",
+            "-m",
+            "personalize",
+            "train",
+            str(cfg),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        start_new_session=True,
+    )
     assert proc.returncode != 0
     assert "injected fault error-rank1 at step 3" in proc.stderr
     # Rank 0 was stopped by the launcher, not left waiting for rank 1 until a timeout.

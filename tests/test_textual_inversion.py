@@ -42,8 +42,7 @@ TI = {"placeholder_token": TOKEN, "initializer_token": "o", "num_vectors": 2}
 
 def _cfg(model_dir, data_dir, out, **sections):
     sections.setdefault("ti", TI)
-    return from_dict(base_config(model_dir, data_dir, out, method="textual_inversion",
-                                 **sections))
+    return from_dict(base_config(model_dir, data_dir, out, method="textual_inversion", **sections))
 
 
 def _pipe(model_dir):
@@ -53,8 +52,12 @@ def _pipe(model_dir):
 
 
 def _images(pipe, prompt):
-    return np.stack([np.asarray(im, dtype=np.float32) for im in
-                     generate(pipe, [prompt], [0], num_inference_steps=3, resolution=32)[0]])
+    return np.stack(
+        [
+            np.asarray(im, dtype=np.float32)
+            for im in generate(pipe, [prompt], [0], num_inference_steps=3, resolution=32)[0]
+        ]
+    )
 
 
 def _prompt_embeds(pipe, prompt):
@@ -65,13 +68,24 @@ def _prompt_embeds(pipe, prompt):
 def ti_run(tiny_model_dir, instance_dir, tmp_path_factory):
     """4 steps with a large LR and weight decay (which touches every row of the table)."""
     out = tmp_path_factory.mktemp("ti") / "run"
-    cfg = _cfg(tiny_model_dir, instance_dir, out, ti=dict(TI, save_every=2),
-               train={"max_steps": 4, "lr": 0.05, "weight_decay": 0.5},
-               validation={"prompts": ["{} on a table"], "every_steps": 4,
-                           "num_inference_steps": 2, "num_images": 1})
+    cfg = _cfg(
+        tiny_model_dir,
+        instance_dir,
+        out,
+        ti=dict(TI, save_every=2),
+        train={"max_steps": 4, "lr": 0.05, "weight_decay": 0.5},
+        validation={
+            "prompts": ["{} on a table"],
+            "every_steps": 4,
+            "num_inference_steps": 2,
+            "num_images": 1,
+        },
+    )
     parts = load_parts(str(tiny_model_dir))
-    base = {name: {k: v.clone() for k, v in m.state_dict().items()}
-            for name, m in parts.modules().items()}
+    base = {
+        name: {k: v.clone() for k, v in m.state_dict().items()}
+        for name, m in parts.modules().items()
+    }
     trainer = Trainer(cfg, parts=parts)
     trainer.run()
     return out, trainer, base
@@ -113,7 +127,8 @@ def test_saved_files_hold_the_trained_rows(ti_run):
 
 
 def test_stock_diffusers_loads_every_file_and_only_prompts_with_the_token_change(
-        ti_run, tiny_model_dir):
+    ti_run, tiny_model_dir
+):
     out, trainer, _ = ti_run
     base = _pipe(tiny_model_dir)
     before, before_other = _images(base, PROMPT), _images(base, OTHER)
@@ -121,8 +136,9 @@ def test_stock_diffusers_loads_every_file_and_only_prompts_with_the_token_change
     pipe = _pipe(tiny_model_dir)
     pipe.load_textual_inversion(out)  # the folder: learned_embeds.safetensors
     # The fresh pipeline encodes the prompt exactly as the trained text encoder did.
-    ids = trainer.parts.tokenizer(expand_prompt(PROMPT, TOKEN, 2), padding="max_length",
-                                  max_length=77, return_tensors="pt").input_ids
+    ids = trainer.parts.tokenizer(
+        expand_prompt(PROMPT, TOKEN, 2), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         trained = trainer.parts.text_encoder(ids)[0]
     assert torch.allclose(_prompt_embeds(pipe, PROMPT), trained, atol=1e-6)
@@ -182,8 +198,7 @@ def test_diffusers_webui_round_trip_is_exact(tmp_path, num_vectors):
     single = read_embedding(tmp_path / "cattoy.safetensors")
     assert single.layout == "single_tensor" and single.token == "a"  # the name travels along
     save_embedding(Embedding(single.vectors, "<cat-toy>"), tmp_path / "back.safetensors")
-    for path in (tmp_path / "a.pt", tmp_path / "cattoy.safetensors",
-                 tmp_path / "back.safetensors"):
+    for path in (tmp_path / "a.pt", tmp_path / "cattoy.safetensors", tmp_path / "back.safetensors"):
         assert torch.equal(read_embedding(path).vectors, vectors), path
     assert list(load_file(tmp_path / "back.safetensors")) == ["<cat-toy>"]
 
@@ -191,9 +206,17 @@ def test_diffusers_webui_round_trip_is_exact(tmp_path, num_vectors):
 def test_reads_embeddings_made_elsewhere(tmp_path, tiny_model_dir):
     # A webui file as the webui writes it (a Parameter inside), a kohya file, a bare tensor.
     vec = torch.randn(3, 32)
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(vec)},
-                "name": "SomethingElse", "step": 500, "sd_checkpoint": "abcd1234",
-                "sd_checkpoint_name": "v1-5"}, tmp_path / "mystyle.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.nn.Parameter(vec)},
+            "name": "SomethingElse",
+            "step": 500,
+            "sd_checkpoint": "abcd1234",
+            "sd_checkpoint_name": "v1-5",
+        },
+        tmp_path / "mystyle.pt",
+    )
     save_file({"emb_params": vec[:1].clone()}, str(tmp_path / "kohya.safetensors"))
     torch.save(vec[0].clone(), tmp_path / "bare.bin")
     webui = read_embedding(tmp_path / "mystyle.pt")
@@ -205,22 +228,28 @@ def test_reads_embeddings_made_elsewhere(tmp_path, tiny_model_dir):
         assert detect_artifact(tmp_path / name) == "textual_inversion"
         load(pipe, tmp_path / name)
     # A multi-vector token expands in the prompt exactly as diffusers' own loader does.
-    assert pipe.maybe_convert_prompt("a mystyle cat", pipe.tokenizer) == \
-        "a mystyle mystyle_1 mystyle_2 cat"
+    assert (
+        pipe.maybe_convert_prompt("a mystyle cat", pipe.tokenizer)
+        == "a mystyle mystyle_1 mystyle_2 cat"
+    )
     rows = pipe.text_encoder.get_input_embeddings().weight
     ids = pipe.tokenizer.convert_tokens_to_ids(["mystyle", "mystyle_1", "mystyle_2"])
     assert torch.equal(rows[ids], vec)
     # Pickles are opened with weights_only: a file holding a module is refused, saying why.
-    torch.save({"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)})},
-               tmp_path / "old.pt")
+    torch.save(
+        {"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)})},
+        tmp_path / "old.pt",
+    )
     with pytest.raises(ArtifactError, match="cannot be loaded safely.*ParameterDict"):
         load(pipe, tmp_path / "old.pt")
 
 
 def test_wrong_width_and_sdxl_files_are_clear_errors(tmp_path, tiny_model_dir):
     save_file({"<sd15>": torch.randn(2, 768)}, str(tmp_path / "sd15.safetensors"))
-    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
-              str(tmp_path / "xl_emb.safetensors"))
+    save_file(
+        {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
+        str(tmp_path / "xl_emb.safetensors"),
+    )
     pipe = _pipe(tiny_model_dir)
     with pytest.raises(ArtifactError, match=r"width 768 \(SD 1.x.*width 32"):
         load(pipe, tmp_path / "sd15.safetensors")
@@ -252,12 +281,16 @@ def test_placeholder_already_in_vocabulary(tiny_model_dir, instance_dir, tmp_pat
 
 def test_initializer_of_several_tokens(tiny_model_dir, instance_dir, tmp_path):
     # "cat" is three tokens for the byte-level tokenizer (c, a, t</w>).
-    with pytest.raises(ConfigError, match=r"ti\.initializer_token: 'cat' is 3 tokens.*"
-                                          r"ti\.num_vectors=3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ti\.initializer_token: 'cat' is 3 tokens.*"
+        r"ti\.num_vectors=3",
+    ):
         _setup(tiny_model_dir, instance_dir, tmp_path, initializer_token="cat", num_vectors=2)
     # ... which is fine when every vector gets one piece (the webui's rule).
-    method, groups, parts = _setup(tiny_model_dir, instance_dir, tmp_path,
-                                   initializer_token="cat", num_vectors=3)
+    method, groups, parts = _setup(
+        tiny_model_dir, instance_dir, tmp_path, initializer_token="cat", num_vectors=3
+    )
     table = groups[0]["params"][0]
     pieces = parts.tokenizer.encode("cat", add_special_tokens=False)
     assert torch.equal(table[method.ids], table[pieces])
@@ -267,11 +300,20 @@ def test_initializer_of_several_tokens(tiny_model_dir, instance_dir, tmp_path):
 
 def test_missing_token_in_templates_and_captions(tiny_model_dir, instance_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"ti\.templates\[1\].*no \{\}"):
-        _cfg(tiny_model_dir, instance_dir, tmp_path / "a",
-             ti=dict(TI, templates=["a photo of {}", "a photo"]))
+        _cfg(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "a",
+            ti=dict(TI, templates=["a photo of {}", "a photo"]),
+        )
     # Captions mode: the data.prompt used for every uncaptioned image lacks the token.
-    cfg = _cfg(tiny_model_dir, instance_dir, tmp_path / "b",
-               data={"prompt": "a photo of a disc"}, ti=dict(TI, learnable_property="caption"))
+    cfg = _cfg(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "b",
+        data={"prompt": "a photo of a disc"},
+        ti=dict(TI, learnable_property="caption"),
+    )
     with pytest.raises(DataError, match=r"4 caption\(s\) do not contain the placeholder"):
         Trainer(cfg)
 
@@ -280,9 +322,14 @@ def test_missing_token_in_templates_and_captions(tiny_model_dir, instance_dir, t
 
 
 def test_captions_templates_and_multi_vector_expansion(tiny_model_dir, instance_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, instance_dir, tmp_path / "run", data={"prompt": None},
-               ti=dict(TI, learnable_property="style"),
-               validation={"prompts": ["{} at night"], "every_steps": 5})
+    cfg = _cfg(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        data={"prompt": None},
+        ti=dict(TI, learnable_property="style"),
+        validation={"prompts": ["{} at night"], "every_steps": 5},
+    )
     trainer = Trainer(cfg)
     assert cfg.data.prompt == f"a painting in the style of {TOKEN}"  # filled in for the data
     assert cfg.validation.prompts == [f"{TOKEN} at night"]
@@ -293,8 +340,11 @@ def test_captions_templates_and_multi_vector_expansion(tiny_model_dir, instance_
     trainer.train_dataset.set_epoch(1)
     assert [ds[i]["caption"] for i in range(len(ds))] != captions[0]
     # Captions mode: {} is the token; the validation dataset uses the same function.
-    fn = TextualInversion(_cfg(tiny_model_dir, instance_dir, tmp_path / "c",
-                               ti=dict(TI, learnable_property="caption"))).caption_fn()
+    fn = TextualInversion(
+        _cfg(
+            tiny_model_dir, instance_dir, tmp_path / "c", ti=dict(TI, learnable_property="caption")
+        )
+    ).caption_fn()
     assert fn("{} on a table") == f"{TOKEN} {TOKEN}_1 on a table"
     assert fn("") == ""  # caption dropout stays unconditional
     with pytest.raises(DataError, match="does not contain the placeholder"):
@@ -307,16 +357,17 @@ def test_captions_templates_and_multi_vector_expansion(tiny_model_dir, instance_
 def test_resume_gives_identical_embeddings(tiny_model_dir, instance_dir, tmp_path):
     # Batch 1 over 4 images: the checkpoint at step 3 is mid-epoch, and every example draws
     # its own template and flip.
-    common = dict(train={"max_steps": 5, "checkpoint_every": 3, "lr": 0.02, "batch_size": 1},
-                  data={"random_flip": True})
+    common = dict(
+        train={"max_steps": 5, "checkpoint_every": 3, "lr": 0.02, "batch_size": 1},
+        data={"random_flip": True},
+    )
     straight = train(_cfg(tiny_model_dir, instance_dir, tmp_path / "a", **common))
     first = dict(common, train=dict(common["train"], max_steps=3))
     train(_cfg(tiny_model_dir, instance_dir, tmp_path / "b", **first))
     checkpoint = ckpt.complete_checkpoints(tmp_path / "b")[-1]
     state = load_file(checkpoint / ckpt.TRAINABLE_FILE)
     assert list(state) == [STATE_KEY] and state[STATE_KEY].shape == (2, 32)  # rows, not table
-    trainer = Trainer(_cfg(tiny_model_dir, instance_dir, tmp_path / "b", resume="latest",
-                           **common))
+    trainer = Trainer(_cfg(tiny_model_dir, instance_dir, tmp_path / "b", resume="latest", **common))
     trainer.run()
     assert trainer.global_step == 5
     a = load_file(straight / DIFFUSERS_FILE)[TOKEN]
@@ -334,12 +385,21 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_bf16_mixed_precision_keeps_rows_exact(tiny_model_dir, instance_dir, tmp_path,
-                                               fresh_accelerate_state):
+def test_bf16_mixed_precision_keeps_rows_exact(
+    tiny_model_dir, instance_dir, tmp_path, fresh_accelerate_state
+):
     # With the other memory saver of large runs, gradient checkpointing, on as well.
-    cfg = _cfg(tiny_model_dir, instance_dir, tmp_path / "run",
-               train={"max_steps": 2, "mixed_precision": "bf16", "weight_decay": 0.5,
-                      "gradient_checkpointing": True})
+    cfg = _cfg(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        train={
+            "max_steps": 2,
+            "mixed_precision": "bf16",
+            "weight_decay": 0.5,
+            "gradient_checkpointing": True,
+        },
+    )
     parts = load_parts(str(tiny_model_dir))
     table = parts.text_encoder.get_input_embeddings().weight.detach().clone()
     trainer = Trainer(cfg, parts=parts)
@@ -355,15 +415,44 @@ def test_bf16_mixed_precision_keeps_rows_exact(tiny_model_dir, instance_dir, tmp
 def test_two_process_cpu_run(tiny_model_dir, instance_dir, tmp_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(base_config(
-        tiny_model_dir, instance_dir, out, method="textual_inversion", ti=TI,
-        train={"max_steps": 2, "checkpoint_every": 2})))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            base_config(
+                tiny_model_dir,
+                instance_dir,
+                out,
+                method="textual_inversion",
+                ti=TI,
+                train={"max_steps": 2, "checkpoint_every": 2},
+            )
+        )
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", "29533", "-m", "personalize", "train", str(cfg_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "personalize",
+            "train",
+            str(cfg_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr

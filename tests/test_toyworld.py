@@ -38,9 +38,13 @@ def test_captions_name_only_what_the_scene_shows():
     for _ in range(300):
         scene = sample_scene(rng, patterned=0.3)
         full = parse_caption(caption(scene))
-        assert full == {"shape": scene.shape, "color": scene.color,
-                        "background": scene.background, "size": scene.size,
-                        **({"pattern": scene.pattern} if scene.pattern != "solid" else {})}
+        assert full == {
+            "shape": scene.shape,
+            "color": scene.color,
+            "background": scene.background,
+            "size": scene.size,
+            **({"pattern": scene.pattern} if scene.pattern != "solid" else {}),
+        }
         partial = parse_caption(caption(scene, rng))
         assert partial["shape"] == scene.shape
         for key, value in partial.items():
@@ -50,8 +54,10 @@ def test_captions_name_only_what_the_scene_shows():
 def test_caption_wording():
     scene = Scene("heart", "red", "blue", size="small")
     assert caption(scene) == "a small red heart on a blue background"
-    assert caption(replace(scene, color="yellow", size="large", shape="star")) == \
-        "a large yellow star on a blue background"
+    assert (
+        caption(replace(scene, color="yellow", size="large", shape="star"))
+        == "a large yellow star on a blue background"
+    )
 
 
 def test_base_world_scenes_are_solid_with_distinct_colors():
@@ -95,8 +101,11 @@ def test_subjects_are_unseen_and_their_instances_vary(tmp_path):
         scenes = instance_scenes(subject, 5, seed=0)
         assert len({s.background for s in scenes}) >= 4
         assert all(s.background not in subject.colors for s in scenes)
-        assert all((s.shape, s.color, s.pattern) == (subject.look.shape, subject.look.color,
-                                                     subject.look.pattern) for s in scenes)
+        assert all(
+            (s.shape, s.color, s.pattern)
+            == (subject.look.shape, subject.look.color, subject.look.pattern)
+            for s in scenes
+        )
     paths = write_instance_images("striped_heart", tmp_path, count=4, caption="a sks heart")
     assert [p.name for p in paths] == [f"striped_heart_{i:02d}.png" for i in range(4)]
     assert (tmp_path / "striped_heart_00.txt").read_text() == "a sks heart"
@@ -128,8 +137,9 @@ def test_world_words_are_single_tokens_and_the_tokenizer_round_trips(tmp_path):
     # A word outside the world stays byte-level: a rare identifier, like "sks" in SD.
     assert len(tok("sks", add_special_tokens=False).input_ids) == 3
     # "a" must not be cut out of other words.
-    assert tok.convert_ids_to_tokens(tok("background", add_special_tokens=False).input_ids) \
-        == ["background"]
+    assert tok.convert_ids_to_tokens(tok("background", add_special_tokens=False).input_ids) == [
+        "background"
+    ]
     tok.save_pretrained(tmp_path)
     loaded = CLIPTokenizer.from_pretrained(tmp_path)
     assert loaded.model_max_length == MAX_TOKENS
@@ -163,8 +173,17 @@ def test_classifier_reads_ground_truth_scenes():
         # A seed the classifier was not trained on.
         images, scenes, _ = make_dataset(300, seed=2024, patterned=patterned, captions=False)
         preds = clf.predict(images)
-        return {head: float(np.mean([HEADS[head].index(p[head]) == scene_labels(s)[head]
-                                     for p, s in zip(preds, scenes)])) for head in HEADS}
+        return {
+            head: float(
+                np.mean(
+                    [
+                        HEADS[head].index(p[head]) == scene_labels(s)[head]
+                        for p, s in zip(preds, scenes)
+                    ]
+                )
+            )
+            for head in HEADS
+        }
 
     solid = accuracy(0.0)  # what the base model draws: every head must be read right
     assert all(acc >= 0.97 for acc in solid.values()), solid
@@ -183,8 +202,11 @@ def test_shipped_model_loads_unchanged_and_follows_prompts():
     from personalize.toyworld.evaluate import prompt_following
 
     pipe = load_base_pipeline()
-    assert all(p.dtype == torch.float32 for m in (pipe.unet, pipe.text_encoder, pipe.vae)
-               for p in m.parameters())
+    assert all(
+        p.dtype == torch.float32
+        for m in (pipe.unet, pipe.text_encoder, pipe.vae)
+        for p in m.parameters()
+    )
     parts = load_parts(str(base_model_path()))  # what every trainer loads
     assert parts.unet.config.cross_attention_dim == parts.text_encoder.config.hidden_size
     res = prompt_following(pipe, load_classifier(), n=10, seed=7, steps=20)
@@ -202,27 +224,46 @@ def test_quality_benchmark_short_run_on_one_subject(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "benchmarks.md").write_text("# Benchmarks\n\n## Speed\n\nkept as it is\n")
-    results = run(tmp_path / "bench", subjects=["striped_heart"], variants=["lora"], steps=2,
-                  seeds=2, backgrounds=1, isolated=False, train_seeds=[0, 1])
+    results = run(
+        tmp_path / "bench",
+        subjects=["striped_heart"],
+        variants=["lora"],
+        steps=2,
+        seeds=2,
+        backgrounds=1,
+        isolated=False,
+        train_seeds=[0, 1],
+    )
     seeded = [r for r in results["runs"] if r["variant"] == "lora"]
     assert [r["train_seed"] for r in seeded] == [0, 1]
     assert seeded[0]["subject_fidelity"] != seeded[1]["subject_fidelity"]  # other trainings
     lora = results["summary"]["lora"]
     assert lora["train_seeds"] == 2 and lora["subject_fidelity_sd"] > 0
     assert lora["subject_fidelity"] == pytest.approx(
-        np.mean([r["subject_fidelity"] for r in seeded]), abs=1e-4)
+        np.mean([r["subject_fidelity"] for r in seeded]), abs=1e-4
+    )
     # Two processes' results (one training seed each) merge into the same table.
-    part0 = {"settings": dict(results["settings"], train_seeds=[0]),
-             "runs": [r for r in results["runs"] if r.get("train_seed") != 1]}
-    part1 = {"settings": dict(results["settings"], train_seeds=[1]),
-             "runs": [r for r in results["runs"] if r.get("train_seed", 1) == 1]}
+    part0 = {
+        "settings": dict(results["settings"], train_seeds=[0]),
+        "runs": [r for r in results["runs"] if r.get("train_seed") != 1],
+    }
+    part1 = {
+        "settings": dict(results["settings"], train_seeds=[1]),
+        "runs": [r for r in results["runs"] if r.get("train_seed", 1) == 1],
+    }
     assert merge_results([part0, part1])["summary"] == results["summary"]
     with pytest.raises(ValueError, match="share a variant and training seed"):
         merge_results([part0, part0])
     rows = {r["variant"]: r for r in results["runs"] if r.get("train_seed", 0) == 0}
     assert set(rows) == {"real_images", "base", "lora"}
-    for key in ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
-                "class_subject_match", "div"):
+    for key in (
+        "subject_fidelity",
+        "subject_match",
+        "prompt_fidelity",
+        "pres",
+        "class_subject_match",
+        "div",
+    ):
         assert 0.0 <= rows["lora"][key] <= 1.0, key
         assert 0.0 <= rows["base"][key] <= 1.0, key
     assert rows["lora"]["steps"] == 2 and rows["lora"]["train_seconds"] > 0
@@ -249,8 +290,10 @@ def test_follow_up_variants_are_kept_apart_from_the_comparison():
     for name, recipe in DIAGNOSTICS.items():  # one change to a benchmark recipe each
         base = next(r for r in RECIPES if name.startswith(r + "_"))
         assert recipe["method"] == RECIPES[base]["method"], name
-    runs = [{"variant": v, "subject": "s", "train_seed": 0, "subject_fidelity": 0.5}
-            for v in ("lora", "textual_inversion_lr5e-4")]
+    runs = [
+        {"variant": v, "subject": "s", "train_seed": 0, "subject_fidelity": 0.5}
+        for v in ("lora", "textual_inversion_lr5e-4")
+    ]
     results = {"summary": summarize(runs)}
     main, follow_ups = markdown_table(results), markdown_table(results, diagnostics=True)
     assert "| lora |" in main and "lr5e-4" not in main
@@ -270,8 +313,9 @@ def test_textual_inversion_learns_what_the_model_can_draw(tmp_path):
     red_heart = Subject("red_heart", "heart", "a solid red heart", Scene("heart", "red", "black"))
     data = tmp_path / "instances"
     write_instance_images(red_heart, data, count=5)
-    cfg = variant_config("textual_inversion", red_heart, base_model_path(), data,
-                         tmp_path / "run", steps=150)
+    cfg = variant_config(
+        "textual_inversion", red_heart, base_model_path(), data, tmp_path / "run", steps=150
+    )
     cfg["ti"]["initializer_token"] = "star"
     run_dir = train_variant(cfg, tmp_path / "log", isolated=False)["run_dir"]
     classifier, seeds = load_classifier(), list(range(8))

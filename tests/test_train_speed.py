@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("train_speed",
-                                                  ROOT / "benchmarks" / "train_speed.py")
+    spec = importlib.util.spec_from_file_location(
+        "train_speed", ROOT / "benchmarks" / "train_speed.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,18 +31,25 @@ def test_steady_rate_leaves_out_warmup_and_first_step_counts_from_launch(speed):
     assert out["median_step_it_per_s"] == pytest.approx(2.0)
     assert out["peak_memory_bytes"] == 5
     # On CUDA the events, not the host stamps (which only say when work was queued), count.
-    gpu = {"stamps": stamps, "peak_rss_bytes": 5, "max_memory_allocated": 7,
-           "gpu_seconds_since_first": [0.0, 0.5, 0.75, 1.0, 1.25, 1.5]}
+    gpu = {
+        "stamps": stamps,
+        "peak_rss_bytes": 5,
+        "max_memory_allocated": 7,
+        "gpu_seconds_since_first": [0.0, 0.5, 0.75, 1.0, 1.25, 1.5],
+    }
     out = speed.summarize_run(gpu, launched=100.0, warmup=1)
     assert out["steady_it_per_s"] == pytest.approx(4.0) and out["peak_memory_bytes"] == 7
 
 
 def test_summary_takes_medians_and_the_fastest_step(speed):
-    runs = {"ours": [{"steady_it_per_s": 2.0, "step_seconds": [0.5, 0.4]},
-                     {"steady_it_per_s": 4.0, "step_seconds": [0.25, 0.3]},
-                     {"steady_it_per_s": 3.0, "step_seconds": [0.5]}],
-            "reference": [{"steady_it_per_s": 1.5, "step_seconds": [0.5]},
-                          {"error": "exit 1"}]}
+    runs = {
+        "ours": [
+            {"steady_it_per_s": 2.0, "step_seconds": [0.5, 0.4]},
+            {"steady_it_per_s": 4.0, "step_seconds": [0.25, 0.3]},
+            {"steady_it_per_s": 3.0, "step_seconds": [0.5]},
+        ],
+        "reference": [{"steady_it_per_s": 1.5, "step_seconds": [0.5]}, {"error": "exit 1"}],
+    }
     summary = speed.summarize(runs)
     speed.add_ratios(summary)
     assert summary["ours"]["steady_it_per_s"] == 3.0
@@ -53,11 +61,26 @@ def test_summary_takes_medians_and_the_fastest_step(speed):
 
 @pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
 def test_both_trainers_get_the_same_settings(speed, method, tmp_path):
-    args = speed.parse_args(["--method", method, "--only", "ours", "--resolution", "48",
-                             "--batch-size", "3", "--steps", "7", "--mixed-precision", "bf16",
-                             "--gradient-checkpointing"])
-    cfg = speed.ours_config(args, tmp_path / "m", tmp_path / "d", tmp_path / "o",
-                            {"train.channels_last": True})
+    args = speed.parse_args(
+        [
+            "--method",
+            method,
+            "--only",
+            "ours",
+            "--resolution",
+            "48",
+            "--batch-size",
+            "3",
+            "--steps",
+            "7",
+            "--mixed-precision",
+            "bf16",
+            "--gradient-checkpointing",
+        ]
+    )
+    cfg = speed.ours_config(
+        args, tmp_path / "m", tmp_path / "d", tmp_path / "o", {"train.channels_last": True}
+    )
     parsed = from_dict(cfg)  # a renamed config key would break the benchmark: caught here
     t = parsed.train
     assert (t.resolution, t.batch_size, t.max_steps, t.mixed_precision) == (48, 3, 7, "bf16")

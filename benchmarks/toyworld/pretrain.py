@@ -97,19 +97,30 @@ def phase_data(args, work: Path, log: Log) -> None:
     diff_images, diff_scenes, _ = make_dataset(args.n_scenes, args.seed + 1, captions=False)
     rng = np.random.default_rng(args.seed + 11)
     captions = np.array([[caption(s, rng) for _ in range(CAPTION_VARIANTS)] for s in diff_scenes])
-    mixed_images, mixed_scenes, _ = make_dataset(args.n_mixed, args.seed + 2, patterned=0.5,
-                                                 captions=False)
-    test_images, test_scenes, _ = make_dataset(1000, args.seed + 3, patterned=0.5,
-                                               captions=False)
+    mixed_images, mixed_scenes, _ = make_dataset(
+        args.n_mixed, args.seed + 2, patterned=0.5, captions=False
+    )
+    test_images, test_scenes, _ = make_dataset(1000, args.seed + 3, patterned=0.5, captions=False)
     labels = {k: np.array([scene_labels(s)[k] for s in mixed_scenes]) for k in HEADS}
     test_labels = {k: np.array([scene_labels(s)[k] for s in test_scenes]) for k in HEADS}
     tmp = work / "data.tmp.npz"
-    np.savez(tmp, diff_images=diff_images, captions=captions, mixed_images=mixed_images,
-             test_images=test_images, **{f"label_{k}": v for k, v in labels.items()},
-             **{f"test_label_{k}": v for k, v in test_labels.items()})
+    np.savez(
+        tmp,
+        diff_images=diff_images,
+        captions=captions,
+        mixed_images=mixed_images,
+        test_images=test_images,
+        **{f"label_{k}": v for k, v in labels.items()},
+        **{f"test_label_{k}": v for k, v in test_labels.items()},
+    )
     os.replace(tmp, out)
-    log("data", seconds=round(time.time() - t, 1), diffusion_scenes=len(diff_images),
-        mixed_scenes=len(mixed_images), example_captions=list(captions[:3, 0]))
+    log(
+        "data",
+        seconds=round(time.time() - t, 1),
+        diffusion_scenes=len(diff_images),
+        mixed_scenes=len(mixed_images),
+        example_captions=list(captions[:3, 0]),
+    )
 
 
 def phase_vae(args, work: Path, data, log: Log):
@@ -133,8 +144,9 @@ def phase_vae(args, work: Path, data, log: Log):
         # the weights and the loss stay fp32.
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
-                                                             generator=g).to(device)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(
+                device
+            )
             rec = vae.decode(z).sample.float()
         mse = F.mse_loss(rec, x)
         # The KL term only keeps the latent scale in check (SD uses 1e-6 too); the decoder
@@ -148,17 +160,28 @@ def phase_vae(args, work: Path, data, log: Log):
             log("vae", step=step, mse=round(mse.item(), 5), loss=round(loss.item(), 5))
     vae.eval()
     with torch.no_grad():
-        means = torch.cat([vae.encode(to_tensor(data["diff_images"][i:i + 500], device) * 2 - 1)
-                           .latent_dist.mean
-                           for i in range(0, min(4000, len(data["diff_images"])), 500)])
+        means = torch.cat(
+            [
+                vae.encode(
+                    to_tensor(data["diff_images"][i : i + 500], device) * 2 - 1
+                ).latent_dist.mean
+                for i in range(0, min(4000, len(data["diff_images"])), 500)
+            ]
+        )
         test = to_tensor(data["test_images"], device) * 2 - 1
         rec = vae.decode(vae.encode(test).latent_dist.mean).sample
         test_mse = F.mse_loss(rec, test).item()
     scaling = 1.0 / means.std().item()
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(out, safe_serialization=True)
-    log("vae", done=True, seconds=round(time.time() - t, 1), test_mse=round(test_mse, 5),
-        scaling_factor=round(scaling, 5), latent_mean=round(means.mean().item(), 4))
+    log(
+        "vae",
+        done=True,
+        seconds=round(time.time() - t, 1),
+        test_mse=round(test_mse, 5),
+        scaling_factor=round(scaling, 5),
+        latent_mean=round(means.mean().item(), 4),
+    )
     return vae
 
 
@@ -179,8 +202,9 @@ def phase_decoder(args, work: Path, data, vae, log: Log):
         m.requires_grad_(True).train()
     params = [p for m in trained for p in m.parameters()]
     # Patterned scenes are the hard part: half of the batches' images are patterned.
-    images = np.concatenate([data["diff_images"][: args.n_mixed], data["mixed_images"],
-                             data["mixed_images"]])
+    images = np.concatenate(
+        [data["diff_images"][: args.n_mixed], data["mixed_images"], data["mixed_images"]]
+    )
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 40)
     for step in range(args.decoder_steps):
@@ -190,8 +214,9 @@ def phase_decoder(args, work: Path, data, vae, log: Log):
         x = to_tensor(images[idx], device) * 2 - 1
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape,
-                                                             generator=g).to(device)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(
+                device
+            )
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
             rec = vae.decode(z).sample.float()
         mse = F.mse_loss(rec, x)
@@ -216,7 +241,7 @@ def phase_decoder(args, work: Path, data, vae, log: Log):
 def reconstruct(vae, images: np.ndarray, device) -> np.ndarray:
     out = []
     for i in range(0, len(images), 500):
-        x = to_tensor(images[i:i + 500], device) * 2 - 1
+        x = to_tensor(images[i : i + 500], device) * 2 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
         out.append(rec.cpu().numpy())
@@ -228,10 +253,11 @@ def classifier_accuracy(clf, images: np.ndarray, labels: dict[str, np.ndarray]) 
     with torch.no_grad():
         logits = {k: [] for k in HEADS}
         for i in range(0, len(images), 500):
-            for k, v in clf(clf.to_tensor(images[i:i + 500])).items():
+            for k, v in clf(clf.to_tensor(images[i : i + 500])).items():
                 logits[k].append(v.argmax(1).cpu())
-    return {k: round(float((torch.cat(v).numpy() == labels[k]).mean()), 4)
-            for k, v in logits.items()}
+    return {
+        k: round(float((torch.cat(v).numpy() == labels[k]).mean()), 4) for k, v in logits.items()
+    }
 
 
 def phase_classifier(args, work: Path, data, vae, log: Log) -> ToyClassifier:
@@ -262,12 +288,16 @@ def phase_classifier(args, work: Path, data, vae, log: Log) -> ToyClassifier:
     clf.eval().cpu()
     test_labels = {k: data[f"test_label_{k}"] for k in HEADS}
     acc_clean = classifier_accuracy(clf, data["test_images"], test_labels)
-    acc_recon = classifier_accuracy(clf, reconstruct(vae, data["test_images"], device),
-                                    test_labels)
+    acc_recon = classifier_accuracy(clf, reconstruct(vae, data["test_images"], device), test_labels)
     clf.save(out)
     (out / "accuracy.json").write_text(json.dumps({"clean": acc_clean, "vae_recon": acc_recon}))
-    log("classifier", done=True, seconds=round(time.time() - t, 1), test_accuracy=acc_clean,
-        test_accuracy_vae_reconstructions=acc_recon)
+    log(
+        "classifier",
+        done=True,
+        seconds=round(time.time() - t, 1),
+        test_accuracy=acc_clean,
+        test_accuracy_vae_reconstructions=acc_recon,
+    )
     return clf.to(device)
 
 
@@ -279,18 +309,26 @@ def phase_latents(args, work: Path, data, vae, tokenizer, log: Log):
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(data["diff_images"]), 500):
-            x = to_tensor(data["diff_images"][i:i + 500], args.device) * 2 - 1
+            x = to_tensor(data["diff_images"][i : i + 500], args.device) * 2 - 1
             dist = vae.encode(x).latent_dist
             means.append(dist.mean.cpu())
             stds.append(dist.std.cpu())
     caps = data["captions"]
-    ids = tokenizer(list(caps.reshape(-1)), padding="max_length",
-                    max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.view(len(caps), CAPTION_VARIANTS, -1)
+    ids = tokenizer(
+        list(caps.reshape(-1)),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.view(len(caps), CAPTION_VARIANTS, -1)
     cache = {"mean": torch.cat(means).half(), "std": torch.cat(stds).half(), "ids": ids}
     atomic_torch_save(cache, out)
-    log("latents", seconds=round(time.time() - t, 1), shape=list(cache["mean"].shape),
-        mean_posterior_std=round(cache["std"].float().mean().item(), 5))
+    log(
+        "latents",
+        seconds=round(time.time() - t, 1),
+        shape=list(cache["mean"].shape),
+        mean_posterior_std=round(cache["std"].float().mean().item(), 5),
+    )
     return cache
 
 
@@ -302,8 +340,7 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 def evaluate(args, tokenizer, te, vae, unet, clf, n: int, guidance: float) -> dict:
     pipe = tw.make_pipeline(tokenizer, te.eval(), vae, unet.eval())
-    res = prompt_following(pipe, clf, n=n, seed=args.seed + 1234, steps=20,
-                           guidance_scale=guidance)
+    res = prompt_following(pipe, clf, n=n, seed=args.seed + 1234, steps=20, guidance_scale=guidance)
     return res
 
 
@@ -318,8 +355,13 @@ def phase_unet(args, work: Path, cache, vae, tokenizer, clf, log: Log):
     start = 0
     if ckpt_file.is_file():
         state = torch.load(ckpt_file, weights_only=True, map_location=device)
-        for m, k in ((unet, "unet"), (te, "te"), (ema_unet, "ema_unet"), (ema_te, "ema_te"),
-                     (opt, "opt")):
+        for m, k in (
+            (unet, "unet"),
+            (te, "te"),
+            (ema_unet, "ema_unet"),
+            (ema_te, "ema_te"),
+            (opt, "opt"),
+        ):
             m.load_state_dict(state[k])
         start = state["step"]
         log("unet", resumed_from=start)
@@ -328,8 +370,9 @@ def phase_unet(args, work: Path, cache, vae, tokenizer, clf, log: Log):
     sched = tw.make_scheduler()
     sf = vae.config.scaling_factor
     mean, std, ids = cache["mean"], cache["std"], cache["ids"]
-    empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids[0]
+    empty = tokenizer(
+        "", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids[0]
     unet.train()
     te.train()
     t0, losses = time.time(), []
@@ -345,8 +388,9 @@ def phase_unet(args, work: Path, cache, vae, tokenizer, clf, log: Log):
         variant = torch.randint(CAPTION_VARIANTS, (bs,), generator=g)
         tokens = ids[idx, variant].clone()
         tokens[torch.rand(bs, generator=g) < args.caption_dropout] = empty
-        latents = (mean[idx].float()
-                   + std[idx].float() * torch.randn(mean[idx].shape, generator=g)) * sf
+        latents = (
+            mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g)
+        ) * sf
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=g)
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
@@ -368,16 +412,30 @@ def phase_unet(args, work: Path, cache, vae, tokenizer, clf, log: Log):
         done = step + 1
         if done % 50 == 0:
             rate = (done - start) / (time.time() - t0)
-            log("unet", step=done, loss=round(float(np.mean(losses)), 5),
-                lr=round(opt.param_groups[0]["lr"], 6), steps_per_s=round(rate, 3))
+            log(
+                "unet",
+                step=done,
+                loss=round(float(np.mean(losses)), 5),
+                lr=round(opt.param_groups[0]["lr"], 6),
+                steps_per_s=round(rate, 3),
+            )
             losses = []
         if done % args.ckpt_every == 0 or done == args.unet_steps:
-            atomic_torch_save({"unet": unet.state_dict(), "te": te.state_dict(),
-                               "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(),
-                               "opt": opt.state_dict(), "step": done}, ckpt_file)
+            atomic_torch_save(
+                {
+                    "unet": unet.state_dict(),
+                    "te": te.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_te": ema_te.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": done,
+                },
+                ckpt_file,
+            )
         if done % args.eval_every == 0 or done == args.unet_steps:
-            res = evaluate(args, tokenizer, ema_te, vae, ema_unet, clf, n=56,
-                           guidance=args.guidance)
+            res = evaluate(
+                args, tokenizer, ema_te, vae, ema_unet, clf, n=56, guidance=args.guidance
+            )
             log("unet_eval", step=done, guidance=args.guidance, accuracy=res["accuracy"])
             save_grid(res["images"][:40], work / f"samples_step{done:05d}.png")
             unet.train()
@@ -394,7 +452,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     grid = np.full((rows * h, cols * w, 3), 255, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
     Image.fromarray(grid).resize((cols * w * 3, rows * h * 3), Image.NEAREST).save(path)
 
 
@@ -405,24 +463,31 @@ def phase_export(args, work: Path, tokenizer, te, vae, unet, clf, log: Log) -> N
     pipe_dir = out / "pipeline"
     # fp16 halves the UNet file; diffusers loads it back as fp32. The text encoder stays fp32:
     # transformers 5 would load an fp16 file as fp16 and mix dtypes in the pipeline.
-    pipe = tw.make_pipeline(tokenizer, copy.deepcopy(te).cpu(), copy.deepcopy(vae).cpu(),
-                            copy.deepcopy(unet).cpu().half())
+    pipe = tw.make_pipeline(
+        tokenizer,
+        copy.deepcopy(te).cpu(),
+        copy.deepcopy(vae).cpu(),
+        copy.deepcopy(unet).cpu().half(),
+    )
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
     drop_local_paths(pipe_dir)
     clf.cpu().save(out / "classifier")
     # Measure what ships: the files as a user loads them.
     reloaded = load_pipeline(str(pipe_dir))
     shipped_clf = ToyClassifier.load(out / "classifier")
-    report = {"seed": args.seed, "args": portable_args(args),
-              "classifier_test_accuracy": json.loads(
-                  (work / "classifier" / "accuracy.json").read_text()),
-              "unet_parameters": sum(p.numel() for p in reloaded.unet.parameters()),
-              "text_encoder_parameters": sum(p.numel() for p in reloaded.text_encoder.parameters()),
-              "vae_parameters": sum(p.numel() for p in reloaded.vae.parameters()),
-              "prompt_following": {}}
+    report = {
+        "seed": args.seed,
+        "args": portable_args(args),
+        "classifier_test_accuracy": json.loads((work / "classifier" / "accuracy.json").read_text()),
+        "unet_parameters": sum(p.numel() for p in reloaded.unet.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in reloaded.text_encoder.parameters()),
+        "vae_parameters": sum(p.numel() for p in reloaded.vae.parameters()),
+        "prompt_following": {},
+    }
     for guidance in (3.0, 5.0, 7.5):
-        res = prompt_following(reloaded, shipped_clf, n=140, seed=args.seed + 99, steps=20,
-                               guidance_scale=guidance)
+        res = prompt_following(
+            reloaded, shipped_clf, n=140, seed=args.seed + 99, steps=20, guidance_scale=guidance
+        )
         report["prompt_following"][str(guidance)] = res["accuracy"]
         log("export_eval", guidance=guidance, n=140, accuracy=res["accuracy"])
         if guidance == 5.0:
@@ -435,8 +500,9 @@ def phase_export(args, work: Path, tokenizer, te, vae, unet, clf, log: Log) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default="/tmp/toyworld_work", help="intermediate files + log")
     p.add_argument("--out", default=str(ROOT / "personalize" / "toyworld" / "weights"))
     p.add_argument("--device", default="cpu")
@@ -457,8 +523,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="guidance for the evaluations")
     p.add_argument("--eval-every", type=int, default=600)
     p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--stop-after", choices=("classifier",), default=None,
-                   help="stop after this phase (e.g. to prepare it beside a running UNet phase)")
+    p.add_argument(
+        "--stop-after",
+        choices=("classifier",),
+        default=None,
+        help="stop after this phase (e.g. to prepare it beside a running UNet phase)",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

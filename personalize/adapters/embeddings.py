@@ -38,8 +38,11 @@ PICKLE_SUFFIXES = (".pt", ".bin", ".pth")
 # artifact (a hypernetwork, a whole model) and is not unpickled just to find out.
 MAX_EMBEDDING_BYTES = 16 * 1024 * 1024
 # Text encoder widths of the base models users meet, to say where a file came from.
-KNOWN_WIDTHS = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)",
-                1280: "SDXL's second text encoder (OpenCLIP ViT-bigG)"}
+KNOWN_WIDTHS = {
+    768: "SD 1.x (CLIP ViT-L)",
+    1024: "SD 2.x (OpenCLIP ViT-H)",
+    1280: "SDXL's second text encoder (OpenCLIP ViT-bigG)",
+}
 
 
 class EmbeddingError(ArtifactError):
@@ -93,8 +96,9 @@ def _as_vectors(tensor: Any, where: str) -> torch.Tensor:
     if tensor.dim() == 1:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 2 or tensor.shape[0] == 0:
-        raise EmbeddingError(f"{where}: expected a tensor [num_vectors, dim], found shape "
-                             f"{list(tensor.shape)}")
+        raise EmbeddingError(
+            f"{where}: expected a tensor [num_vectors, dim], found shape {list(tensor.shape)}"
+        )
     return tensor.detach().float().contiguous()
 
 
@@ -112,12 +116,19 @@ def _from_dict(data: dict, path: Path, metadata: dict[str, str]) -> Embedding:
         params = data["string_to_param"]
         params = getattr(params, "_parameters", params)  # torch 1.11 era ParameterDicts
         if not isinstance(params, dict) or len(params) != 1:
-            raise EmbeddingError(f"{path}: string_to_param must hold exactly one tensor, "
-                                 f"found {len(params) if isinstance(params, dict) else params}")
+            raise EmbeddingError(
+                f"{path}: string_to_param must hold exactly one tensor, "
+                f"found {len(params) if isinstance(params, dict) else params}"
+            )
         vectors = _as_vectors(next(iter(params.values())), f"{path} string_to_param")
         step = data.get("step")
-        return Embedding(vectors, stem, step if isinstance(step, int) else None, "webui",
-                         {"name": str(data.get("name", stem))})
+        return Embedding(
+            vectors,
+            stem,
+            step if isinstance(step, int) else None,
+            "webui",
+            {"name": str(data.get("name", stem))},
+        )
     if {"clip_l", "clip_g"} <= set(data):
         raise _sdxl_error(path)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -132,11 +143,17 @@ def _from_dict(data: dict, path: Path, metadata: dict[str, str]) -> Embedding:
     if key in GENERIC_KEYS:
         token = metadata.get("name") or stem
         step = metadata.get("step")
-        return Embedding(vectors, token, int(step) if step and step.isdigit() else None,
-                         "single_tensor", metadata)
+        return Embedding(
+            vectors,
+            token,
+            int(step) if step and step.isdigit() else None,
+            "single_tensor",
+            metadata,
+        )
     step = metadata.get("personalize_step")
-    return Embedding(vectors, key, int(step) if step and step.isdigit() else None,
-                     "diffusers", metadata)
+    return Embedding(
+        vectors, key, int(step) if step and step.isdigit() else None, "diffusers", metadata
+    )
 
 
 def read_embedding(path: str | Path) -> Embedding:
@@ -164,8 +181,10 @@ def read_embedding(path: str | Path) -> Embedding:
         except Exception as e:
             # torch's message is a page long; the line naming the refused class is the news.
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            why = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines
-                       else type(e).__name__)
+            why = next(
+                (ln for ln in lines if "Unsupported global" in ln),
+                lines[0] if lines else type(e).__name__,
+            )
             raise EmbeddingError(
                 f"{path} cannot be loaded safely (only tensors, numbers and strings are "
                 f"unpickled): {why}. If you trust the file, re-save it as safetensors; see "
@@ -174,8 +193,9 @@ def read_embedding(path: str | Path) -> Embedding:
         if isinstance(data, torch.Tensor):
             return Embedding(_as_vectors(data, str(path)), path.stem, None, "single_tensor")
         if not isinstance(data, dict):
-            raise EmbeddingError(f"{path}: expected a dict or a tensor, found "
-                                 f"{type(data).__name__}")
+            raise EmbeddingError(
+                f"{path}: expected a dict or a tensor, found {type(data).__name__}"
+            )
         return _from_dict(data, path, {})
     raise EmbeddingError(f"{path}: embeddings are .safetensors, .pt, .bin or .pth files")
 
@@ -183,14 +203,20 @@ def read_embedding(path: str | Path) -> Embedding:
 # ------------------------------------------------------------------------------ writing
 
 
-def save_diffusers(path: str | Path, token: str, vectors: torch.Tensor,
-                   metadata: dict[str, str] | None = None) -> Path:
+def save_diffusers(
+    path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, str] | None = None
+) -> Path:
     """`{token: [n, dim]}`, read by diffusers' `load_textual_inversion` and the webui."""
     return atomic_save_safetensors({token: _as_vectors(vectors, token)}, path, metadata)
 
 
-def save_webui_pt(path: str | Path, name: str, vectors: torch.Tensor, step: int | None,
-                  checkpoint_name: str | None = None) -> Path:
+def save_webui_pt(
+    path: str | Path,
+    name: str,
+    vectors: torch.Tensor,
+    step: int | None,
+    checkpoint_name: str | None = None,
+) -> Path:
     """The webui's own `.pt` layout (only plain types inside, so `weights_only` loads it)."""
     data = {
         "string_to_token": {"*": 265},  # the webui's fixed placeholder id for "*"
@@ -203,8 +229,13 @@ def save_webui_pt(path: str | Path, name: str, vectors: torch.Tensor, step: int 
     return atomic_torch_save(data, path)
 
 
-def save_single_tensor(path: str | Path, name: str, vectors: torch.Tensor, step: int | None,
-                       metadata: dict[str, str] | None = None) -> Path:
+def save_single_tensor(
+    path: str | Path,
+    name: str,
+    vectors: torch.Tensor,
+    step: int | None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """`{"emb_params": [n, dim]}` (kohya's layout): what the webui and ComfyUI read from a
     `.safetensors` embedding. Name and step travel in the metadata."""
     meta = dict(metadata or {}, name=name)
@@ -283,8 +314,10 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str
             "Use an embedding trained on this model family."
         )
     if not token or any(ch.isspace() for ch in token):
-        raise EmbeddingError(f"{path}: token {token!r} must be one word without spaces; "
-                             "pass another with adapter_name=")
+        raise EmbeddingError(
+            f"{path}: token {token!r} must be one word without spaces; "
+            "pass another with adapter_name="
+        )
     tokens = expand_tokens(token, emb.num_vectors)
     taken = [t for t in tokens if t in tokenizer.get_vocab()]
     if taken:
@@ -299,8 +332,12 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str
     if text_encoder.get_input_embeddings().weight.shape[0] < needed:
         text_encoder.resize_token_embeddings(needed, mean_resizing=False)
     # diffusers' loader reads a bare tensor with an explicit token, whatever the layout.
-    pipe.load_textual_inversion(emb.vectors.to(text_encoder.dtype), token=token,
-                                tokenizer=tokenizer, text_encoder=text_encoder)
+    pipe.load_textual_inversion(
+        emb.vectors.to(text_encoder.dtype),
+        token=token,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+    )
     ids = tokenizer.convert_tokens_to_ids(tokens)
     got = tokenizer.encode(" ".join(tokens), add_special_tokens=False)
     if got != ids:
@@ -310,13 +347,18 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str
             "(lower case, no spaces)."
         )
     _warn_when_unused(pipe, token)
-    logger.info("embedding %s: %d vector(s) of width %d; write %s in the prompt", path,
-                emb.num_vectors, emb.dim, token)
+    logger.info(
+        "embedding %s: %d vector(s) of width %d; write %s in the prompt",
+        path,
+        emb.num_vectors,
+        emb.dim,
+        token,
+    )
     return tokens
 
 
 def _warn_when_unused(pipe, token: str) -> None:
-    """"My embedding does nothing" is most often a prompt without its token (diffusers
+    """ "My embedding does nothing" is most often a prompt without its token (diffusers
     #3097, webui #1355). Every SD pipeline passes prompts through `maybe_convert_prompt`;
     we wrap it on this pipeline to warn, once per token, when a prompt lacks the token."""
     loaded: list[str] = pipe.__dict__.setdefault("_personalize_embedding_tokens", [])
@@ -336,7 +378,11 @@ def _warn_when_unused(pipe, token: str) -> None:
                 logger.warning(
                     "prompt %r does not contain the embedding token %s, so the embedding "
                     "does not act on it (fine for a negative prompt or a comparison; "
-                    "otherwise write %s in the prompt)", text[0], tok, tok)
+                    "otherwise write %s in the prompt)",
+                    text[0],
+                    tok,
+                    tok,
+                )
         return original(prompt, tokenizer)
 
     pipe.__dict__["maybe_convert_prompt"] = types.MethodType(maybe_convert_prompt, pipe)

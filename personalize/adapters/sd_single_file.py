@@ -58,8 +58,9 @@ def unet_prefix_map(unet_state: dict[str, torch.Tensor], config: Any) -> list[tu
     """(diffusers prefix, original prefix) pairs for the UNet's blocks."""
     per_block = config.layers_per_block
     if not isinstance(per_block, int):
-        raise ConversionError("layers_per_block differs between blocks; the original "
-                              "layout needs one value")
+        raise ConversionError(
+            "layers_per_block differs between blocks; the original layout needs one value"
+        )
     n = len(config.block_out_channels)
     pairs: list[tuple[str, str]] = []
     for i in range(n):
@@ -68,8 +69,12 @@ def unet_prefix_map(unet_state: dict[str, torch.Tensor], config: Any) -> list[tu
             pairs.append((f"down_blocks.{i}.resnets.{j}.", sd + "0."))
             pairs.append((f"down_blocks.{i}.attentions.{j}.", sd + "1."))
         if i < n - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.",
-                          f"input_blocks.{(per_block + 1) * (i + 1)}.0.op."))
+            pairs.append(
+                (
+                    f"down_blocks.{i}.downsamplers.0.conv.",
+                    f"input_blocks.{(per_block + 1) * (i + 1)}.0.op.",
+                )
+            )
         up_has_attention = _has_prefix(unet_state, f"up_blocks.{i}.attentions.")
         for j in range(per_block + 1):
             sd = f"output_blocks.{(per_block + 1) * i + j}."
@@ -77,8 +82,9 @@ def unet_prefix_map(unet_state: dict[str, torch.Tensor], config: Any) -> list[tu
             pairs.append((f"up_blocks.{i}.attentions.{j}.", sd + "1."))
         if i < n - 1:
             sd = f"output_blocks.{(per_block + 1) * i + per_block}."
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", sd + ("2." if up_has_attention
-                                                                  else "1.")))
+            pairs.append(
+                (f"up_blocks.{i}.upsamplers.0.", sd + ("2." if up_has_attention else "1."))
+            )
     pairs.append(("mid_block.resnets.0.", "middle_block.0."))
     pairs.append(("mid_block.attentions.0.", "middle_block.1."))
     pairs.append(("mid_block.resnets.1.", "middle_block.2."))
@@ -87,10 +93,13 @@ def unet_prefix_map(unet_state: dict[str, torch.Tensor], config: Any) -> list[tu
 
 def convert_unet(unet_state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     if getattr(config, "addition_embed_type", None) or getattr(config, "class_embed_type", None):
-        raise ConversionError("UNet has class/added embeddings (SDXL-like); only SD 1.x/2.x "
-                              "UNets map to the original single-file layout here")
-    if _has_prefix(unet_state, "mid_block.") and not _has_prefix(unet_state,
-                                                                 "mid_block.attentions.0."):
+        raise ConversionError(
+            "UNet has class/added embeddings (SDXL-like); only SD 1.x/2.x "
+            "UNets map to the original single-file layout here"
+        )
+    if _has_prefix(unet_state, "mid_block.") and not _has_prefix(
+        unet_state, "mid_block.attentions.0."
+    ):
         raise ConversionError("UNet mid block without attention has no original-layout slot")
     fixed = list(_UNET_FIXED.items())
     blocks = unet_prefix_map(unet_state, config)
@@ -99,12 +108,12 @@ def convert_unet(unet_state: dict[str, torch.Tensor], config: Any) -> dict[str, 
         new = None
         for hf, sd in fixed:
             if key.startswith(hf):
-                new = sd + key[len(hf):]
+                new = sd + key[len(hf) :]
                 break
         if new is None:
             for hf, sd in blocks:
                 if key.startswith(hf):
-                    rest = key[len(hf):]
+                    rest = key[len(hf) :]
                     if ".resnets." in hf:
                         name, _, tail = rest.partition(".")
                         rest = f"{_RESNET.get(name, name)}.{tail}"
@@ -119,19 +128,24 @@ def convert_unet(unet_state: dict[str, torch.Tensor], config: Any) -> dict[str, 
 def vae_prefix_map(config: Any) -> list[tuple[str, str]]:
     n = len(config.block_out_channels)
     per_block = config.layers_per_block
-    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."),
-             ("decoder.conv_norm_out.", "decoder.norm_out.")]
+    pairs = [
+        ("encoder.conv_norm_out.", "encoder.norm_out."),
+        ("decoder.conv_norm_out.", "decoder.norm_out."),
+    ]
     for i in range(n):
         for j in range(per_block):
             pairs.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
         if i < n - 1:
-            pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.",
-                          f"encoder.down.{i}.downsample."))
-            pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.",
-                          f"decoder.up.{n - 1 - i}.upsample."))
+            pairs.append(
+                (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            )
+            pairs.append(
+                (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.")
+            )
         for j in range(per_block + 1):
-            pairs.append((f"decoder.up_blocks.{i}.resnets.{j}.",
-                          f"decoder.up.{n - 1 - i}.block.{j}."))
+            pairs.append(
+                (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.")
+            )
     for part in ("encoder", "decoder"):
         for j in range(2):
             pairs.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
@@ -146,11 +160,11 @@ def convert_vae(vae_state: dict[str, torch.Tensor], config: Any) -> dict[str, to
         new = key
         for hf, sd in pairs:
             if key.startswith(hf):
-                rest = key[len(hf):]
+                rest = key[len(hf) :]
                 if ".attentions." in hf:
                     for a, b in _VAE_ATTENTION.items():
                         if rest.startswith(a):
-                            rest = b + rest[len(a):]
+                            rest = b + rest[len(a) :]
                             break
                     # The original attention uses 1x1 convolutions, diffusers Linear layers.
                     if rest.endswith(".weight") and value.ndim == 2:
@@ -163,22 +177,29 @@ def convert_vae(vae_state: dict[str, torch.Tensor], config: Any) -> dict[str, to
     return out
 
 
-def convert_text_encoder(te_state: dict[str, torch.Tensor],
-                         config: Any) -> dict[str, torch.Tensor]:
+def convert_text_encoder(te_state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     if getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
         raise ConversionError(
             "this text encoder is OpenCLIP-style (SD 2.x); its original layout is not "
             "written here. Use the diffusers folder (webui/ComfyUI load those too) or set "
-            "db.save_single_file: false")
+            "db.save_single_file: false"
+        )
     # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); the original
     # layout (and every reader of it) has that level.
-    return {TEXT_ENCODER_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in te_state.items() if not k.endswith("position_ids")}
+    return {
+        TEXT_ENCODER_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in te_state.items()
+        if not k.endswith("position_ids")
+    }
 
 
-def to_original_sd(unet_config: Any, vae_config: Any, text_encoder_config: Any,
-                   states: dict[str, dict[str, torch.Tensor]],
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def to_original_sd(
+    unet_config: Any,
+    vae_config: Any,
+    text_encoder_config: Any,
+    states: dict[str, dict[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """One original-layout state dict from the diffusers "unet", "vae" and "text_encoder"
     state dicts in `states`, floating tensors cast to `dtype` when given."""
     parts = [

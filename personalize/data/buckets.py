@@ -36,8 +36,10 @@ def make_buckets(resolution: int, min_size: int, max_size: int, step: int) -> li
     if step <= 0 or step % 8:
         raise ValueError(f"data.bucket_step must be a positive multiple of 8, got {step}")
     if not min_size <= resolution <= max_size:
-        raise ValueError(f"data.bucket_min_size ({min_size}) <= train.resolution ({resolution})"
-                         f" <= data.bucket_max_size ({max_size}) must hold")
+        raise ValueError(
+            f"data.bucket_min_size ({min_size}) <= train.resolution ({resolution})"
+            f" <= data.bucket_max_size ({max_size}) must hold"
+        )
     area = resolution * resolution
     sizes = {(resolution, resolution)}
     width = math.ceil(min_size / step) * step
@@ -71,9 +73,14 @@ def assign_bucket(size: Size, buckets: Sequence[Size]) -> Size:
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
-def prepare_image_to_size(image: Image.Image, size: Size, *, center_crop: bool = True,
-                          flip: bool = False,
-                          crop_rng: np.random.Generator | None = None) -> torch.Tensor:
+def prepare_image_to_size(
+    image: Image.Image,
+    size: Size,
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    crop_rng: np.random.Generator | None = None,
+) -> torch.Tensor:
     """Scale to cover `size` (keeping the aspect ratio), crop to it, flip, -> [3, H, W] tensor.
 
     The rectangular twin of `transforms.prepare_image`; with a square size it gives the
@@ -97,8 +104,7 @@ def prepare_image_to_size(image: Image.Image, size: Size, *, center_crop: bool =
     return to_tensor(image)
 
 
-def record_sizes(records, resolution: int, min_size: int, max_size: int,
-                 step: int) -> list[Size]:
+def record_sizes(records, resolution: int, min_size: int, max_size: int, step: int) -> list[Size]:
     """The bucket of every record (headers only: nothing is decoded)."""
     from personalize.data.records import DataError
 
@@ -127,8 +133,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     number of batches and accelerate never has to fill a batch across buckets.
     """
 
-    def __init__(self, bucket_of: Sequence[Size], batch_size: int, seed: int,
-                 num_processes: int = 1):
+    def __init__(
+        self, bucket_of: Sequence[Size], batch_size: int, seed: int, num_processes: int = 1
+    ):
         if batch_size < 1 or num_processes < 1:
             raise ValueError("batch_size and num_processes must be >= 1")
         self.batch_size = batch_size
@@ -154,12 +161,12 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         for bucket in sorted(self.groups):  # sorted: the order must not depend on dict history
             indices = [self.groups[bucket][j] for j in rng.permutation(len(self.groups[bucket]))]
             for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
+                batch = indices[start : start + self.batch_size]
                 while len(batch) < self.batch_size:  # top up from the same bucket
-                    batch += indices[:self.batch_size - len(batch)]
+                    batch += indices[: self.batch_size - len(batch)]
                 out.append(batch)
         out = [out[j] for j in rng.permutation(len(out))]
-        return (out * math.ceil(self._length / max(1, len(out))))[:self._length]
+        return (out * math.ceil(self._length / max(1, len(out))))[: self._length]
 
     def __iter__(self):
         return iter(self.batches())

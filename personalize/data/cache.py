@@ -77,12 +77,17 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
-        h.update(repr(sorted(dict(config).items()) if hasattr(config, "items")
-                      else config.to_dict()).encode())
+        h.update(
+            repr(
+                sorted(dict(config).items()) if hasattr(config, "items") else config.to_dict()
+            ).encode()
+        )
     with torch.no_grad():
         for name, p in module.state_dict().items():
             flat = p.detach().reshape(-1)
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{flat.double().sum().item():.10e}".encode())
+            h.update(
+                f"{name}:{tuple(p.shape)}:{p.dtype}:{flat.double().sum().item():.10e}".encode()
+            )
             h.update(flat[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -113,8 +118,13 @@ class TensorCache:
         atomic_save_safetensors(tensors, self.path(key))
 
 
-def build_entries(cache: TensorCache, keys: Sequence[str], compute: Callable[[list[int]], list],
-                  accelerator=None, batch_size: int = 8) -> tuple[list[dict], int]:
+def build_entries(
+    cache: TensorCache,
+    keys: Sequence[str],
+    compute: Callable[[list[int]], list],
+    accelerator=None,
+    batch_size: int = 8,
+) -> tuple[list[dict], int]:
     """Every entry of `keys`, computing the missing ones with `compute(indices) -> tensors`.
 
     Process r computes the missing entries among keys[r::world] in batches, so no two
@@ -126,7 +136,7 @@ def build_entries(cache: TensorCache, keys: Sequence[str], compute: Callable[[li
     mine = [j for j in range(rank, len(keys), world) if not cache.exists(keys[j])]
     computed = 0
     for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
+        chunk = mine[start : start + batch_size]
         for j, tensors in zip(chunk, compute(chunk), strict=True):
             cache.save(keys[j], tensors)
         computed += len(chunk)
@@ -159,10 +169,16 @@ def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str]]:
     views = latent_views(dataset)
     vae_id = module_fingerprint(vae)
     digests = [content_digest(r) for r in dataset.records]
-    sizes = [dataset.sizes[i] if dataset.sizes is not None
-             else (dataset.resolution, dataset.resolution) for i, _ in views]
-    keys = [_sha256("latent", CACHE_VERSION, digests[i], list(size), "center", flip, vae_id,
-                    str(vae.dtype)) for (i, flip), size in zip(views, sizes)]
+    sizes = [
+        dataset.sizes[i] if dataset.sizes is not None else (dataset.resolution, dataset.resolution)
+        for i, _ in views
+    ]
+    keys = [
+        _sha256(
+            "latent", CACHE_VERSION, digests[i], list(size), "center", flip, vae_id, str(vae.dtype)
+        )
+        for (i, flip), size in zip(views, sizes)
+    ]
     return views, keys
 
 
@@ -218,24 +234,37 @@ def latent_store(dataset, vae: torch.nn.Module, folder: str | Path) -> LatentSto
     """A `LatentStore` for `dataset`'s views (center crops; both flips when it flips)."""
     views, keys = _latent_keys(dataset, vae)
     store = LatentStore(folder, dict(zip(views, keys)))
-    logger.info("latent cache %s: %d views, %d on disk; the rest are encoded on first use",
-                folder, len(store), len(store.entries))
+    logger.info(
+        "latent cache %s: %d views, %d on disk; the rest are encoded on first use",
+        folder,
+        len(store),
+        len(store.entries),
+    )
     return store
 
 
 # --------------------------------------------------------------------------- text
 
 
-def cache_text_embeddings(captions: Sequence[str], tokenizer, text_encoder: torch.nn.Module,
-                          folder: str | Path, *, tokenize: Callable, accelerator=None,
-                          device: torch.device | str = "cpu", batch_size: int = 32,
-                          autocast=None) -> dict[str, torch.Tensor]:
+def cache_text_embeddings(
+    captions: Sequence[str],
+    tokenizer,
+    text_encoder: torch.nn.Module,
+    folder: str | Path,
+    *,
+    tokenize: Callable,
+    accelerator=None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    autocast=None,
+) -> dict[str, torch.Tensor]:
     """{caption: encoder hidden states [tokens, width]} for each distinct caption, on CPU."""
     unique = sorted(set(captions))
     ids = tokenize(tokenizer, unique) if unique else torch.zeros(0, 1, dtype=torch.long)
     te_id = module_fingerprint(text_encoder)
-    keys = [_sha256("text", CACHE_VERSION, row.tolist(), te_id, str(text_encoder.dtype))
-            for row in ids]
+    keys = [
+        _sha256("text", CACHE_VERSION, row.tolist(), te_id, str(text_encoder.dtype)) for row in ids
+    ]
 
     @torch.no_grad()
     def encode(indices: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -247,8 +276,8 @@ def cache_text_embeddings(captions: Sequence[str], tokenizer, text_encoder: torc
             hidden = text_encoder(batch)[0]
         return [{"hidden": h.cpu()} for h in hidden]
 
-    entries, computed = build_entries(TensorCache(folder), keys, encode, accelerator,
-                                      batch_size)
-    logger.info("text-embedding cache %s: %d captions, %d encoded now", folder, len(unique),
-                computed)
+    entries, computed = build_entries(TensorCache(folder), keys, encode, accelerator, batch_size)
+    logger.info(
+        "text-embedding cache %s: %d captions, %d encoded now", folder, len(unique), computed
+    )
     return {c: e["hidden"] for c, e in zip(unique, entries)}

@@ -129,17 +129,22 @@ class ImageCaptionDataset(Dataset):
             caption = self.caption_fn(caption)
         return {**image, "caption": caption, "key": record.key}
 
-    def view(self, index: int, flip: bool,
-             crop_rng: np.random.Generator | None = None) -> torch.Tensor:
+    def view(
+        self, index: int, flip: bool, crop_rng: np.random.Generator | None = None
+    ) -> torch.Tensor:
         """Record `index` as a training tensor: cropped (centered unless `crop_rng` and
         random crops), to its bucket's size when bucketing, flipped when asked."""
         record = self.records[index]
         if self.sizes is not None:
             from personalize.data.buckets import prepare_image_to_size
 
-            return prepare_image_to_size(read_image(record), self.sizes[index],
-                                         center_crop=self.center_crop, flip=flip,
-                                         crop_rng=crop_rng)
+            return prepare_image_to_size(
+                read_image(record),
+                self.sizes[index],
+                center_crop=self.center_crop,
+                flip=flip,
+                crop_rng=crop_rng,
+            )
         return prepare_image(
             read_image(record),
             self.resolution,

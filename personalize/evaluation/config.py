@@ -114,8 +114,11 @@ def evaluation_from_dict(data: dict[str, Any]) -> EvaluationConfig:
     return cfg
 
 
-def load_evaluation_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                           extra: dict[str, Any] | None = None) -> EvaluationConfig:
+def load_evaluation_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> EvaluationConfig:
     """YAML file (optional), then dotted overrides, then `extra` (the CLI flags) on top."""
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
@@ -140,10 +143,16 @@ def validate(cfg: EvaluationConfig) -> None:
     need(g.num_images > 0, "generation.num_images", "must be > 0")
     need(g.num_inference_steps > 0, "generation.num_inference_steps", "must be > 0")
     need(g.batch_size > 0, "generation.batch_size", "must be > 0")
-    need(g.resolution is None or (g.resolution >= 8 and g.resolution % 8 == 0),
-         "generation.resolution", "must be a positive multiple of 8 or null")
-    need(g.dtype in ("fp32", "fp16", "bf16"), "generation.dtype",
-         f"must be fp32, fp16 or bf16, got {g.dtype!r}")
+    need(
+        g.resolution is None or (g.resolution >= 8 and g.resolution % 8 == 0),
+        "generation.resolution",
+        "must be a positive multiple of 8 or null",
+    )
+    need(
+        g.dtype in ("fp32", "fp16", "bf16"),
+        "generation.dtype",
+        f"must be fp32, fp16 or bf16, got {g.dtype!r}",
+    )
     p = cfg.prompts
     need(p.count is None or p.count > 0, "prompts.count", "must be > 0 or null")
     need(cfg.metrics.batch_size > 0, "metrics.batch_size", "must be > 0")

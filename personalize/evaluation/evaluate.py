@@ -45,8 +45,10 @@ def build_prompts(cfg: EvaluationConfig) -> list[Prompt]:
     class_prompts = list(p.class_prompts)
     if not p.class_name and any("{class_name}" in t for t in class_prompts):
         if class_prompts != DEFAULT_CLASS_PROMPTS:
-            raise ConfigError("prompts.class_prompts use {class_name} but prompts.class_name "
-                              "is empty; set it (e.g. dog) or remove the class prompts")
+            raise ConfigError(
+                "prompts.class_prompts use {class_name} but prompts.class_name "
+                "is empty; set it (e.g. dog) or remove the class prompts"
+            )
         logger.warning("prompts.class_name is not set: no class prompts, so PRES is skipped")
         class_prompts = []
     return prompts + [Prompt(t, is_class_prompt=True) for t in class_prompts]
@@ -67,8 +69,9 @@ def _cell_size(cfg: EvaluationConfig, sample: Image.Image) -> int:
     return cfg.report.cell_size or min(256, max(128, sample.width))
 
 
-def draw_grids(cfg, columns: list[Column], prompts: list[Prompt], seeds: list[int],
-               out: Path) -> list[tuple[str, Path]]:
+def draw_grids(
+    cfg, columns: list[Column], prompts: list[Prompt], seeds: list[int], out: Path
+) -> list[tuple[str, Path]]:
     """One grid per seed (rows: prompts; columns: base, then each artifact) and one per
     seed for the class prompts."""
     class_name = cfg.prompts.class_name
@@ -89,8 +92,10 @@ def draw_grids(cfg, columns: list[Column], prompts: list[Prompt], seeds: list[in
         if not rows_prompts:
             continue
         for seed in seeds:
-            rows = [[_load(c.image_path(out, p, seed, class_name)) for c in columns]
-                    for p in rows_prompts]
+            rows = [
+                [_load(c.image_path(out, p, seed, class_name)) for c in columns]
+                for p in rows_prompts
+            ]
             cell = cell or _cell_size(cfg, rows[0][0])
             labels = [p.text(cfg.prompts.token, class_name) for p in rows_prompts]
             grid = R.comparison_grid(rows, labels, col_labels, cell)
@@ -105,8 +110,14 @@ def _round(x: float | None, why: str) -> float | str:
     return round(x, 4) if x is not None else why
 
 
-def score(cfg: EvaluationConfig, columns: list[Column], prompts: list[Prompt],
-          seeds: list[int], out: Path, instance_images: list[Image.Image]) -> list[dict]:
+def score(
+    cfg: EvaluationConfig,
+    columns: list[Column],
+    prompts: list[Prompt],
+    seeds: list[int],
+    out: Path,
+    instance_images: list[Image.Image],
+) -> list[dict]:
     """metric rows, one per column; a metric that cannot be computed says why."""
     m, class_name = cfg.metrics, cfg.prompts.class_name
     device = cfg.generation.device or default_device()
@@ -122,13 +133,18 @@ def score(cfg: EvaluationConfig, columns: list[Column], prompts: list[Prompt],
 
     rows = []
     for column in columns:
+
         def images_of(prompt: Prompt, column: Column = column) -> list[Image.Image]:
             return [_load(column.image_path(out, prompt, s, class_name)) for s in seeds]
 
         row: dict[str, Any] = {
-            "label": column.label, "artifact": str(column.artifact) if column.artifact else None,
-            "kind": column.kind, "strength": column.strength, "token": column.token,
-            "num_images": len(prompts) * len(seeds)}
+            "label": column.label,
+            "artifact": str(column.artifact) if column.artifact else None,
+            "kind": column.kind,
+            "strength": column.strength,
+            "token": column.token,
+            "num_images": len(prompts) * len(seeds),
+        }
         per_prompt: list[dict[str, Any]] = []
         clip_feats, dino_feats, texts = [], [], []
         for prompt in subject:
@@ -155,12 +171,19 @@ def score(cfg: EvaluationConfig, columns: list[Column], prompts: list[Prompt],
             per_prompt.append(entry)
         all_clip = torch.cat(clip_feats) if clip_feats else None
         all_dino = torch.cat(dino_feats) if dino_feats else None
-        row["clip_t"] = round(M.paired_similarity(torch.cat(texts), all_clip), 4) \
-            if clip else M.NO_MODEL
-        row["clip_i"] = (round(M.mean_similarity(all_clip, real_clip), 4)
-                         if real_clip is not None else no_real) if clip else M.NO_MODEL
-        row["dino"] = (round(M.mean_similarity(all_dino, real_dino), 4)
-                       if real_dino is not None else no_real) if dino else M.NO_MODEL
+        row["clip_t"] = (
+            round(M.paired_similarity(torch.cat(texts), all_clip), 4) if clip else M.NO_MODEL
+        )
+        row["clip_i"] = (
+            (round(M.mean_similarity(all_clip, real_clip), 4) if real_clip is not None else no_real)
+            if clip
+            else M.NO_MODEL
+        )
+        row["dino"] = (
+            (round(M.mean_similarity(all_dino, real_dino), 4) if real_dino is not None else no_real)
+            if dino
+            else M.NO_MODEL
+        )
         if feature is None:
             row["pres"] = row["div"] = M.NO_MODEL
         else:
@@ -186,8 +209,10 @@ def _train_logs(cfg: EvaluationConfig, columns: list[Column]) -> list[Path]:
             p = Path(item).expanduser()
             p = p / LOG_FILE if p.is_dir() else p
             if not p.is_file():
-                raise ConfigError(f"report.train_logs[{i}]: {p} does not exist (give a "
-                                  f"{LOG_FILE} file or the run folder that holds one)")
+                raise ConfigError(
+                    f"report.train_logs[{i}]: {p} does not exist (give a "
+                    f"{LOG_FILE} file or the run folder that holds one)"
+                )
             logs.append(p)
         return logs
     found: list[Path] = []
@@ -233,8 +258,7 @@ def _instance_images(cfg: EvaluationConfig) -> list[Image.Image]:
 def write_metrics(out: Path, rows: list[dict], extra: dict[str, Any]) -> None:
     _write_atomic(out / "metrics.json", json.dumps({**extra, "columns": rows}, indent=2) + "\n")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore",
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
@@ -260,33 +284,70 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     instance_strip = None
     if instance:
         instance_strip = out / "grids" / "instance_images.png"
-        R.image_strip(instance[:8], _cell_size(cfg, instance[0]),
-                      f"real images ({len(instance)})").save(instance_strip)
+        R.image_strip(
+            instance[:8], _cell_size(cfg, instance[0]), f"real images ({len(instance)})"
+        ).save(instance_strip)
     rows = score(cfg, columns, prompts, seeds, out, instance)
     scored_at = time.perf_counter()
 
     curves, run_configs = draw_loss_curves(_train_logs(cfg, columns), out)
-    seconds = {"generation": round(generated_at - started, 2),
-               "metrics": round(scored_at - generated_at, 2),
-               "total": round(time.perf_counter() - started, 2)}
-    run_info = {"seeds": seeds, "prompts": [p.template for p in prompts],
-                "images": len(columns) * len(prompts) * len(seeds), **counts,
-                "seconds": seconds["total"], "seconds_detail": seconds}
-    write_metrics(out, rows, {
-        "definitions": R.DEFINITIONS,
-        "models": {"clip": cfg.metrics.clip_model, "dino": cfg.metrics.dino_model},
-        "pres_div_features": "dino" if cfg.metrics.dino_model
-        else "clip" if cfg.metrics.clip_model else None,
-        "instance_images": len(instance), "run": run_info})
+    seconds = {
+        "generation": round(generated_at - started, 2),
+        "metrics": round(scored_at - generated_at, 2),
+        "total": round(time.perf_counter() - started, 2),
+    }
+    run_info = {
+        "seeds": seeds,
+        "prompts": [p.template for p in prompts],
+        "images": len(columns) * len(prompts) * len(seeds),
+        **counts,
+        "seconds": seconds["total"],
+        "seconds_detail": seconds,
+    }
+    write_metrics(
+        out,
+        rows,
+        {
+            "definitions": R.DEFINITIONS,
+            "models": {"clip": cfg.metrics.clip_model, "dino": cfg.metrics.dino_model},
+            "pres_div_features": "dino"
+            if cfg.metrics.dino_model
+            else "clip"
+            if cfg.metrics.clip_model
+            else None,
+            "instance_images": len(instance),
+            "run": run_info,
+        },
+    )
     page, _ = R.render_report(
-        out, config=cfg.to_dict(),
-        columns=[{"label": c.label, "artifact": c.artifact, "kind": c.kind,
-                  "strength": c.strength, "token": c.token} for c in columns],
-        grids=grids, metric_rows=rows, loss_curves=curves, run_configs=run_configs,
-        instance_strip=instance_strip, run_info=run_info, embed_images=cfg.report.embed_images)
+        out,
+        config=cfg.to_dict(),
+        columns=[
+            {
+                "label": c.label,
+                "artifact": c.artifact,
+                "kind": c.kind,
+                "strength": c.strength,
+                "token": c.token,
+            }
+            for c in columns
+        ],
+        grids=grids,
+        metric_rows=rows,
+        loss_curves=curves,
+        run_configs=run_configs,
+        instance_strip=instance_strip,
+        run_info=run_info,
+        embed_images=cfg.report.embed_images,
+    )
     _write_atomic(out / "report.html", page)
     logger.info("evaluation written to %s (%s)", out, seconds)
-    return {"output_dir": str(out), "report": str(out / "report.html"),
-            "metrics": str(out / "metrics.json"), "grids": [str(p) for _, p in grids],
-            **counts, "seconds": seconds,
-            "columns": {r["label"]: {k: r[k] for k in METRIC_KEYS} for r in rows}}
+    return {
+        "output_dir": str(out),
+        "report": str(out / "report.html"),
+        "metrics": str(out / "metrics.json"),
+        "grids": [str(p) for _, p in grids],
+        **counts,
+        "seconds": seconds,
+        "columns": {r["label"]: {k: r[k] for k in METRIC_KEYS} for r in rows},
+    }

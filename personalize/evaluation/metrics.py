@@ -69,8 +69,10 @@ def mean_similarity(generated: torch.Tensor, reference: torch.Tensor) -> float:
 def paired_similarity(text: torch.Tensor, images: torch.Tensor) -> float:
     """CLIP-T: mean of cos(text[i], images[i]); row i of `text` is image i's prompt."""
     if text.shape[0] != images.shape[0] or len(images) == 0:
-        raise ValueError(f"paired_similarity needs equally many texts and images, "
-                         f"got {text.shape[0]} and {images.shape[0]}")
+        raise ValueError(
+            f"paired_similarity needs equally many texts and images, "
+            f"got {text.shape[0]} and {images.shape[0]}"
+        )
     return float((normalize(text) * normalize(images)).sum(-1).mean())
 
 
@@ -144,13 +146,17 @@ def _size_dict(value: Any, square: bool) -> dict[str, int] | None:
     return {"height": int(value["height"]), "width": int(value["width"])}
 
 
-def load_preprocess(model_dir: Path, image_size: int, mean: tuple[float, ...],
-                    std: tuple[float, ...], default_resize: dict[str, int]) -> Preprocess:
+def load_preprocess(
+    model_dir: Path,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    default_resize: dict[str, int],
+) -> Preprocess:
     """The model folder's preprocessor_config.json when it has one, else the defaults."""
     file = model_dir / "preprocessor_config.json"
     if not file.is_file():
-        return Preprocess(resize=default_resize, crop=(image_size, image_size), mean=mean,
-                          std=std)
+        return Preprocess(resize=default_resize, crop=(image_size, image_size), mean=mean, std=std)
     cfg = json.loads(file.read_text(encoding="utf-8"))
     crop = None
     if cfg.get("do_center_crop", False):
@@ -164,7 +170,8 @@ def load_preprocess(model_dir: Path, image_size: int, mean: tuple[float, ...],
         std=tuple(cfg.get("image_std", std)),
         resample=int(cfg.get("resample", Image.BICUBIC)),
         rescale_factor=float(cfg.get("rescale_factor", 1 / 255))
-        if cfg.get("do_rescale", True) else 1.0,
+        if cfg.get("do_rescale", True)
+        else 1.0,
         normalize=bool(cfg.get("do_normalize", True)),
     )
 
@@ -175,17 +182,21 @@ def load_preprocess(model_dir: Path, image_size: int, mean: tuple[float, ...],
 def _model_dir(path: str, key: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir() or not (p / "config.json").is_file():
-        raise ConfigError(f"{key}: {p} is not a local transformers model folder (config.json "
-                          "missing). Save one with `Model.from_pretrained(id).save_pretrained"
-                          "(folder)` on a machine that can download, then point here.")
+        raise ConfigError(
+            f"{key}: {p} is not a local transformers model folder (config.json "
+            "missing). Save one with `Model.from_pretrained(id).save_pretrained"
+            "(folder)` on a machine that can download, then point here."
+        )
     return p
 
 
-def _batched_features(items: list, batch_size: int,
-                      features: Callable[[list], torch.Tensor]) -> torch.Tensor:
+def _batched_features(
+    items: list, batch_size: int, features: Callable[[list], torch.Tensor]
+) -> torch.Tensor:
     """`features` over `items` in batches, L2-normalized on the CPU ([0] when empty)."""
-    out = [features(items[i:i + batch_size]).float().cpu()
-           for i in range(0, len(items), batch_size)]
+    out = [
+        features(items[i : i + batch_size]).float().cpu() for i in range(0, len(items), batch_size)
+    ]
     return normalize(torch.cat(out)) if out else torch.zeros(0)
 
 
@@ -205,11 +216,13 @@ class ClipEncoder:
             self.model = CLIPModel.from_pretrained(folder).eval().to(device)
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"metrics.clip_model: cannot load a CLIP model and tokenizer "
-                              f"from {folder}: {e}") from e
+            raise ConfigError(
+                f"metrics.clip_model: cannot load a CLIP model and tokenizer from {folder}: {e}"
+            ) from e
         size = self.model.config.vision_config.image_size
-        self.preprocess = load_preprocess(folder, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
-                                          {"shortest_edge": size})
+        self.preprocess = load_preprocess(
+            folder, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, {"shortest_edge": size}
+        )
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.device, self.batch_size, self.path = device, batch_size, str(folder)
 
@@ -224,10 +237,18 @@ class ClipEncoder:
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         def features(chunk: list[str]) -> torch.Tensor:
-            tok = self.tokenizer(chunk, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
-            return _pooled(self.model.get_text_features(
-                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+            tok = self.tokenizer(
+                chunk,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            return _pooled(
+                self.model.get_text_features(
+                    input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+                )
+            )
 
         return _batched_features(texts, self.batch_size, features)
 
@@ -250,8 +271,9 @@ class DinoEncoder:
         size = getattr(self.model.config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
         # DINO's own evaluation resizes the short side to 256/224 of the input, then crops.
-        self.preprocess = load_preprocess(folder, size, IMAGENET_MEAN, IMAGENET_STD,
-                                          {"shortest_edge": size * 256 // 224})
+        self.preprocess = load_preprocess(
+            folder, size, IMAGENET_MEAN, IMAGENET_STD, {"shortest_edge": size * 256 // 224}
+        )
         self.device, self.batch_size, self.path = device, batch_size, str(folder)
 
     @torch.no_grad()

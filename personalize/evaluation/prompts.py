@@ -105,8 +105,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
             raise PromptError(f"prompts.file {path} must hold a list of prompt strings")
         prompts = [p.strip() for p in data if p.strip()]
     else:
-        prompts = [line.strip() for line in text.splitlines()
-                   if line.strip() and not line.lstrip().startswith("#")]
+        prompts = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     if not prompts:
         raise PromptError(f"prompts.file {path} holds no prompts")
     return prompts
@@ -117,13 +120,17 @@ def templates_for(template_set: str, file: str | None, count: int | None) -> lis
         templates = read_prompt_file(file)
     else:
         if template_set not in TEMPLATE_SETS:
-            raise PromptError(f"prompts.template_set must be one of "
-                              f"{', '.join(TEMPLATE_SETS)} (or set prompts.file), "
-                              f"got {template_set!r}")
+            raise PromptError(
+                f"prompts.template_set must be one of "
+                f"{', '.join(TEMPLATE_SETS)} (or set prompts.file), "
+                f"got {template_set!r}"
+            )
         templates = TEMPLATE_SETS[template_set]
     if len(set(templates)) != len(templates):
-        raise PromptError("the prompt list holds duplicates; each prompt must be unique "
-                          "because images are stored by prompt")
+        raise PromptError(
+            "the prompt list holds duplicates; each prompt must be unique "
+            "because images are stored by prompt"
+        )
     return templates[:count] if count else list(templates)
 
 

@@ -59,8 +59,9 @@ def grid_size(n_rows: int, n_cols: int, cell: int) -> tuple[int, int]:
     return ROW_LABEL_WIDTH + n_cols * cell, HEADER_HEIGHT + n_rows * cell
 
 
-def comparison_grid(rows: list[list[Image.Image]], row_labels: list[str],
-                    col_labels: list[str], cell: int) -> Image.Image:
+def comparison_grid(
+    rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], cell: int
+) -> Image.Image:
     """rows[r][c] in a grid with the prompt left of each row and the column title on top.
     Small images are scaled up with NEAREST so pixels stay visible, not blurred."""
     n_rows, n_cols = len(rows), len(col_labels)
@@ -72,8 +73,12 @@ def comparison_grid(rows: list[list[Image.Image]], row_labels: list[str],
     line_h = 16
     for c, text in enumerate(col_labels):
         for k, line in enumerate(wrap(draw, text, f_bold, cell - 2 * _PAD, 3)):
-            draw.text((ROW_LABEL_WIDTH + c * cell + _PAD, _PAD + k * line_h), line,
-                      fill="black", font=f_bold)
+            draw.text(
+                (ROW_LABEL_WIDTH + c * cell + _PAD, _PAD + k * line_h),
+                line,
+                fill="black",
+                font=f_bold,
+            )
     max_lines = max(1, (cell - 2 * _PAD) // line_h)
     for r, (row, label) in enumerate(zip(rows, row_labels)):
         y = HEADER_HEIGHT + r * cell
@@ -81,8 +86,9 @@ def comparison_grid(rows: list[list[Image.Image]], row_labels: list[str],
             draw.text((_PAD, y + _PAD + k * line_h), line, fill="black", font=f)
         for c, img in enumerate(row):
             resample = Image.NEAREST if img.width < cell else Image.LANCZOS
-            grid.paste(img.convert("RGB").resize((cell, cell), resample),
-                       (ROW_LABEL_WIDTH + c * cell, y))
+            grid.paste(
+                img.convert("RGB").resize((cell, cell), resample), (ROW_LABEL_WIDTH + c * cell, y)
+            )
         draw.line([(0, y), (grid.width, y)], fill=(220, 220, 220))
     return grid
 
@@ -111,8 +117,11 @@ def loss_curve(rows: list[dict[str, Any]], title: str, size=(720, 360)) -> Image
     """Training loss (and validation loss when logged) against the optimizer step."""
     series = {}
     for key, color in (("loss", (60, 110, 200)), ("val_loss", (220, 90, 40))):
-        pts = [(float(r["step"]), float(r[key])) for r in rows
-               if key in r and "step" in r and r[key] is not None and math.isfinite(r[key])]
+        pts = [
+            (float(r["step"]), float(r[key]))
+            for r in rows
+            if key in r and "step" in r and r[key] is not None and math.isfinite(r[key])
+        ]
         if pts:
             series[key] = (sorted(pts), color)
     if not series:
@@ -134,8 +143,10 @@ def loss_curve(rows: list[dict[str, Any]], title: str, size=(720, 360)) -> Image
     y0, y1 = y0 - pad, y1 + pad
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (w - left - right),
+            top + (y1 - y) / (y1 - y0) * (h - top - bottom),
+        )
 
     draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
     for k in range(5):
@@ -156,8 +167,12 @@ def loss_curve(rows: list[dict[str, Any]], title: str, size=(720, 360)) -> Image
         for p in points if len(points) <= 50 else []:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
         draw.line([(lx, 14 + i * 14), (lx + 20, 14 + i * 14)], fill=color, width=3)
-        draw.text((lx + 26, 7 + i * 14), "train loss" if key == "loss" else "validation loss",
-                  fill="black", font=f)
+        draw.text(
+            (lx + 26, 7 + i * 14),
+            "train loss" if key == "loss" else "validation loss",
+            fill="black",
+            font=f,
+        )
     return img
 
 
@@ -173,20 +188,24 @@ pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em}figure{margin:1
 figcaption{font-size:.9em;color:#555}dt{font-weight:600}dd{margin:0 0 8px 16px}
 """
 
-METRIC_NAMES = {"clip_t": "CLIP-T ↑", "clip_i": "CLIP-I ↑", "dino": "DINO ↑",
-                "pres": "PRES ↓", "div": "DIV ↑"}
+METRIC_NAMES = {
+    "clip_t": "CLIP-T ↑",
+    "clip_i": "CLIP-I ↑",
+    "dino": "DINO ↑",
+    "pres": "PRES ↓",
+    "div": "DIV ↑",
+}
 
 DEFINITIONS = {
     "clip_t": "mean cos(CLIP text(prompt without the identifier), CLIP image(generated)).",
-    "clip_i": "mean cos(CLIP image(generated), CLIP image(real)) over all generated × real "
-              "pairs.",
+    "clip_i": "mean cos(CLIP image(generated), CLIP image(real)) over all generated × real pairs.",
     "dino": "mean cos(DINO CLS(generated), DINO CLS(real)) over all generated × real pairs.",
     "pres": "mean cos of class-prompt generations to the real images (DINO features, CLIP "
-            "when no DINO model is given); lower = less of the subject leaking into its "
-            "class.",
+    "when no DINO model is given); lower = less of the subject leaking into its "
+    "class.",
     "div": "mean over prompts of the mean pairwise 1 − cos between that prompt's generations "
-           "(different seeds); DINO features (CLIP without DINO). A feature-distance stand-in "
-           "for the paper's LPIPS, so not comparable with its numbers.",
+    "(different seeds); DINO features (CLIP without DINO). A feature-distance stand-in "
+    "for the paper's LPIPS, so not comparable with its numbers.",
 }
 
 
@@ -212,53 +231,76 @@ def _cell(value: Any) -> str:
     return f'<td class="na">{html.escape(str(value))}</td>'
 
 
-def render_report(out_dir: Path, *, config: dict[str, Any], columns: list[dict[str, Any]],
-                  grids: list[tuple[str, Path]], metric_rows: list[dict[str, Any]],
-                  loss_curves: list[tuple[str, Path]], run_configs: list[tuple[str, dict]],
-                  instance_strip: Path | None, run_info: dict[str, Any],
-                  embed_images: bool) -> tuple[str, list[str]]:
+def render_report(
+    out_dir: Path,
+    *,
+    config: dict[str, Any],
+    columns: list[dict[str, Any]],
+    grids: list[tuple[str, Path]],
+    metric_rows: list[dict[str, Any]],
+    loss_curves: list[tuple[str, Path]],
+    run_configs: list[tuple[str, dict]],
+    instance_strip: Path | None,
+    run_info: dict[str, Any],
+    embed_images: bool,
+) -> tuple[str, list[str]]:
     """The page's HTML and the relative image paths it references."""
     h = Html(out_dir, embed_images)
     e = html.escape
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-             "<title>personalize evaluation</title>", f"<style>{_CSS}</style></head><body>",
-             "<h1>personalize evaluation</h1>",
-             f"<p>Base model <code>{e(str(config.get('model')))}</code>; "
-             f"{len(columns) - 1} artifact(s); seeds {e(str(run_info.get('seeds')))}; "
-             f"{e(str(run_info.get('images')))} images "
-             f"({e(str(run_info.get('generated')))} generated, "
-             f"{e(str(run_info.get('reused')))} reused) in "
-             f"{e(str(run_info.get('seconds')))} s.</p>"]
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        "<title>personalize evaluation</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>personalize evaluation</h1>",
+        f"<p>Base model <code>{e(str(config.get('model')))}</code>; "
+        f"{len(columns) - 1} artifact(s); seeds {e(str(run_info.get('seeds')))}; "
+        f"{e(str(run_info.get('images')))} images "
+        f"({e(str(run_info.get('generated')))} generated, "
+        f"{e(str(run_info.get('reused')))} reused) in "
+        f"{e(str(run_info.get('seconds')))} s.</p>",
+    ]
 
-    parts.append("<h2>Columns</h2><table><tr><th>column</th><th>artifact</th><th>kind</th>"
-                 "<th>strength</th><th>token</th></tr>")
+    parts.append(
+        "<h2>Columns</h2><table><tr><th>column</th><th>artifact</th><th>kind</th>"
+        "<th>strength</th><th>token</th></tr>"
+    )
     for c in columns:
-        parts.append(f"<tr><td>{e(c['label'])}</td><td><code>{e(str(c['artifact'] or '—'))}"
-                     f"</code></td><td>{e(str(c['kind'] or 'base model'))}</td>"
-                     f"<td class=\"num\">{c['strength']}</td><td>{e(c['token'])}</td></tr>")
+        parts.append(
+            f"<tr><td>{e(c['label'])}</td><td><code>{e(str(c['artifact'] or '—'))}"
+            f"</code></td><td>{e(str(c['kind'] or 'base model'))}</td>"
+            f'<td class="num">{c["strength"]}</td><td>{e(c["token"])}</td></tr>'
+        )
     parts.append("</table>")
 
-    parts.append("<h2>Metrics</h2><table><tr><th>column</th>"
-                 + "".join(f"<th>{e(n)}</th>" for n in METRIC_NAMES.values())
-                 + "<th>images</th></tr>")
+    parts.append(
+        "<h2>Metrics</h2><table><tr><th>column</th>"
+        + "".join(f"<th>{e(n)}</th>" for n in METRIC_NAMES.values())
+        + "<th>images</th></tr>"
+    )
     for row in metric_rows:
-        parts.append(f"<tr><td>{e(row['label'])}</td>"
-                     + "".join(_cell(row[k]) for k in METRIC_NAMES)
-                     + f"<td class=\"num\">{row['num_images']}</td></tr>")
+        parts.append(
+            f"<tr><td>{e(row['label'])}</td>"
+            + "".join(_cell(row[k]) for k in METRIC_NAMES)
+            + f'<td class="num">{row["num_images"]}</td></tr>'
+        )
     parts.append("</table><dl>")
     for k, text in DEFINITIONS.items():
         parts.append(f"<dt>{e(METRIC_NAMES[k])}</dt><dd>{e(text)}</dd>")
     parts.append("</dl>")
     per_prompt = [(row["label"], p) for row in metric_rows for p in row.get("per_prompt", [])]
     if per_prompt:
-        parts.append("<details><summary>Per prompt</summary><table><tr><th>column</th>"
-                     "<th>prompt</th>" + "".join(f"<th>{e(METRIC_NAMES[k])}</th>"
-                                                 for k in ("clip_t", "clip_i", "dino", "div"))
-                     + "</tr>")
+        parts.append(
+            "<details><summary>Per prompt</summary><table><tr><th>column</th>"
+            "<th>prompt</th>"
+            + "".join(f"<th>{e(METRIC_NAMES[k])}</th>" for k in ("clip_t", "clip_i", "dino", "div"))
+            + "</tr>"
+        )
         for label, p in per_prompt:
-            parts.append(f"<tr><td>{e(label)}</td><td>{e(p['prompt'])}</td>"
-                         + "".join(_cell(p.get(k, "—")) for k in ("clip_t", "clip_i", "dino",
-                                                                   "div")) + "</tr>")
+            parts.append(
+                f"<tr><td>{e(label)}</td><td>{e(p['prompt'])}</td>"
+                + "".join(_cell(p.get(k, "—")) for k in ("clip_t", "clip_i", "dino", "div"))
+                + "</tr>"
+            )
         parts.append("</table></details>")
 
     if instance_strip is not None:
@@ -266,17 +308,23 @@ def render_report(out_dir: Path, *, config: dict[str, Any], columns: list[dict[s
         parts.append(f"<figure>{h.img(instance_strip, 'instance images')}</figure>")
     parts.append("<h2>Samples: base vs learned, same prompts and seeds</h2>")
     for caption, path in grids:
-        parts.append(f"<figure>{h.img(path, caption)}<figcaption>{e(caption)}</figcaption>"
-                     "</figure>")
+        parts.append(
+            f"<figure>{h.img(path, caption)}<figcaption>{e(caption)}</figcaption></figure>"
+        )
     if loss_curves:
         parts.append("<h2>Training loss</h2>")
         for caption, path in loss_curves:
-            parts.append(f"<figure>{h.img(path, caption)}<figcaption>{e(caption)}"
-                         "</figcaption></figure>")
-    parts.append("<h2>Configuration</h2><details open><summary>evaluation</summary>"
-                 f"<pre>{e(json.dumps(config, indent=2))}</pre></details>")
+            parts.append(
+                f"<figure>{h.img(path, caption)}<figcaption>{e(caption)}</figcaption></figure>"
+            )
+    parts.append(
+        "<h2>Configuration</h2><details open><summary>evaluation</summary>"
+        f"<pre>{e(json.dumps(config, indent=2))}</pre></details>"
+    )
     for where, cfg in run_configs:
-        parts.append(f"<details><summary>training run {e(where)}</summary>"
-                     f"<pre>{e(json.dumps(cfg, indent=2))}</pre></details>")
+        parts.append(
+            f"<details><summary>training run {e(where)}</summary>"
+            f"<pre>{e(json.dumps(cfg, indent=2))}</pre></details>"
+        )
     parts.append("</body></html>\n")
     return "\n".join(parts), h.referenced

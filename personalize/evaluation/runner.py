@@ -50,16 +50,24 @@ class Column:
         return self.artifact is None
 
     def image_path(self, out: Path, prompt: Prompt, seed: int, class_name: str) -> Path:
-        return (out / IMAGES_DIR / self.label / prompt.folder_name(self.token, class_name)
-                / f"seed{seed}.png")
+        return (
+            out
+            / IMAGES_DIR
+            / self.label
+            / prompt.folder_name(self.token, class_name)
+            / f"seed{seed}.png"
+        )
 
 
 def _default_label(path: Path) -> str:
     """`run/best` and `run/checkpoints/step-100` name their run too: `run-best`."""
     name = path.stem if path.is_file() else path.name
     if name == "best" or name.startswith(("step-", "checkpoint")):
-        return f"{path.parent.name}-{name}" if path.parent.name != "checkpoints" \
+        return (
+            f"{path.parent.name}-{name}"
+            if path.parent.name != "checkpoints"
             else f"{path.parent.parent.name}-{name}"
+        )
     return name
 
 
@@ -81,15 +89,24 @@ def build_columns(cfg: EvaluationConfig) -> list[Column]:
         label = _safe_label(spec.label or _default_label(path))
         if label in seen:
             if spec.label:
-                raise ConfigError(f"artifacts[{i}].label: {label!r} is used twice; labels "
-                                  "name the image folders and must be unique")
+                raise ConfigError(
+                    f"artifacts[{i}].label: {label!r} is used twice; labels "
+                    "name the image folders and must be unique"
+                )
             n = 2
             while f"{label}-{n}" in seen:
                 n += 1
             label = f"{label}-{n}"
         seen.add(label)
-        columns.append(Column(label, path, detect_artifact(path), spec.strength,
-                              spec.token if spec.token is not None else cfg.prompts.token))
+        columns.append(
+            Column(
+                label,
+                path,
+                detect_artifact(path),
+                spec.strength,
+                spec.token if spec.token is not None else cfg.prompts.token,
+            )
+        )
     return columns
 
 
@@ -106,8 +123,13 @@ def fingerprint(path: Path) -> str:
         if index.is_file():
             components = json.loads(index.read_text(encoding="utf-8"))
             folders += [path / k for k in components if not k.startswith("_")]
-        files = [p for folder in folders if folder.is_dir() for p in folder.iterdir()
-                 if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
+        files = [
+            p
+            for folder in folders
+            if folder.is_dir()
+            for p in folder.iterdir()
+            if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+        ]
     h = hashlib.sha1()
     for p in sorted(files):
         st = p.stat()
@@ -118,18 +140,28 @@ def fingerprint(path: Path) -> str:
 def generation_settings(cfg: EvaluationConfig) -> dict[str, Any]:
     """What an image depends on besides its column, prompt and seed."""
     g = cfg.generation
-    return {"model": str(Path(cfg.model).expanduser().resolve()) if Path(cfg.model).exists()
-            else cfg.model,
-            "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale,
-            "scheduler": g.scheduler, "resolution": g.resolution, "dtype": g.dtype,
-            "negative_prompt": cfg.prompts.negative_prompt}
+    return {
+        "model": str(Path(cfg.model).expanduser().resolve())
+        if Path(cfg.model).exists()
+        else cfg.model,
+        "num_inference_steps": g.num_inference_steps,
+        "guidance_scale": g.guidance_scale,
+        "scheduler": g.scheduler,
+        "resolution": g.resolution,
+        "dtype": g.dtype,
+        "negative_prompt": cfg.prompts.negative_prompt,
+    }
 
 
 def column_record(column: Column) -> dict[str, Any]:
     if column.is_base:
         return {"artifact": None}
-    return {"artifact": str(column.artifact.resolve()), "kind": column.kind,
-            "strength": column.strength, "fingerprint": fingerprint(column.artifact)}
+    return {
+        "artifact": str(column.artifact.resolve()),
+        "kind": column.kind,
+        "strength": column.strength,
+        "fingerprint": fingerprint(column.artifact),
+    }
 
 
 def check_and_record_state(cfg: EvaluationConfig, columns: list[Column], out: Path) -> None:
@@ -144,12 +176,17 @@ def check_and_record_state(cfg: EvaluationConfig, columns: list[Column], out: Pa
         old = None  # nothing was drawn under the old settings: nothing to protect
     recorded: dict[str, Any] = {}
     if old and not cfg.overwrite:
-        changed = {k: (old["settings"].get(k), v) for k, v in settings.items()
-                   if old["settings"].get(k) != v}
+        changed = {
+            k: (old["settings"].get(k), v)
+            for k, v in settings.items()
+            if old["settings"].get(k) != v
+        }
         if changed:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"{out} holds images made with other settings ({what}). Use "
-                              "another output_dir, or overwrite=true to regenerate them.")
+            raise ConfigError(
+                f"{out} holds images made with other settings ({what}). Use "
+                "another output_dir, or overwrite=true to regenerate them."
+            )
         recorded = old.get("columns", {})
         for column in columns:
             before, now = recorded.get(column.label), column_record(column)
@@ -158,7 +195,8 @@ def check_and_record_state(cfg: EvaluationConfig, columns: list[Column], out: Pa
                     f"{out}: the images of column {column.label!r} were made from "
                     f"{before.get('artifact')} (as recorded in {file}), which differs from or "
                     f"changed since then ({now.get('artifact')}). Give the artifact another "
-                    "label, use another output_dir, or set overwrite=true to regenerate.")
+                    "label, use another output_dir, or set overwrite=true to regenerate."
+                )
     for column in columns:
         recorded[column.label] = column_record(column)
     write_json_atomic(file, {"settings": settings, "columns": recorded})
@@ -168,10 +206,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-COMMON_SCHEDULERS = ("DDIM", "DDPM", "PNDM", "LMSDiscrete", "EulerDiscrete",
-                     "EulerAncestralDiscrete", "HeunDiscrete", "KDPM2Discrete",
-                     "DPMSolverMultistep", "DPMSolverSinglestep", "DEISMultistep",
-                     "UniPCMultistep")
+COMMON_SCHEDULERS = (
+    "DDIM",
+    "DDPM",
+    "PNDM",
+    "LMSDiscrete",
+    "EulerDiscrete",
+    "EulerAncestralDiscrete",
+    "HeunDiscrete",
+    "KDPM2Discrete",
+    "DPMSolverMultistep",
+    "DPMSolverSinglestep",
+    "DEISMultistep",
+    "UniPCMultistep",
+)
 
 
 def scheduler_class(name: str):
@@ -182,8 +230,10 @@ def scheduler_class(name: str):
     cls_name = name if name.endswith("Scheduler") else f"{name}Scheduler"
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise ConfigError(f"generation.scheduler: diffusers has no {cls_name}; common ones "
-                          f"for Stable Diffusion: {', '.join(COMMON_SCHEDULERS)}")
+        raise ConfigError(
+            f"generation.scheduler: diffusers has no {cls_name}; common ones "
+            f"for Stable Diffusion: {', '.join(COMMON_SCHEDULERS)}"
+        )
     return cls
 
 
@@ -212,9 +262,13 @@ def load_column_pipeline(cfg: EvaluationConfig, column: Column, device: str):
         if added and column.token not in added:
             # An embedding that is never in the prompt changes nothing: the classic
             # "my Textual Inversion does nothing" report.
-            logger.warning("column %s: the artifact adds the token(s) %s but the prompts use "
-                           "%r; set its `token` (artifacts[].token) to use the embedding",
-                           column.label, ", ".join(added), column.token)
+            logger.warning(
+                "column %s: the artifact adds the token(s) %s but the prompts use "
+                "%r; set its `token` (artifacts[].token) to use the embedding",
+                column.label,
+                ", ".join(added),
+                column.token,
+            )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -227,17 +281,27 @@ def save_png_atomic(image, path: Path) -> None:
 
 
 @torch.no_grad()
-def generate_batch(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int,
-                   guidance_scale: float, resolution: int | None,
-                   negative_prompt: str | None) -> list:
+def generate_batch(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int | None,
+    negative_prompt: str | None,
+) -> list:
     """images[i] for (prompts[i], seeds[i]); each image has its own CPU generator, so it is
     the same whatever else shares its batch and on whichever device the model runs."""
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     return pipe(
         prompts,
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-        generator=generators, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, height=resolution, width=resolution,
+        generator=generators,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=resolution,
+        width=resolution,
     ).images
 
 
@@ -252,8 +316,9 @@ def check_generation_settings(cfg: EvaluationConfig) -> str:
     return device
 
 
-def generate_all(cfg: EvaluationConfig, columns: list[Column], prompts: list[Prompt],
-                 seeds: list[int], out: Path) -> dict[str, int]:
+def generate_all(
+    cfg: EvaluationConfig, columns: list[Column], prompts: list[Prompt], seeds: list[int], out: Path
+) -> dict[str, int]:
     """Draw every missing (column, prompt, seed) image; returns generated/reused counts.
 
     Batches are fixed slices of the column's full (prompt, seed) list, and a slice with any
@@ -265,12 +330,19 @@ def generate_all(cfg: EvaluationConfig, columns: list[Column], prompts: list[Pro
     todo: dict[str, list[list[tuple[str, int, Path]]]] = {}
     reused = missing = 0
     for column in columns:
-        jobs = [(prompt.text(column.token, class_name), seed,
-                 column.image_path(out, prompt, seed, class_name))
-                for prompt in prompts for seed in seeds]
-        chunks = [jobs[i:i + g.batch_size] for i in range(0, len(jobs), g.batch_size)]
-        todo[column.label] = [c for c in chunks
-                              if cfg.overwrite or any(not p.is_file() for *_, p in c)]
+        jobs = [
+            (
+                prompt.text(column.token, class_name),
+                seed,
+                column.image_path(out, prompt, seed, class_name),
+            )
+            for prompt in prompts
+            for seed in seeds
+        ]
+        chunks = [jobs[i : i + g.batch_size] for i in range(0, len(jobs), g.batch_size)]
+        todo[column.label] = [
+            c for c in chunks if cfg.overwrite or any(not p.is_file() for *_, p in c)
+        ]
         n_missing = len(jobs) if cfg.overwrite else sum(not p.is_file() for *_, p in jobs)
         missing += n_missing
         reused += len(jobs) - n_missing
@@ -284,9 +356,14 @@ def generate_all(cfg: EvaluationConfig, columns: list[Column], prompts: list[Pro
         pipe = load_column_pipeline(cfg, column, device)
         for chunk in todo[column.label]:
             images = generate_batch(
-                pipe, [p for p, _, _ in chunk], [s for _, s, _ in chunk],
-                num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                resolution=g.resolution, negative_prompt=cfg.prompts.negative_prompt)
+                pipe,
+                [p for p, _, _ in chunk],
+                [s for _, s, _ in chunk],
+                num_inference_steps=g.num_inference_steps,
+                guidance_scale=g.guidance_scale,
+                resolution=g.resolution,
+                negative_prompt=cfg.prompts.negative_prompt,
+            )
             for image, (_, _, path) in zip(images, chunk):
                 if cfg.overwrite or not path.is_file():
                     save_png_atomic(image, path)

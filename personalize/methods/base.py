@@ -51,8 +51,9 @@ class Method:
         """A function applied to every training caption (e.g. TI's templates), or None."""
         return None
 
-    def wrap_train_dataset(self, dataset: torch.utils.data.Dataset, parts: SDParts,
-                           accelerator) -> torch.utils.data.Dataset:
+    def wrap_train_dataset(
+        self, dataset: torch.utils.data.Dataset, parts: SDParts, accelerator
+    ) -> torch.utils.data.Dataset:
         """Return the dataset the loop trains on. DreamBooth pairs each instance example with a
         class example here: an item may carry `"prior": {"pixel_values", "caption"}`, and the
         loop's collate appends those after the instance examples and marks them in
@@ -65,8 +66,9 @@ class Method:
         """Combine per-example losses into the batch loss (DreamBooth weighs class examples)."""
         return per_example.mean()
 
-    def extra_loss(self, batch: dict[str, Any], outputs: StepOutputs,
-                   parts: SDParts) -> torch.Tensor | None:
+    def extra_loss(
+        self, batch: dict[str, Any], outputs: StepOutputs, parts: SDParts
+    ) -> torch.Tensor | None:
         """A regularizer added to the denoising loss (weight constraint, distillation), or None."""
         return None
 
@@ -98,8 +100,11 @@ class Method:
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
                 "was it written by another method or config?"
             )
-        wrong = [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
-                 if state[k].shape != v.shape]
+        wrong = [
+            f"{k} {list(state[k].shape)} != {list(v.shape)}"
+            for k, v in expected.items()
+            if state[k].shape != v.shape
+        ]
         if wrong:  # e.g. another lora.rank: copy_ would only say "size of tensor a (8) ..."
             raise ValueError(
                 f"checkpoint weights have other shapes than this run's ({wrong[:3]}); was it "

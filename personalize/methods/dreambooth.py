@@ -40,8 +40,9 @@ def unet_blocks(unet: torch.nn.Module) -> list[str]:
     names = []
     for name, child in unet.named_children():
         if isinstance(child, torch.nn.ModuleList):
-            names += [f"{name}.{i}" for i, c in enumerate(child)
-                      if any(True for _ in c.parameters())]
+            names += [
+                f"{name}.{i}" for i, c in enumerate(child) if any(True for _ in c.parameters())
+            ]
         elif any(True for _ in child.parameters()):
             names.append(name)
     return names
@@ -55,9 +56,11 @@ def select_unet_params(unet: torch.nn.Module, blocks: list[str] | None) -> list[
     named = list(unet.named_parameters())
     for block in blocks:
         if not any(n == block or n.startswith(block + ".") for n, _ in named):
-            raise ValueError(f"db.train_unet_blocks: {block!r} names no part of this UNet; "
-                             f"its blocks are {', '.join(unet_blocks(unet))} (a dotted "
-                             "sub-path like up_blocks.1.attentions works too)")
+            raise ValueError(
+                f"db.train_unet_blocks: {block!r} names no part of this UNet; "
+                f"its blocks are {', '.join(unet_blocks(unet))} (a dotted "
+                "sub-path like up_blocks.1.attentions works too)"
+            )
     chosen = []
     for name, p in named:
         if any(name == b or name.startswith(b + ".") for b in blocks):
@@ -81,13 +84,20 @@ class DreamBooth(Method):
         groups = [{"params": unet_params}]
         trained = sum(p.numel() for p in unet_params)
         total = sum(p.numel() for p in parts.unet.parameters())
-        logger.info("DreamBooth: training %.1fM of %.1fM UNet weights%s", trained / 1e6,
-                    total / 1e6, f" ({', '.join(db.train_unet_blocks)})"
-                    if db.train_unet_blocks else "")
+        logger.info(
+            "DreamBooth: training %.1fM of %.1fM UNet weights%s",
+            trained / 1e6,
+            total / 1e6,
+            f" ({', '.join(db.train_unet_blocks)})" if db.train_unet_blocks else "",
+        )
         if db.train_text_encoder:
             parts.text_encoder.requires_grad_(True)
-            groups.append({"params": list(parts.text_encoder.parameters()),
-                           "lr": db.text_encoder_lr or self.cfg.train.lr})
+            groups.append(
+                {
+                    "params": list(parts.text_encoder.parameters()),
+                    "lr": db.text_encoder_lr or self.cfg.train.lr,
+                }
+            )
         self.regularizers = build_regularizers(self.cfg, parts, adapters=False)
         return groups
 
@@ -106,8 +116,9 @@ class DreamBooth(Method):
         stop = self.cfg.db.stop_text_encoder_training
         if stop is not None and step + 1 >= stop and self._text_encoder_training(parts):
             self._freeze_text_encoder(parts)
-            logger.info("text encoder frozen after %d steps (db.stop_text_encoder_training)",
-                        step + 1)
+            logger.info(
+                "text encoder frozen after %d steps (db.stop_text_encoder_training)", step + 1
+            )
 
     def _text_encoder_training(self, parts: SDParts) -> bool:
         return any(p.requires_grad for p in parts.text_encoder.parameters())
@@ -146,12 +157,12 @@ class DreamBooth(Method):
             raise ValueError(
                 "checkpoint does not match this run's trainable weights "
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); was it written with "
-                "other db.train_unet_blocks / db.train_text_encoder settings?")
+                "other db.train_unet_blocks / db.train_text_encoder settings?"
+            )
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value)
-        if te_training is not None and not bool(te_training) and \
-                self._text_encoder_training(parts):
+        if te_training is not None and not bool(te_training) and self._text_encoder_training(parts):
             self._freeze_text_encoder(parts)
 
     # --- what is saved -----------------------------------------------------------------
@@ -161,25 +172,46 @@ class DreamBooth(Method):
         db = self.cfg.db
         trained = {"unet"} | ({"text_encoder"} if db.train_text_encoder else set())
         dtype = _DTYPES[db.save_precision]
-        states = save_pipeline(out_dir, parts, trained=trained, dtype=dtype,
-                               copy_untouched=self.cfg.model.variant is None)
-        write_json_atomic(out_dir / "dreambooth.json", {
-            "step": step, "base_model": parts.source, "instance_prompt": self.cfg.data.prompt,
-            "class_prompt": db.class_prompt, "trained": sorted(trained),
-            "train_unet_blocks": db.train_unet_blocks,
-        })
+        states = save_pipeline(
+            out_dir,
+            parts,
+            trained=trained,
+            dtype=dtype,
+            copy_untouched=self.cfg.model.variant is None,
+        )
+        write_json_atomic(
+            out_dir / "dreambooth.json",
+            {
+                "step": step,
+                "base_model": parts.source,
+                "instance_prompt": self.cfg.data.prompt,
+                "class_prompt": db.class_prompt,
+                "trained": sorted(trained),
+                "train_unet_blocks": db.train_unet_blocks,
+            },
+        )
         if db.save_single_file:
-            save_single_file(out_dir / f"{Path(self.cfg.output_dir).name}.safetensors",
-                             out_dir, parts, states, dtype, step)
+            save_single_file(
+                out_dir / f"{Path(self.cfg.output_dir).name}.safetensors",
+                out_dir,
+                parts,
+                states,
+                dtype,
+                step,
+            )
         return out_dir
 
     @classmethod
     def demo_overrides(cls) -> dict[str, Any]:
         return {
             "train": {"lr": 2e-4},
-            "db": {"with_prior_preservation": True, "class_prompt": "a photo of a disc",
-                   "num_class_images": 8, "class_num_inference_steps": 10,
-                   "sample_batch_size": 4},
+            "db": {
+                "with_prior_preservation": True,
+                "class_prompt": "a photo of a disc",
+                "num_class_images": 8,
+                "class_num_inference_steps": 10,
+                "sample_batch_size": 4,
+            },
         }
 
 
@@ -204,8 +236,9 @@ def _local_pipeline_dir(source: str) -> Path | None:
     return path if path is not None and (path / PIPELINE_INDEX).is_file() else None
 
 
-def _module_state(module: torch.nn.Module, subfolder: str, source: Path | None,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _module_state(
+    module: torch.nn.Module, subfolder: str, source: Path | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The module's weights in `dtype`. Frozen weights that training held in a lower
     precision (train_unet_blocks with mixed precision) are taken from the original files
     instead, so the saved model does not carry the rounding of its untouched blocks."""
@@ -217,11 +250,17 @@ def _module_state(module: torch.nn.Module, subfolder: str, source: Path | None,
         for k in rounded:
             state[k] = original[k]
     elif rounded:
-        logger.warning("%s: %d frozen tensors were held in %s during training and are saved "
-                       "from there (the base model is not a local folder to copy them from)",
-                       subfolder, len(rounded), state[rounded[0]].dtype)
-    return {k: (v.to(dtype) if v.is_floating_point() else v).cpu().contiguous()
-            for k, v in state.items()}
+        logger.warning(
+            "%s: %d frozen tensors were held in %s during training and are saved "
+            "from there (the base model is not a local folder to copy them from)",
+            subfolder,
+            len(rounded),
+            state[rounded[0]].dtype,
+        )
+    return {
+        k: (v.to(dtype) if v.is_floating_point() else v).cpu().contiguous()
+        for k, v in state.items()
+    }
 
 
 def _save_model(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -251,8 +290,14 @@ def _inference_scheduler(parts: SDParts, source: Path | None):
     return diffusers.DDIMScheduler.from_config(parts.noise_scheduler.config)
 
 
-def save_pipeline(out_dir: Path, parts: SDParts, *, trained: set[str], dtype: torch.dtype,
-                  copy_untouched: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def save_pipeline(
+    out_dir: Path,
+    parts: SDParts,
+    *,
+    trained: set[str],
+    dtype: torch.dtype,
+    copy_untouched: bool = True,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Write a complete diffusers pipeline into `out_dir`; return the saved weights.
 
     Each component is written under a temporary name and renamed into place, and
@@ -270,8 +315,12 @@ def save_pipeline(out_dir: Path, parts: SDParts, *, trained: set[str], dtype: to
     for name in ("unet", "text_encoder", "vae"):
         module = getattr(parts, name)
         tmp = _tmp_dir(out_dir, name)
-        if name not in trained and copy_untouched and source is not None \
-                and (source / name).is_dir():
+        if (
+            name not in trained
+            and copy_untouched
+            and source is not None
+            and (source / name).is_dir()
+        ):
             shutil.copytree(source / name, tmp)
         else:
             states[name] = _module_state(module, name, source, dtype)
@@ -282,21 +331,33 @@ def save_pipeline(out_dir: Path, parts: SDParts, *, trained: set[str], dtype: to
         component.save_pretrained(tmp)
         _replace_dir(tmp, out_dir / name)
     pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     tmp = _tmp_dir(out_dir, "index")
     pipe.save_config(tmp)
     os.replace(tmp / PIPELINE_INDEX, out_dir / PIPELINE_INDEX)
     shutil.rmtree(tmp)
-    logger.info("saved the fine-tuned pipeline in %s (trained: %s)", out_dir,
-                ", ".join(sorted(trained)))
+    logger.info(
+        "saved the fine-tuned pipeline in %s (trained: %s)", out_dir, ", ".join(sorted(trained))
+    )
     return states
 
 
-def save_single_file(path: Path, pipeline_dir: Path, parts: SDParts,
-                     states: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype,
-                     step: int) -> Path:
+def save_single_file(
+    path: Path,
+    pipeline_dir: Path,
+    parts: SDParts,
+    states: dict[str, dict[str, torch.Tensor]],
+    dtype: torch.dtype,
+    step: int,
+) -> Path:
     """The saved pipeline as one original-layout (SD 1.x) .safetensors checkpoint."""
     from personalize.adapters.formats import atomic_save_safetensors
     from personalize.adapters.sd_single_file import to_original_sd
@@ -308,10 +369,15 @@ def save_single_file(path: Path, pipeline_dir: Path, parts: SDParts,
             module = type(getattr(parts, name)).from_pretrained(pipeline_dir / name)
             states[name] = module.state_dict()
             del module
-    tensors = to_original_sd(parts.unet.config, parts.vae.config, parts.text_encoder.config,
-                             states, dtype)
-    metadata = {"format": "pt", "personalize_method": "dreambooth",
-                "personalize_step": str(step), "personalize_base_model": parts.source}
+    tensors = to_original_sd(
+        parts.unet.config, parts.vae.config, parts.text_encoder.config, states, dtype
+    )
+    metadata = {
+        "format": "pt",
+        "personalize_method": "dreambooth",
+        "personalize_step": str(step),
+        "personalize_base_model": parts.source,
+    }
     atomic_save_safetensors(tensors, path, metadata)
     logger.info("saved the single-file checkpoint %s", path)
     return path

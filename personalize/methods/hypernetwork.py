@@ -52,33 +52,45 @@ class HypernetworkMethod(Method):
                 "SD2 [1024, 320, 640, 1280]."
             )
         options = HypernetworkOptions(
-            layer_structure=c.layer_structure, activation_func=c.activation,
-            is_layer_norm=c.layer_norm, weight_initialization=c.weight_init,
-            activate_output=c.activate_output, use_dropout=c.use_dropout,
-            last_layer_dropout=c.last_layer_dropout, dropout_structure=c.dropout_structure)
+            layer_structure=c.layer_structure,
+            activation_func=c.activation,
+            is_layer_norm=c.layer_norm,
+            weight_initialization=c.weight_init,
+            activate_output=c.activate_output,
+            use_dropout=c.use_dropout,
+            last_layer_dropout=c.last_layer_dropout,
+            dropout_structure=c.dropout_structure,
+        )
         source = parts.source
         self.hypernetwork = Hypernetwork(
-            sorted(set(c.enable_sizes)), options, name=self._file_name(),
-            sd_checkpoint_name=Path(source).stem if Path(source).is_file()
-            else Path(source).name,
+            sorted(set(c.enable_sizes)),
+            options,
+            name=self._file_name(),
+            sd_checkpoint_name=Path(source).stem if Path(source).is_file() else Path(source).name,
             optional_info=f"trained with personalize on {source} (text context width "
-                          f"{parts.unet.config.cross_attention_dim})")
+            f"{parts.unet.config.cross_attention_dim})",
+        )
         attach(parts.unet, self.hypernetwork, strength=1.0)
         return [{"params": list(self.hypernetwork.parameters())}]
 
-    def extra_loss(self, batch: dict[str, Any], outputs: StepOutputs,
-                   parts: SDParts) -> torch.Tensor | None:
+    def extra_loss(
+        self, batch: dict[str, Any], outputs: StepOutputs, parts: SDParts
+    ) -> torch.Tensor | None:
         if not self._checked_processors:
             # Something that sets attention processors after setup (e.g. enabling xformers
             # on the UNet) would drop ours, and the run would train nothing.
-            replaced = [n for n, m in parts.unet.named_modules()
-                        if isinstance(m, Attention)
-                        and not isinstance(m.processor, HypernetworkAttnProcessor)]
+            replaced = [
+                n
+                for n, m in parts.unet.named_modules()
+                if isinstance(m, Attention)
+                and not isinstance(m.processor, HypernetworkAttnProcessor)
+            ]
             if replaced:
                 raise RuntimeError(
                     f"the hypernetwork's attention processors were replaced on {replaced[:3]} "
                     "after Method.setup; set attention processors (xformers, ...) before the "
-                    "method's setup, which wraps whatever is there")
+                    "method's setup, which wraps whatever is there"
+                )
             self._checked_processors = True
         return None
 

@@ -21,21 +21,29 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
 
 
-def _lora_config(rank: int, alpha: float | None, dropout: float, targets: list[str],
-                 use_dora: bool):
+def _lora_config(
+    rank: int, alpha: float | None, dropout: float, targets: list[str], use_dora: bool
+):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                      lora_dropout=dropout, init_lora_weights="gaussian",
-                      target_modules=targets, use_dora=use_dora)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+        use_dora=use_dora,
+    )
 
 
 def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) -> None:
     names = [n for n, _ in module.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(f"{key}: no module named {missing} in this model; "
-                         "examples of names: " + ", ".join(n for n in names[-8:] if n))
+        raise ValueError(
+            f"{key}: no module named {missing} in this model; "
+            "examples of names: " + ", ".join(n for n in names[-8:] if n)
+        )
 
 
 class LoRA(Method):
@@ -44,18 +52,25 @@ class LoRA(Method):
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
         c = self.cfg.lora
         _check_targets_exist(parts.unet, c.unet_target_modules, "lora.unet_target_modules")
-        parts.unet.add_adapter(_lora_config(c.rank, c.alpha, c.dropout,
-                                            c.unet_target_modules, c.use_dora))
+        parts.unet.add_adapter(
+            _lora_config(c.rank, c.alpha, c.dropout, c.unet_target_modules, c.use_dora)
+        )
         groups = [{"params": [p for p in parts.unet.parameters() if p.requires_grad]}]
         if c.train_text_encoder:
-            _check_targets_exist(parts.text_encoder, c.text_encoder_target_modules,
-                                 "lora.text_encoder_target_modules")
-            parts.text_encoder.add_adapter(_lora_config(
-                c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora))
-            groups.append({
-                "params": [p for p in parts.text_encoder.parameters() if p.requires_grad],
-                "lr": c.text_encoder_lr or self.cfg.train.lr,
-            })
+            _check_targets_exist(
+                parts.text_encoder,
+                c.text_encoder_target_modules,
+                "lora.text_encoder_target_modules",
+            )
+            parts.text_encoder.add_adapter(
+                _lora_config(c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora)
+            )
+            groups.append(
+                {
+                    "params": [p for p in parts.text_encoder.parameters() if p.requires_grad],
+                    "lr": c.text_encoder_lr or self.cfg.train.lr,
+                }
+            )
         # DreamBooth-LoRA: the db section's prior preservation and regularizers, the same
         # code as method dreambooth (training/prior.py, training/regularizers.py).
         self.regularizers = build_regularizers(self.cfg, parts, adapters=True)
@@ -95,19 +110,27 @@ class LoRA(Method):
         unet_layers, te_layers = self._layers(parts)
         unet_layers = {k: v.float().contiguous() for k, v in unet_layers.items()}
         te_layers = {k: v.float().contiguous() for k, v in (te_layers or {}).items()} or None
-        meta = {"r": c.rank, "lora_alpha": c.alpha if c.alpha is not None else c.rank,
-                "target_modules": c.unet_target_modules, "use_dora": c.use_dora}
+        meta = {
+            "r": c.rank,
+            "lora_alpha": c.alpha if c.alpha is not None else c.rank,
+            "target_modules": c.unet_target_modules,
+            "use_dora": c.use_dora,
+        }
         te_meta = dict(meta, target_modules=c.text_encoder_target_modules) if te_layers else None
         StableDiffusionPipeline.save_lora_weights(
-            out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-            safe_serialization=True, unet_lora_adapter_metadata=meta,
+            out_dir,
+            unet_lora_layers=unet_layers,
+            text_encoder_lora_layers=te_layers,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=meta,
             text_encoder_lora_adapter_metadata=te_meta,
         )
         self._save_kohya(out_dir, unet_layers, te_layers, step, parts)
         return out_dir / LORA_WEIGHTS
 
-    def _save_kohya(self, out_dir: Path, unet_layers: dict, te_layers: dict | None, step: int,
-                    parts: SDParts) -> Path:
+    def _save_kohya(
+        self, out_dir: Path, unet_layers: dict, te_layers: dict | None, step: int, parts: SDParts
+    ) -> Path:
         """The kohya/webui key layout (lora_unet_*, lora_te_*, .alpha), for those UIs."""
         from diffusers.utils import convert_state_dict_to_kohya
 

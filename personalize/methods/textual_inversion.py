@@ -103,18 +103,25 @@ class TextualInversion(Method):
         super().__init__(cfg)
         c = cfg.ti
         token = c.placeholder_token
-        _need(bool(token) and not any(ch.isspace() for ch in token), "ti.placeholder_token",
-              f"must be one word without spaces, e.g. <my-cat>; got {token!r}")
+        _need(
+            bool(token) and not any(ch.isspace() for ch in token),
+            "ti.placeholder_token",
+            f"must be one word without spaces, e.g. <my-cat>; got {token!r}",
+        )
         _need("{}" not in token, "ti.placeholder_token", "must not contain {}")
-        _need(webui_name(token) not in _RESERVED_STEMS, "ti.placeholder_token",
-              f"{token!r} would overwrite {DIFFUSERS_FILE}; choose another name")
+        _need(
+            webui_name(token) not in _RESERVED_STEMS,
+            "ti.placeholder_token",
+            f"{token!r} would overwrite {DIFFUSERS_FILE}; choose another name",
+        )
         self.placeholder = token
         self.tokens = expand_tokens(token, c.num_vectors)
         if c.templates:
             self.templates = list(c.templates)
         else:
-            self.templates = STYLE_TEMPLATES if c.learnable_property == "style" \
-                else OBJECT_TEMPLATES
+            self.templates = (
+                STYLE_TEMPLATES if c.learnable_property == "style" else OBJECT_TEMPLATES
+            )
         self.ids: list[int] = []
         self._original: torch.Tensor | None = None  # the whole table before training
         self._exact = False  # the table holds _original's exact values (not a cast's)
@@ -130,11 +137,16 @@ class TextualInversion(Method):
         self.ids = tokenizer.convert_tokens_to_ids(self.tokens)
         # The tokenizer must read the placeholder back as exactly the new ids, or training
         # would learn rows no prompt ever reaches.
-        got = tokenizer.encode(expand_prompt(f"a {self.placeholder}", self.placeholder,
-                                             len(self.tokens)), add_special_tokens=False)
-        _need(got[-len(self.ids):] == self.ids, "ti.placeholder_token",
-              f"the tokenizer splits {self.placeholder!r} instead of reading it as the new "
-              f"token ({got} vs {self.ids}); use lower case letters, digits, - and <>")
+        got = tokenizer.encode(
+            expand_prompt(f"a {self.placeholder}", self.placeholder, len(self.tokens)),
+            add_special_tokens=False,
+        )
+        _need(
+            got[-len(self.ids) :] == self.ids,
+            "ti.placeholder_token",
+            f"the tokenizer splits {self.placeholder!r} instead of reading it as the new "
+            f"token ({got} vs {self.ids}); use lower case letters, digits, - and <>",
+        )
         rows = te.get_input_embeddings().weight.shape[0]
         if max(self.ids) >= rows:
             # mean_resizing would draw the new rows from a fitted Gaussian; they are set below.
@@ -149,8 +161,13 @@ class TextualInversion(Method):
         te.get_input_embeddings().register_forward_pre_hook(self._exact_before_first_forward)
         self._compute_in_frozen_dtype(te)
         self._prepare_prompts()
-        logger.info("textual inversion: %d new token(s) %s (ids %s) in a table of %d rows",
-                    len(self.ids), self.tokens, self.ids, weight.shape[0])
+        logger.info(
+            "textual inversion: %d new token(s) %s (ids %s) in a table of %d rows",
+            len(self.ids),
+            self.tokens,
+            self.ids,
+            weight.shape[0],
+        )
         return [{"params": [weight]}]
 
     @staticmethod
@@ -171,11 +188,17 @@ class TextualInversion(Method):
 
     def _check_placeholder_is_new(self, tokenizer) -> None:
         vocab = tokenizer.get_vocab()
-        taken = [t for t in self.tokens if t in vocab
-                 or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
-        _need(not taken, "ti.placeholder_token",
-              f"{taken} already in the tokenizer's vocabulary, so training would change "
-              "an existing word; choose a new string such as <my-cat>")
+        taken = [
+            t
+            for t in self.tokens
+            if t in vocab or len(tokenizer.encode(t, add_special_tokens=False)) == 1
+        ]
+        _need(
+            not taken,
+            "ti.placeholder_token",
+            f"{taken} already in the tokenizer's vocabulary, so training would change "
+            "an existing word; choose a new string such as <my-cat>",
+        )
 
     def _initial_vectors(self, tokenizer, table: torch.Tensor) -> torch.Tensor:
         """Starting vectors: one initializer token for every vector, or one piece per vector
@@ -185,18 +208,27 @@ class TextualInversion(Method):
             logger.info("ti.initializer_token is not set: starting from the mean embedding")
             return table.float().mean(0, keepdim=True).repeat(n, 1)
         ids = tokenizer.encode(init, add_special_tokens=False)
-        _need(bool(init.strip()) and bool(ids), "ti.initializer_token",
-              "is empty; use a word close to the concept (e.g. cat), or null for the mean")
+        _need(
+            bool(init.strip()) and bool(ids),
+            "ti.initializer_token",
+            "is empty; use a word close to the concept (e.g. cat), or null for the mean",
+        )
         unk = getattr(tokenizer, "unk_token_id", None)
-        _need(unk is None or unk not in ids or init.strip() == tokenizer.unk_token,
-              "ti.initializer_token", f"{init!r} holds characters the tokenizer does not know")
+        _need(
+            unk is None or unk not in ids or init.strip() == tokenizer.unk_token,
+            "ti.initializer_token",
+            f"{init!r} holds characters the tokenizer does not know",
+        )
         if len(ids) == 1:
             return table[ids].float().repeat(n, 1)
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        _need(len(ids) == n, "ti.initializer_token",
-              f"{init!r} is {len(ids)} tokens for this tokenizer ({pieces}); use a word that "
-              f"is a single token, or set ti.num_vectors={len(ids)} so that each vector "
-              "starts from one piece")
+        _need(
+            len(ids) == n,
+            "ti.initializer_token",
+            f"{init!r} is {len(ids)} tokens for this tokenizer ({pieces}); use a word that "
+            f"is a single token, or set ti.num_vectors={len(ids)} so that each vector "
+            "starts from one piece",
+        )
         return table[ids].float()
 
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
@@ -244,8 +276,9 @@ class TextualInversion(Method):
 
             if PartialState().is_main_process:
                 path = Path(self.cfg.output_dir) / f"learned_embeds-steps-{done}.safetensors"
-                save_diffusers(path, self.placeholder, self.vectors(parts),
-                               self._metadata(parts, done))
+                save_diffusers(
+                    path, self.placeholder, self.vectors(parts), self._metadata(parts, done)
+                )
 
     # --- captions ----------------------------------------------------------------------
 
@@ -261,8 +294,10 @@ class TextualInversion(Method):
         if v.every_steps and not v.prompts:
             v.prompts = [first]
         if v.prompts and not any(self.placeholder in p for p in v.prompts):
-            logger.warning("no validation.prompts contains %s: the samples will not show "
-                           "what it learns", self.placeholder)
+            logger.warning(
+                "no validation.prompts contains %s: the samples will not show what it learns",
+                self.placeholder,
+            )
 
     def _caption_with_placeholder(self, caption: str) -> str:
         if not caption:
@@ -279,8 +314,9 @@ class TextualInversion(Method):
         return expand_prompt(caption, self.placeholder, len(self.tokens))
 
     def _template_caption(self, index: int) -> str:
-        return expand_prompt(self.templates[index].format(self.placeholder), self.placeholder,
-                             len(self.tokens))
+        return expand_prompt(
+            self.templates[index].format(self.placeholder), self.placeholder, len(self.tokens)
+        )
 
     def caption_fn(self) -> Callable[[str], str]:
         if self.cfg.ti.learnable_property == "caption":
@@ -293,8 +329,7 @@ class TextualInversion(Method):
         if self.cfg.ti.learnable_property == "caption":
             self._check_captions(dataset)
             return dataset
-        return TemplateCaptions(dataset, self._template_caption, len(self.templates),
-                                self.cfg.seed)
+        return TemplateCaptions(dataset, self._template_caption, len(self.templates), self.cfg.seed)
 
     def _check_captions(self, dataset) -> None:
         """Every caption must hold the token; say so before training, naming the files."""
@@ -302,9 +337,12 @@ class TextualInversion(Method):
         if records is None:
             return  # a foreign dataset: caption_fn still checks each example
         prompt = getattr(dataset, "instance_prompt", None)
-        bad = [r.key for r in records
-               if "{}" not in (r.caption or prompt or "")
-               and self.placeholder not in (r.caption or prompt or "")]
+        bad = [
+            r.key
+            for r in records
+            if "{}" not in (r.caption or prompt or "")
+            and self.placeholder not in (r.caption or prompt or "")
+        ]
         if bad:
             from personalize.data import DataError
 
@@ -333,8 +371,13 @@ class TextualInversion(Method):
         path = save_diffusers(out_dir / DIFFUSERS_FILE, self.placeholder, vectors, meta)
         # The webui names an embedding by its file; both files carry the same vectors.
         stem = webui_name(self.placeholder)
-        save_webui_pt(out_dir / f"{stem}.pt", stem, vectors, step,
-                      Path(parts.source).name if parts.source else None)
+        save_webui_pt(
+            out_dir / f"{stem}.pt",
+            stem,
+            vectors,
+            step,
+            Path(parts.source).name if parts.source else None,
+        )
         save_single_tensor(out_dir / f"{stem}.safetensors", stem, vectors, step, meta)
         return path
 
@@ -346,7 +389,9 @@ class TextualInversion(Method):
     def load_trainable_state_dict(self, parts: SDParts, state: dict[str, torch.Tensor]) -> None:
         weight = self._weight(parts)
         if set(state) != {STATE_KEY} or tuple(state[STATE_KEY].shape) != (
-                len(self.ids), weight.shape[1]):
+            len(self.ids),
+            weight.shape[1],
+        ):
             shapes = {k: list(v.shape) for k, v in state.items()}
             raise ValueError(
                 f"checkpoint does not hold this run's placeholder vectors: found {shapes}, "
@@ -367,8 +412,12 @@ class TextualInversion(Method):
         return {
             "data": {"prompt": "a photo of <sks-disc>"},
             "train": {"lr": 5e-3},
-            "ti": {"placeholder_token": "<sks-disc>", "initializer_token": "o",
-                   "num_vectors": 2, "learnable_property": "caption"},
+            "ti": {
+                "placeholder_token": "<sks-disc>",
+                "initializer_token": "o",
+                "num_vectors": 2,
+                "learnable_property": "caption",
+            },
         }
 
 

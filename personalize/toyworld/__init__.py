@@ -18,22 +18,26 @@ from pathlib import Path
 
 # PERSONALIZE_TOYWORLD_WEIGHTS points at another weights folder (e.g. a fresh
 # `pretrain.py --out DIR`) without touching the shipped one.
-WEIGHTS_DIR = Path(os.environ.get("PERSONALIZE_TOYWORLD_WEIGHTS")
-                   or Path(__file__).resolve().parent / "weights")
+WEIGHTS_DIR = Path(
+    os.environ.get("PERSONALIZE_TOYWORLD_WEIGHTS") or Path(__file__).resolve().parent / "weights"
+)
 PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 REPORT_FILE = WEIGHTS_DIR / "pretrain_report.json"
 
-_MISSING = ("the pretrained toy-world {what} is missing from {path}; it ships with the "
-            "package (reinstall personalize) or can be rebuilt with "
-            "`python benchmarks/toyworld/pretrain.py --out {weights}`")
+_MISSING = (
+    "the pretrained toy-world {what} is missing from {path}; it ships with the "
+    "package (reinstall personalize) or can be rebuilt with "
+    "`python benchmarks/toyworld/pretrain.py --out {weights}`"
+)
 
 
 def base_model_path() -> Path:
     """The shipped diffusers folder of the toy world's base model (for `model.path`)."""
     if not (PIPELINE_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(_MISSING.format(what="pipeline", path=PIPELINE_DIR,
-                                                weights=WEIGHTS_DIR))
+        raise FileNotFoundError(
+            _MISSING.format(what="pipeline", path=PIPELINE_DIR, weights=WEIGHTS_DIR)
+        )
     return PIPELINE_DIR
 
 
@@ -49,6 +53,7 @@ def load_classifier():
     from personalize.toyworld.classifier import CLASSIFIER_CONFIG, ToyClassifier
 
     if not (CLASSIFIER_DIR / CLASSIFIER_CONFIG).is_file():
-        raise FileNotFoundError(_MISSING.format(what="classifier", path=CLASSIFIER_DIR,
-                                                weights=WEIGHTS_DIR))
+        raise FileNotFoundError(
+            _MISSING.format(what="classifier", path=CLASSIFIER_DIR, weights=WEIGHTS_DIR)
+        )
     return ToyClassifier.load(CLASSIFIER_DIR)

@@ -53,31 +53,60 @@ COMMON: dict[str, Any] = {
     "seed": 0,
     "overwrite": True,
     "data": {"random_flip": False},
-    "train": {"resolution": 32, "batch_size": 4, "lr_warmup_steps": 10, "report_to": "none",
-              "log_every": 25, "mixed_precision": "no"},
+    "train": {
+        "resolution": 32,
+        "batch_size": 4,
+        "lr_warmup_steps": 10,
+        "report_to": "none",
+        "log_every": 25,
+        "mixed_precision": "no",
+    },
 }
 _DB = {"train": {"lr": 2e-4}}
 RECIPES: dict[str, dict[str, Any]] = {
-    "textual_inversion": {"method": "textual_inversion", "steps": 600,
-                          "config": {"train": {"lr": 5e-3}, "ti": {"num_vectors": 1}}},
+    "textual_inversion": {
+        "method": "textual_inversion",
+        "steps": 600,
+        "config": {"train": {"lr": 5e-3}, "ti": {"num_vectors": 1}},
+    },
     "dreambooth": {"method": "dreambooth", "steps": 400, "config": _DB},
-    "dreambooth_prior": {"method": "dreambooth", "steps": 400,
-                         "config": {**_DB, "db": {"with_prior_preservation": True,
-                                                  "num_class_images": 20,
-                                                  "prior_loss_weight": 1.0,
-                                                  "class_num_inference_steps": 20,
-                                                  "class_guidance_scale": 5.0}}},
-    "dreambooth_l2sp": {"method": "dreambooth", "steps": 400,
-                        "config": {**_DB, "db": {"weight_constraint": "l2sp",
-                                                 "weight_constraint_lambda": 2e-3}}},
-    "dreambooth_distill": {"method": "dreambooth", "steps": 400,
-                           "config": {**_DB, "db": {"with_prior_preservation": True,
-                                                    "prior": "distillation",
-                                                    "distillation_weight": 1.0}}},
-    "lora": {"method": "lora", "steps": 600,
-             "config": {"train": {"lr": 1e-3}, "lora": {"rank": 8}}},
-    "hypernetwork": {"method": "hypernetwork", "steps": 600,
-                     "config": {"train": {"lr": 1e-3}}},
+    "dreambooth_prior": {
+        "method": "dreambooth",
+        "steps": 400,
+        "config": {
+            **_DB,
+            "db": {
+                "with_prior_preservation": True,
+                "num_class_images": 20,
+                "prior_loss_weight": 1.0,
+                "class_num_inference_steps": 20,
+                "class_guidance_scale": 5.0,
+            },
+        },
+    },
+    "dreambooth_l2sp": {
+        "method": "dreambooth",
+        "steps": 400,
+        "config": {**_DB, "db": {"weight_constraint": "l2sp", "weight_constraint_lambda": 2e-3}},
+    },
+    "dreambooth_distill": {
+        "method": "dreambooth",
+        "steps": 400,
+        "config": {
+            **_DB,
+            "db": {
+                "with_prior_preservation": True,
+                "prior": "distillation",
+                "distillation_weight": 1.0,
+            },
+        },
+    },
+    "lora": {
+        "method": "lora",
+        "steps": 600,
+        "config": {"train": {"lr": 1e-3}, "lora": {"rank": 8}},
+    },
+    "hypernetwork": {"method": "hypernetwork", "steps": 600, "config": {"train": {"lr": 1e-3}}},
 }
 VARIANTS = tuple(RECIPES)
 GENERATION = {"steps": 20, "guidance_scale": 5.0}
@@ -94,45 +123,70 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # numbers would be tuning); `--variants` runs them and docs/benchmarks.md reports them apart.
 DIAGNOSTICS: dict[str, dict[str, Any]] = {
     # Does TI's vector drift off the word embeddings at 5e-3 (its norm grows 3-6x)?
-    "textual_inversion_lr5e-4": _merge(copy.deepcopy(RECIPES["textual_inversion"]),
-                                       {"config": {"train": {"lr": 5e-4}}}),
+    "textual_inversion_lr5e-4": _merge(
+        copy.deepcopy(RECIPES["textual_inversion"]), {"config": {"train": {"lr": 5e-4}}}
+    ),
     # Does prior preservation fail because 20 class images are memorized? (100: the
     # config default and the diffusers example's.)
-    "dreambooth_prior_100": _merge(copy.deepcopy(RECIPES["dreambooth_prior"]),
-                                   {"config": {"db": {"num_class_images": 100}}}),
+    "dreambooth_prior_100": _merge(
+        copy.deepcopy(RECIPES["dreambooth_prior"]), {"config": {"db": {"num_class_images": 100}}}
+    ),
     # ... or because a frozen text encoder barely tells "a sks heart" from "a heart"? (The
     # paper fine-tunes the text encoder too.)
-    "dreambooth_prior_te": _merge(copy.deepcopy(RECIPES["dreambooth_prior"]),
-                                  {"config": {"db": {"train_text_encoder": True}}}),
+    "dreambooth_prior_te": _merge(
+        copy.deepcopy(RECIPES["dreambooth_prior"]), {"config": {"db": {"train_text_encoder": True}}}
+    ),
 }
 ALL_RECIPES = {**RECIPES, **DIAGNOSTICS}
 
 
-def variant_config(variant: str, subject, model_path: Path, data_dir: Path, out_dir: Path,
-                   steps: int | None = None, train_seed: int = 0) -> dict[str, Any]:
+def variant_config(
+    variant: str,
+    subject,
+    model_path: Path,
+    data_dir: Path,
+    out_dir: Path,
+    steps: int | None = None,
+    train_seed: int = 0,
+) -> dict[str, Any]:
     """The full training config of one variant on one subject."""
     recipe = ALL_RECIPES[variant]
     method = recipe["method"]
     cfg = _merge(COMMON, copy.deepcopy(recipe["config"]))
-    cfg = _merge(cfg, {
-        "method": method,
-        "seed": train_seed,
-        "output_dir": str(out_dir),
-        "model": {"path": str(model_path)},
-        "data": {"path": str(data_dir), "prompt": f"a {IDENTIFIER} {subject.class_word}"},
-        "train": {"max_steps": steps or recipe["steps"]},
-    })
+    cfg = _merge(
+        cfg,
+        {
+            "method": method,
+            "seed": train_seed,
+            "output_dir": str(out_dir),
+            "model": {"path": str(model_path)},
+            "data": {"path": str(data_dir), "prompt": f"a {IDENTIFIER} {subject.class_word}"},
+            "train": {"max_steps": steps or recipe["steps"]},
+        },
+    )
     if method == "textual_inversion":
         token = f"<{IDENTIFIER}-{subject.class_word}>"
-        cfg = _merge(cfg, {"data": {"prompt": f"a {token}"},
-                           "ti": {"placeholder_token": token,
-                                  "initializer_token": subject.class_word}})
+        cfg = _merge(
+            cfg,
+            {
+                "data": {"prompt": f"a {token}"},
+                "ti": {"placeholder_token": token, "initializer_token": subject.class_word},
+            },
+        )
     if method == "dreambooth" and cfg.get("db", {}).get("with_prior_preservation"):
         cfg["db"]["class_prompt"] = f"a {subject.class_word}"
     if method == "hypernetwork":
         unet_cfg = json.loads((Path(model_path) / "unet" / "config.json").read_text())
-        cfg = _merge(cfg, {"hn": {"enable_sizes": sorted(
-            {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]})}})
+        cfg = _merge(
+            cfg,
+            {
+                "hn": {
+                    "enable_sizes": sorted(
+                        {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]}
+                    )
+                }
+            },
+        )
     return cfg
 
 
@@ -159,10 +213,14 @@ def _train_here(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir = train(from_dict(cfg_dict))
     seconds = time.perf_counter() - start
-    return {"run_dir": str(run_dir), "train_seconds": round(seconds, 2),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            if torch.cuda.is_available() else None}
+    return {
+        "run_dir": str(run_dir),
+        "train_seconds": round(seconds, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if torch.cuda.is_available()
+        else None,
+    }
 
 
 def train_variant(cfg_dict: dict[str, Any], work: Path, isolated: bool) -> dict[str, Any]:
@@ -176,14 +234,26 @@ def train_variant(cfg_dict: dict[str, Any], work: Path, isolated: bool) -> dict[
     result_file.unlink(missing_ok=True)
     import torch
 
-    proc = subprocess.run([sys.executable, "-m", "personalize.toyworld.benchmark",
-                           "--threads", str(torch.get_num_threads()),
-                           "--train-one", str(cfg_file), str(result_file)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "personalize.toyworld.benchmark",
+            "--threads",
+            str(torch.get_num_threads()),
+            "--train-one",
+            str(cfg_file),
+            str(result_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
     (work / "train.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result_file.is_file():
-        raise RuntimeError(f"training {cfg_dict['method']} failed (exit {proc.returncode}); "
-                           f"log: {work / 'train.log'}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"training {cfg_dict['method']} failed (exit {proc.returncode}); "
+            f"log: {work / 'train.log'}\n{proc.stderr[-2000:]}"
+        )
     return json.loads(result_file.read_text())
 
 
@@ -197,15 +267,22 @@ def eval_backgrounds(subject, count: int) -> list[str]:
 
 
 def prompt_sets(subject, phrase: str, backgrounds: list[str]) -> tuple[list[str], list[str]]:
-    subject_prompts = [f"a {phrase}"] + [f"a {phrase} on a {bg} background"
-                                         for bg in backgrounds]
+    subject_prompts = [f"a {phrase}"] + [f"a {phrase} on a {bg} background" for bg in backgrounds]
     class_prompts = [f"a {subject.class_word}"] + [
-        f"a {subject.class_word} on a {bg} background" for bg in backgrounds]
+        f"a {subject.class_word} on a {bg} background" for bg in backgrounds
+    ]
     return subject_prompts, class_prompts
 
 
-def score_pipeline(pipe, classifier, subject, phrase: str, instances: np.ndarray,
-                   seeds: list[int], backgrounds: list[str]) -> tuple[dict[str, float], dict]:
+def score_pipeline(
+    pipe,
+    classifier,
+    subject,
+    phrase: str,
+    instances: np.ndarray,
+    seeds: list[int],
+    backgrounds: list[str],
+) -> tuple[dict[str, float], dict]:
     """Metrics for one pipeline, and its images by prompt (for grids)."""
     from personalize.toyworld.evaluate import sample
     from personalize.toyworld.scoring import (
@@ -219,10 +296,15 @@ def score_pipeline(pipe, classifier, subject, phrase: str, instances: np.ndarray
     prompts = subject_prompts + class_prompts
     flat_prompts = [p for p in prompts for _ in seeds]
     flat_seeds = [s for _ in prompts for s in seeds]
-    images = sample(pipe, flat_prompts, flat_seeds, steps=GENERATION["steps"],
-                    guidance_scale=GENERATION["guidance_scale"])
+    images = sample(
+        pipe,
+        flat_prompts,
+        flat_seeds,
+        steps=GENERATION["steps"],
+        guidance_scale=GENERATION["guidance_scale"],
+    )
     n = len(seeds)
-    by_prompt = {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
+    by_prompt = {p: images[i * n : (i + 1) * n] for i, p in enumerate(prompts)}
     subj = np.concatenate([by_prompt[p] for p in subject_prompts])
     cls = np.concatenate([by_prompt[p] for p in class_prompts])
     recontext = np.concatenate([by_prompt[p] for p in subject_prompts[1:]])
@@ -245,18 +327,27 @@ def reference_scores(classifier, subject, instances: np.ndarray) -> dict[str, fl
     f = classifier.embed(instances)
     n = len(f)
     off_diag = (f @ f.T)[~np.eye(n, dtype=bool)]
-    return {"subject_fidelity": round(float(off_diag.mean()), 4),
-            "subject_match": round(subject_match_rate(classifier, instances, subject), 4),
-            "div": round(float((1 - off_diag).mean()), 4)}
+    return {
+        "subject_fidelity": round(float(off_diag.mean()), 4),
+        "subject_match": round(subject_match_rate(classifier, instances, subject), 4),
+        "div": round(float((1 - off_diag).mean()), 4),
+    }
 
 
 # ------------------------------------------------------------------------------ the run
 
 
-def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] | None = None,
-        steps: int | None = None, seeds: int = 4, backgrounds: int = 3,
-        isolated: bool = True, num_instances: int = 5,
-        train_seeds: list[int] | None = None) -> dict[str, Any]:
+def run(
+    out: str | Path,
+    subjects: list[str] | None = None,
+    variants: list[str] | None = None,
+    steps: int | None = None,
+    seeds: int = 4,
+    backgrounds: int = 3,
+    isolated: bool = True,
+    num_instances: int = 5,
+    train_seeds: list[int] | None = None,
+) -> dict[str, Any]:
     """Every variant x subject x training seed, trained, sampled and scored. The sampling
     seeds are the same for every training seed, so the spread over training seeds is the
     trainers' own run-to-run variation."""
@@ -279,13 +370,20 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
     seed_list = list(range(seeds))
     train_seeds = list(train_seeds or [0])
     results: dict[str, Any] = {
-        "settings": {"subjects": subjects, "variants": variants, "seeds": seed_list,
-                     "train_seeds": train_seeds,
-                     "backgrounds_per_subject": backgrounds, "instances": num_instances,
-                     "generation": GENERATION, "steps_override": steps,
-                     "recipes": {v: ALL_RECIPES[v] for v in variants}, "common": COMMON,
-                     "isolated_processes": isolated,
-                     "base_model": _portable(model)},
+        "settings": {
+            "subjects": subjects,
+            "variants": variants,
+            "seeds": seed_list,
+            "train_seeds": train_seeds,
+            "backgrounds_per_subject": backgrounds,
+            "instances": num_instances,
+            "generation": GENERATION,
+            "steps_override": steps,
+            "recipes": {v: ALL_RECIPES[v] for v in variants},
+            "common": COMMON,
+            "isolated_processes": isolated,
+            "base_model": _portable(model),
+        },
         "runs": [],
     }
     base_pipe = load_pipeline(str(model))
@@ -296,34 +394,50 @@ def run(out: str | Path, subjects: list[str] | None = None, variants: list[str] 
         instances = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
         bgs = eval_backgrounds(subject, backgrounds)
         grid_rows = {"instance images": list(instances)}
-        results["runs"].append({"variant": "real_images", "subject": subject.name,
-                                **reference_scores(classifier, subject, instances)})
+        results["runs"].append(
+            {
+                "variant": "real_images",
+                "subject": subject.name,
+                **reference_scores(classifier, subject, instances),
+            }
+        )
         phrase = f"{IDENTIFIER} {subject.class_word}"
         t = time.perf_counter()
-        metrics, images = score_pipeline(base_pipe, classifier, subject, phrase, instances,
-                                         seed_list, bgs)
-        results["runs"].append({"variant": "base", "subject": subject.name, **metrics,
-                                "sample_seconds": round(time.perf_counter() - t, 1)})
+        metrics, images = score_pipeline(
+            base_pipe, classifier, subject, phrase, instances, seed_list, bgs
+        )
+        results["runs"].append(
+            {
+                "variant": "base",
+                "subject": subject.name,
+                **metrics,
+                "sample_seconds": round(time.perf_counter() - t, 1),
+            }
+        )
         grid_rows["base"] = _grid_row(images, subject, phrase, bgs)
         logger.info("%s base: %s", subject.name, metrics)
         for variant in variants:
             for train_seed in train_seeds:
                 name = variant if train_seed == train_seeds[0] else f"{variant}-seed{train_seed}"
                 run_dir = out / "runs" / subject.name / name
-                cfg = variant_config(variant, subject, model, data_dir, run_dir, steps,
-                                     train_seed)
+                cfg = variant_config(variant, subject, model, data_dir, run_dir, steps, train_seed)
                 trained = train_variant(cfg, out / "logs" / subject.name / name, isolated)
                 t = time.perf_counter()
                 pipe = load(load_pipeline(str(model)), trained["run_dir"])
-                metrics, images = score_pipeline(pipe, classifier, subject,
-                                                 subject_phrase(cfg), instances, seed_list, bgs)
-                row = {"variant": variant, "subject": subject.name, "train_seed": train_seed,
-                       **metrics,
-                       "train_seconds": trained["train_seconds"],
-                       "peak_rss_mb": trained["peak_rss_mb"],
-                       "peak_cuda_mb": trained["peak_cuda_mb"],
-                       "steps": cfg["train"]["max_steps"],
-                       "sample_seconds": round(time.perf_counter() - t, 1)}
+                metrics, images = score_pipeline(
+                    pipe, classifier, subject, subject_phrase(cfg), instances, seed_list, bgs
+                )
+                row = {
+                    "variant": variant,
+                    "subject": subject.name,
+                    "train_seed": train_seed,
+                    **metrics,
+                    "train_seconds": trained["train_seconds"],
+                    "peak_rss_mb": trained["peak_rss_mb"],
+                    "peak_cuda_mb": trained["peak_cuda_mb"],
+                    "steps": cfg["train"]["max_steps"],
+                    "sample_seconds": round(time.perf_counter() - t, 1),
+                }
                 results["runs"].append(row)
                 if train_seed == train_seeds[0]:
                     grid_rows[variant] = _grid_row(images, subject, subject_phrase(cfg), bgs)
@@ -360,8 +474,11 @@ def _grid(rows: dict[str, list], subject, bgs: list[str]):
 
     from personalize.inference import make_grid
 
-    cols = ["sks, seed 0", "sks, seed 1"] + [f"sks on {bg}" for bg in bgs[:2]] + \
-        [f"'a {subject.class_word}' 0", f"'a {subject.class_word}' 1"]
+    cols = (
+        ["sks, seed 0", "sks, seed 1"]
+        + [f"sks on {bg}" for bg in bgs[:2]]
+        + [f"'a {subject.class_word}' 0", f"'a {subject.class_word}' 1"]
+    )
     pil_rows = [[Image.fromarray(np.asarray(im)) for im in r] for r in rows.values()]
     return make_grid(pil_rows, row_labels=list(rows), col_labels=cols, cell=64)
 
@@ -372,8 +489,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-QUALITY_KEYS = ("subject_fidelity", "subject_match", "prompt_fidelity", "pres",
-                "class_subject_match", "div")
+QUALITY_KEYS = (
+    "subject_fidelity",
+    "subject_match",
+    "prompt_fidelity",
+    "pres",
+    "class_subject_match",
+    "div",
+)
 METRIC_KEYS = (*QUALITY_KEYS, "train_seconds", "peak_rss_mb")
 
 
@@ -384,8 +507,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         rows = [r for r in runs if r["variant"] == variant]
-        out[variant] = {k: round(float(np.mean([r[k] for r in rows])), 4)
-                        for k in METRIC_KEYS if all(r.get(k) is not None for r in rows)}
+        out[variant] = {
+            k: round(float(np.mean([r[k] for r in rows])), 4)
+            for k in METRIC_KEYS
+            if all(r.get(k) is not None for r in rows)
+        }
         out[variant]["subjects"] = len({r["subject"] for r in rows})
         by_seed: dict[int, list] = {}
         for r in rows:
@@ -414,8 +540,9 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     settings["train_seeds"] = sorted({s for p in parts for s in p["settings"]["train_seeds"]})
     settings["variants"] = list(dict.fromkeys(v for p in parts for v in p["settings"]["variants"]))
     settings["recipes"] = {k: v for p in parts for k, v in p["settings"]["recipes"].items()}
-    runs = [r for r in first["runs"]] + [r for p in parts[1:] for r in p["runs"]
-                                         if "train_seed" in r]
+    runs = [r for r in first["runs"]] + [
+        r for p in parts[1:] for r in p["runs"] if "train_seed" in r
+    ]
     seen = [(r["variant"], r["subject"], r.get("train_seed")) for r in runs]
     if len(set(seen)) != len(seen):
         raise ValueError("the results to merge share a variant and training seed")
@@ -424,6 +551,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown_table(results: dict[str, Any], diagnostics: bool = False) -> str:
     """The summary table: the benchmark's variants, or (`diagnostics`) the follow-ups."""
+
     def cell(row: dict[str, Any], key: str, fmt: str = "{:.3f}") -> str:
         if row.get(key) is None:
             return "-"
@@ -443,7 +571,8 @@ def markdown_table(results: dict[str, Any], diagnostics: bool = False) -> str:
             f" | {cell(row, 'subject_match', '{:.2f}')}"
             f" | {cell(row, 'prompt_fidelity', '{:.2f}')} | {cell(row, 'pres')}"
             f" | {cell(row, 'class_subject_match', '{:.2f}')} | {cell(row, 'div')}"
-            f" | {cell(row, 'train_seconds', '{:.0f}')} | {cell(row, 'peak_rss_mb', '{:.0f}')} |")
+            f" | {cell(row, 'train_seconds', '{:.0f}')} | {cell(row, 'peak_rss_mb', '{:.0f}')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -464,39 +593,54 @@ def write_docs(results: dict[str, Any], out: Path, docs: Path, json_path: Path) 
     # A palette PNG: the grid is flat colors and text, so 256 colors lose nothing visible
     # and the file stays small enough to keep in git.
     Image.open(out / f"grid_{first}.png").convert("RGB").quantize(256).save(
-        images / "quality_grid.png", optimize=True)
+        images / "quality_grid.png", optimize=True
+    )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(json_path, results)
-    per_subject = ["| variant | subject | train seed | toy-I | match | toy-T | PRES | class→subj "
-                   "| DIV |", "|---|---|---|---|---|---|---|---|---|"]
+    per_subject = [
+        "| variant | subject | train seed | toy-I | match | toy-T | PRES | class→subj | DIV |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results["runs"], key=lambda r: (r["subject"], r.get("train_seed", -1))):
         vals = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in QUALITY_KEYS]
-        per_subject.append(f"| {r['variant']} | {r['subject']} | {r.get('train_seed', '-')} | "
-                           + " | ".join(vals) + " |")
+        per_subject.append(
+            f"| {r['variant']} | {r['subject']} | {r.get('train_seed', '-')} | "
+            + " | ".join(vals)
+            + " |"
+        )
     s = results["settings"]
-    block = "\n".join([
-        DOC_BEGIN,
-        f"Means over subjects {', '.join(s['subjects'])} and training seeds "
-        f"{s.get('train_seeds', [0])} (± the standard deviation over training seeds of the "
-        f"subject mean); sampling seeds {s['seeds']}, "
-        f"{s['backgrounds_per_subject']} backgrounds, DDIM {GENERATION['steps']} steps, "
-        f"guidance {GENERATION['guidance_scale']}. Raw numbers: "
-        f"[`{json_path.as_posix()}`]({os.path.relpath(json_path, docs)}).",
-        "",
-        markdown_table(results),
-        *(["Follow-ups chosen after seeing the table above, each one change to a recipe "
-           "(`DIAGNOSTICS` in personalize/toyworld/benchmark.py); not part of the "
-           "comparison:", "", markdown_table(results, diagnostics=True)]
-          if any(v in DIAGNOSTICS for v in results["summary"]) else []),
-        f"![sample grid: {first}](images/quality_grid.png)",
-        "",
-        "<details><summary>per subject</summary>",
-        "",
-        "\n".join(per_subject),
-        "",
-        "</details>",
-        DOC_END,
-    ])
+    block = "\n".join(
+        [
+            DOC_BEGIN,
+            f"Means over subjects {', '.join(s['subjects'])} and training seeds "
+            f"{s.get('train_seeds', [0])} (± the standard deviation over training seeds of the "
+            f"subject mean); sampling seeds {s['seeds']}, "
+            f"{s['backgrounds_per_subject']} backgrounds, DDIM {GENERATION['steps']} steps, "
+            f"guidance {GENERATION['guidance_scale']}. Raw numbers: "
+            f"[`{json_path.as_posix()}`]({os.path.relpath(json_path, docs)}).",
+            "",
+            markdown_table(results),
+            *(
+                [
+                    "Follow-ups chosen after seeing the table above, each one change to a recipe "
+                    "(`DIAGNOSTICS` in personalize/toyworld/benchmark.py); not part of the "
+                    "comparison:",
+                    "",
+                    markdown_table(results, diagnostics=True),
+                ]
+                if any(v in DIAGNOSTICS for v in results["summary"])
+                else []
+            ),
+            f"![sample grid: {first}](images/quality_grid.png)",
+            "",
+            "<details><summary>per subject</summary>",
+            "",
+            "\n".join(per_subject),
+            "",
+            "</details>",
+            DOC_END,
+        ]
+    )
     md = docs / "benchmarks.md"
     text = md.read_text() if md.is_file() else "# Benchmarks\n"
     if DOC_BEGIN in text and DOC_END in text:
@@ -512,28 +656,45 @@ def write_docs(results: dict[str, Any], out: Path, docs: Path, json_path: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="outputs/benchmark_quality")
     p.add_argument("--subjects", default=",".join(SUBJECT_NAMES))
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated; also the follow-ups: " + ", ".join(DIAGNOSTICS))
-    p.add_argument("--steps", type=int, default=None,
-                   help="override every recipe's steps (for a smoke run)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated; also the follow-ups: " + ", ".join(DIAGNOSTICS),
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="override every recipe's steps (for a smoke run)"
+    )
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds per prompt")
-    p.add_argument("--train-seeds", default="0",
-                   help="comma-separated training seeds; each variant x subject trains once "
-                   "per seed")
-    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
-                   help="combine results.json files of runs with other training seeds (then "
-                   "--out is where the first run's grids are) instead of running")
+    p.add_argument(
+        "--train-seeds",
+        default="0",
+        help="comma-separated training seeds; each variant x subject trains once per seed",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="combine results.json files of runs with other training seeds (then "
+        "--out is where the first run's grids are) instead of running",
+    )
     p.add_argument("--backgrounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--in-process", action="store_true",
-                   help="train in this process (faster start; peak memory then includes "
-                   "earlier runs)")
-    p.add_argument("--write-docs", action="store_true",
-                   help="update docs/benchmarks.md (Quality section) and docs/images/")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="train in this process (faster start; peak memory then includes earlier runs)",
+    )
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="update docs/benchmarks.md (Quality section) and docs/images/",
+    )
     p.add_argument("--docs", default="docs")
     p.add_argument("--json", default="benchmarks/results/quality.json")
     p.add_argument("--train-one", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
@@ -551,10 +712,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         results = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
     else:
-        results = run(args.out, subjects=args.subjects.split(","),
-                      variants=args.variants.split(","), steps=args.steps, seeds=args.seeds,
-                      backgrounds=args.backgrounds, isolated=not args.in_process,
-                      train_seeds=[int(x) for x in args.train_seeds.split(",")])
+        results = run(
+            args.out,
+            subjects=args.subjects.split(","),
+            variants=args.variants.split(","),
+            steps=args.steps,
+            seeds=args.seeds,
+            backgrounds=args.backgrounds,
+            isolated=not args.in_process,
+            train_seeds=[int(x) for x in args.train_seeds.split(",")],
+        )
     print(markdown_table(results))
     if args.write_docs:
         write_docs(results, Path(args.out), Path(args.docs), Path(args.json))

@@ -34,9 +34,14 @@ CLASSIFIER_CONFIG = "classifier.json"
 
 def scene_labels(scene: Scene) -> dict[str, int]:
     """The index of the true class of each head for a scene."""
-    values = {"shape": scene.shape, "color": scene.color, "background": scene.background,
-              "size": scene.size, "pattern": scene.pattern,
-              "dot": "yes" if scene.dot_color else "no"}
+    values = {
+        "shape": scene.shape,
+        "color": scene.color,
+        "background": scene.background,
+        "size": scene.size,
+        "pattern": scene.pattern,
+        "dot": "yes" if scene.dot_color else "no",
+    }
     return {k: HEADS[k].index(v) for k, v in values.items()}
 
 
@@ -52,13 +57,17 @@ class ToyClassifier(nn.Module):
         # Strided from the first layer: full-resolution convolutions cost most of the CPU
         # time and a 3x3 stride-2 filter still sees every pixel of a stripe or a spot.
         self.trunk = nn.Sequential(
-            _block(3, w, 2), _block(w, w, 1),                  # 16 x 16
-            _block(w, 2 * w, 2), _block(2 * w, 2 * w, 1),      # 8 x 8
-            _block(2 * w, 4 * w, 2), _block(4 * w, 4 * w, 1),  # 4 x 4
+            _block(3, w, 2),
+            _block(w, w, 1),  # 16 x 16
+            _block(w, 2 * w, 2),
+            _block(2 * w, 2 * w, 1),  # 8 x 8
+            _block(2 * w, 4 * w, 2),
+            _block(4 * w, 4 * w, 1),  # 4 x 4
         )
         self.feature_dim = 8 * w  # average- and max-pooled
-        self.heads = nn.ModuleDict({k: nn.Linear(self.feature_dim, len(v))
-                                    for k, v in HEADS.items()})
+        self.heads = nn.ModuleDict(
+            {k: nn.Linear(self.feature_dim, len(v)) for k, v in HEADS.items()}
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of images `x` (B, 3, H, W) in [0, 1]."""
@@ -79,8 +88,9 @@ class ToyClassifier(nn.Module):
             if arr.shape[1:3] != (r, r):
                 images = [Image.fromarray(a) for a in arr]
         if not isinstance(images, np.ndarray):
-            arr = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.BILINEAR))
-                            for im in images])
+            arr = np.stack(
+                [np.asarray(im.convert("RGB").resize((r, r), Image.BILINEAR)) for im in images]
+            )
         t = torch.from_numpy(np.ascontiguousarray(arr)).float().div(255.0)
         return t.permute(0, 3, 1, 2).to(next(self.parameters()).device)
 
@@ -106,8 +116,9 @@ class ToyClassifier(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
         atomic_save_safetensors(state, folder / CLASSIFIER_WEIGHTS)
-        (folder / CLASSIFIER_CONFIG).write_text(json.dumps(
-            dict(self.config, heads={k: list(v) for k, v in HEADS.items()}), indent=2))
+        (folder / CLASSIFIER_CONFIG).write_text(
+            json.dumps(dict(self.config, heads={k: list(v) for k, v in HEADS.items()}), indent=2)
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> ToyClassifier:
@@ -118,12 +129,15 @@ class ToyClassifier(nn.Module):
         if not cfg_file.is_file() or not weights.is_file():
             raise FileNotFoundError(
                 f"{folder} holds no toy-world classifier ({CLASSIFIER_CONFIG} + "
-                f"{CLASSIFIER_WEIGHTS}); run benchmarks/toyworld/pretrain.py to train one")
+                f"{CLASSIFIER_WEIGHTS}); run benchmarks/toyworld/pretrain.py to train one"
+            )
         cfg = json.loads(cfg_file.read_text())
         saved_heads = {k: tuple(v) for k, v in cfg.pop("heads").items()}
         if saved_heads != HEADS:
-            raise ValueError(f"{cfg_file}: the classifier was trained for other classes "
-                             f"({saved_heads}); retrain it with benchmarks/toyworld/pretrain.py")
+            raise ValueError(
+                f"{cfg_file}: the classifier was trained for other classes "
+                f"({saved_heads}); retrain it with benchmarks/toyworld/pretrain.py"
+            )
         model = cls(**cfg)
         model.load_state_dict(load_file(str(weights)))
         return model.eval()

@@ -24,11 +24,16 @@ MAX_TOKENS = 32
 # Every word the world's captions use, plus a few that prompts commonly hold ("with",
 # "the"). Each becomes ONE token; anything else falls back to byte-level tokens, like a rare
 # word in real CLIP ("sks" -> s, k, s</w>).
-WORDS: tuple[str, ...] = tuple(dict.fromkeys(
-    ["a", "an", "on", "of", "the", "with", "and", "background", "dot"]
-    + [w for p in PREFIXES for w in p.split()]
-    + list(SHAPES) + list(COLOR_NAMES) + list(SIZES) + list(PATTERNS)
-))
+WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        ["a", "an", "on", "of", "the", "with", "and", "background", "dot"]
+        + [w for p in PREFIXES for w in p.split()]
+        + list(SHAPES)
+        + list(COLOR_NAMES)
+        + list(SIZES)
+        + list(PATTERNS)
+    )
+)
 
 
 def make_tokenizer():

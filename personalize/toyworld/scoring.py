@@ -34,8 +34,9 @@ def feature_similarity(classifier, images, reference) -> float:
 
 def subject_match_rate(classifier, images, subject: Subject) -> float:
     preds = classifier.predict(images)
-    hits = [p["shape"] == subject.look.shape and p["pattern"] == subject.look.pattern
-            for p in preds]
+    hits = [
+        p["shape"] == subject.look.shape and p["pattern"] == subject.look.pattern for p in preds
+    ]
     return float(np.mean(hits))
 
 

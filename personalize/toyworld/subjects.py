@@ -24,10 +24,10 @@ class Subject:
     description: str
     look: Scene  # shape, colors and pattern; position/size/background are varied
 
-    def scene(self, background: str, x: float = 0.5, y: float = 0.5,
-              size: str = "large") -> Scene:
-        return replace(self.look, background=background, x=x, y=y, size=size,
-                       radius=SIZE_RADIUS[size])
+    def scene(self, background: str, x: float = 0.5, y: float = 0.5, size: str = "large") -> Scene:
+        return replace(
+            self.look, background=background, x=x, y=y, size=size, radius=SIZE_RADIUS[size]
+        )
 
     @property
     def colors(self) -> set[str]:
@@ -41,15 +41,33 @@ class Subject:
 SUBJECTS: dict[str, Subject] = {
     s.name: s
     for s in [
-        Subject("striped_heart", "heart", "a red heart with white diagonal stripes and a blue dot",
-                Scene("heart", "red", "black", pattern="striped", color2="white",
-                      stripe_angle=45.0, stripe_period=0.3, dot_color="blue")),
-        Subject("two_color_star", "star", "a star, yellow on the left and purple on the right",
-                Scene("star", "yellow", "black", pattern="split", color2="purple",
-                      stripe_angle=0.0)),
-        Subject("spotted_circle", "circle", "a green circle with white spots",
-                Scene("circle", "green", "black", pattern="spotted", color2="white",
-                      stripe_period=0.3)),
+        Subject(
+            "striped_heart",
+            "heart",
+            "a red heart with white diagonal stripes and a blue dot",
+            Scene(
+                "heart",
+                "red",
+                "black",
+                pattern="striped",
+                color2="white",
+                stripe_angle=45.0,
+                stripe_period=0.3,
+                dot_color="blue",
+            ),
+        ),
+        Subject(
+            "two_color_star",
+            "star",
+            "a star, yellow on the left and purple on the right",
+            Scene("star", "yellow", "black", pattern="split", color2="purple", stripe_angle=0.0),
+        ),
+        Subject(
+            "spotted_circle",
+            "circle",
+            "a green circle with white spots",
+            Scene("circle", "green", "black", pattern="spotted", color2="white", stripe_period=0.3),
+        ),
     ]
 }
 
@@ -75,9 +93,14 @@ def instance_scenes(subject: Subject, count: int = 5, seed: int = 0) -> list[Sce
     return scenes
 
 
-def write_instance_images(subject: Subject | str, folder: str | Path, count: int = 5,
-                          seed: int = 0, size: int = 32,
-                          caption: str | None = None) -> list[Path]:
+def write_instance_images(
+    subject: Subject | str,
+    folder: str | Path,
+    count: int = 5,
+    seed: int = 0,
+    size: int = 32,
+    caption: str | None = None,
+) -> list[Path]:
     """PNG instance images of a subject (and .txt captions when `caption` is given)."""
     subject = get_subject(subject) if isinstance(subject, str) else subject
     folder = Path(folder)

@@ -73,9 +73,14 @@ def sample_scene(rng: np.random.Generator, patterned: float = 0.0) -> Scene:
         pattern = PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
         color2 = _other_color(rng, color, background)
         dot = _other_color(rng, color, color2) if rng.random() < 0.3 else None
-        scene = replace(scene, pattern=pattern, color2=color2, dot_color=dot,
-                        stripe_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
-                        stripe_period=float(rng.uniform(0.2, 0.35)))
+        scene = replace(
+            scene,
+            pattern=pattern,
+            color2=color2,
+            dot_color=dot,
+            stripe_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
+            stripe_period=float(rng.uniform(0.2, 0.35)),
+        )
     return scene
 
 
@@ -142,8 +147,10 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         s = r * 0.86  # same visual area as the circle, roughly
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "triangle":
-        return [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a)) + 0.15 * r)
-                for a in (-90, 30, 150)]
+        return [
+            (cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a)) + 0.15 * r)
+            for a in (-90, 30, 150)
+        ]
     if shape == "star":
         pts = []
         for k in range(10):
@@ -235,8 +242,9 @@ def render_image(scene: Scene, size: int = 32) -> Image.Image:
     return Image.fromarray(render(scene, size))
 
 
-def make_dataset(n: int, seed: int, size: int = 32, patterned: float = 0.0,
-                 captions: bool = True) -> tuple[np.ndarray, list[Scene], list[str]]:
+def make_dataset(
+    n: int, seed: int, size: int = 32, patterned: float = 0.0, captions: bool = True
+) -> tuple[np.ndarray, list[Scene], list[str]]:
     """`n` scenes from `seed`: images (n, size, size, 3) uint8, the scenes, and captions
     (with random omissions, drawn from the same seed)."""
     rng = np.random.default_rng(seed)

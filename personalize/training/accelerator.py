@@ -33,7 +33,8 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
         log_with=log_with,
         # Batches come from pinned memory: the copy to the GPU need not wait for it.
         dataloader_config=DataLoaderConfiguration(
-            non_blocking=cfg.data.pin_memory and torch.cuda.is_available()),
+            non_blocking=cfg.data.pin_memory and torch.cuda.is_available()
+        ),
         project_config=ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
         ),
@@ -51,8 +52,11 @@ def cast_for_training(parts: SDParts, dtype: torch.dtype, device: torch.device) 
     because fp16/bf16 master weights lose small updates. Trainable weights are moved
     without a round trip through the compute dtype, which would round them before step 0."""
     for module in parts.modules().values():
-        trainable = {p: p.data.to(device=device, dtype=torch.float32)
-                     for p in module.parameters() if p.requires_grad}
+        trainable = {
+            p: p.data.to(device=device, dtype=torch.float32)
+            for p in module.parameters()
+            if p.requires_grad
+        }
         module.to(device=device, dtype=dtype)
         for p, exact in trainable.items():
             p.data = exact

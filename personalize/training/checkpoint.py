@@ -55,8 +55,10 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if resume == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
-            logger.warning("resume=latest but %s has no complete checkpoint: starting fresh",
-                           checkpoint_root(output_dir))
+            logger.warning(
+                "resume=latest but %s has no complete checkpoint: starting fresh",
+                checkpoint_root(output_dir),
+            )
             return None
         return found[-1]
     path = Path(resume)
@@ -95,8 +97,9 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any],
-                    keep: int) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int
+) -> Path:
     """Every process calls this (accelerate writes per-process RNG files); returns the folder."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
@@ -118,8 +121,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     except OSError as e:  # disk full, quota, read-only file system...
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(output_dir)
-        kept = (f"The previous checkpoint {previous[-1]} is intact."
-                if previous else "There is no earlier checkpoint.")
+        kept = (
+            f"The previous checkpoint {previous[-1]} is intact."
+            if previous
+            else "There is no earlier checkpoint."
+        )
         raise CheckpointError(
             f"could not write the step-{step} checkpoint to {root}: {e}. {kept} Free some "
             "space (or lower train.checkpoints_total_limit) and resume with resume=latest."

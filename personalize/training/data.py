@@ -43,11 +43,13 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     cached = ["latent_dist" in e for e in examples]
     if any(cached):
-        batch["latent_dist"] = torch.stack([e["latent_dist"] for e in examples
-                                            if "latent_dist" in e])
+        batch["latent_dist"] = torch.stack(
+            [e["latent_dist"] for e in examples if "latent_dist" in e]
+        )
     if not all(cached):
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples
-                                             if "latent_dist" not in e])
+        batch["pixel_values"] = torch.stack(
+            [e["pixel_values"] for e in examples if "latent_dist" not in e]
+        )
         # Where the encoded latents of those rows belong in a latent cache (None: nowhere).
         keys = [e.get("latent_key") for e in examples if "latent_dist" not in e]
         if any(keys):
@@ -72,13 +74,22 @@ class Collate:
         return batch
 
 
-def build_dataloader(dataset, *, batch_size: int, seed: int, num_workers: int = 0,
-                     tokenizer=None, bucket_of=None, num_processes: int = 1,
-                     pin_memory: bool = True):
+def build_dataloader(
+    dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    tokenizer=None,
+    bucket_of=None,
+    num_processes: int = 1,
+    pin_memory: bool = True,
+):
     """The training loader. `bucket_of` (the bucket of every dataset index) switches to
     `BucketBatchSampler`; otherwise a seeded permutation in batches of `batch_size`."""
     kwargs: dict[str, Any] = dict(
-        collate_fn=Collate(tokenizer), num_workers=num_workers,
+        collate_fn=Collate(tokenizer),
+        num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         # The dataset keeps its epoch in shared memory, so persistent workers see each
         # set_epoch(); not restarting them every epoch saves their start-up each epoch.
@@ -92,14 +103,18 @@ def build_dataloader(dataset, *, batch_size: int, seed: int, num_workers: int = 
 
         sampler = BucketBatchSampler(bucket_of, batch_size, seed, num_processes)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                       sampler=EpochSampler(len(dataset), seed), **kwargs)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed), **kwargs
+    )
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -114,6 +129,11 @@ def warn_long_captions(tokenizer, captions: dict[str, str]) -> int:
         n = len(tokenizer(caption, truncation=False).input_ids)
         if n > limit:
             long += 1
-            logger.warning("caption of %s is %d tokens; truncated to %d: %r", source, n, limit,
-                           caption[:80] + ("..." if len(caption) > 80 else ""))
+            logger.warning(
+                "caption of %s is %d tokens; truncated to %d: %r",
+                source,
+                n,
+                limit,
+                caption[:80] + ("..." if len(caption) > 80 else ""),
+            )
     return long

@@ -39,10 +39,12 @@ class EncoderInputs:
         ds = self.train_dataset
         if d.cache_latents and not self.trains["vae"]:
             if not ds.center_crop:
-                logger.warning("latents are not cached: data.center_crop=false asks for random "
-                               "crops, which differ every epoch. Set data.center_crop=true to "
-                               "cache (each image is then encoded once, both flips if "
-                               "random_flip) or data.cache_latents=false to silence this.")
+                logger.warning(
+                    "latents are not cached: data.center_crop=false asks for random "
+                    "crops, which differ every epoch. Set data.center_crop=true to "
+                    "cache (each image is then encoded once, both flips if "
+                    "random_flip) or data.cache_latents=false to silence this."
+                )
             else:
                 # Filled as batches first use each view (data/cache.py LatentStore): step 1
                 # waits for one batch, not for every image of the data set.
@@ -57,13 +59,23 @@ class EncoderInputs:
         captions = self._fixed_captions()
         if d.cache_text_embeddings and only_unet and captions is not None:
             cache = cache_text_embeddings(
-                captions, self.parts.tokenizer, self.parts.text_encoder, folder / "text",
-                tokenize=tokenize, accelerator=acc, device=acc.device, autocast=acc.autocast)
+                captions,
+                self.parts.tokenizer,
+                self.parts.text_encoder,
+                folder / "text",
+                tokenize=tokenize,
+                accelerator=acc,
+                device=acc.device,
+                autocast=acc.autocast,
+            )
             self.text_cache = {c: h.to(acc.device) for c, h in cache.items()}
             self._offload("text_encoder")
         elif d.cache_text_embeddings:
-            why = ("the method trains more than the UNet" if not only_unet else
-                   "captions change from step to step (shuffle_tags or a caption function)")
+            why = (
+                "the method trains more than the UNet"
+                if not only_unet
+                else "captions change from step to step (shuffle_tags or a caption function)"
+            )
             logger.info("text embeddings are not cached: %s", why)
 
     def _latent_cacheable(self, ds: ImageCaptionDataset) -> list[ImageCaptionDataset]:
@@ -75,14 +87,19 @@ class EncoderInputs:
         if not isinstance(paired, ImageCaptionDataset):
             return [ds]
         if ds.sizes is not None:
-            logger.info("class images are not in the latent cache: data.bucketing=true fits "
-                        "each one to its instance partner's size")
+            logger.info(
+                "class images are not in the latent cache: data.bucketing=true fits "
+                "each one to its instance partner's size"
+            )
             return [ds]
         return [ds, paired]
 
     def _offload_vae_when_cached(self) -> None:
-        if self.latent_stores and all(store.complete for store in self.latent_stores) \
-                and "vae" not in self.offloaded:
+        if (
+            self.latent_stores
+            and all(store.complete for store in self.latent_stores)
+            and "vae" not in self.offloaded
+        ):
             self._offload("vae")
 
     def _fixed_captions(self) -> list[str] | None:
@@ -109,6 +126,7 @@ class EncoderInputs:
             module.to("cpu")
         self.offloaded.add(name)
         if name not in self._return_hooks:
+
             def come_back(*_):
                 self._bring_back(name)  # returns nothing: the call's inputs stay as they are
 
@@ -120,8 +138,11 @@ class EncoderInputs:
         comes back for good; said once."""
         module = self.parts.modules()[name]
         if name in self.offloaded:
-            logger.info("%s back on %s: a training example was not in the cache", name,
-                        self.accelerator.device)
+            logger.info(
+                "%s back on %s: a training example was not in the cache",
+                name,
+                self.accelerator.device,
+            )
             module.to(self.accelerator.device)
             self.offloaded.discard(name)
         return module
@@ -148,8 +169,9 @@ class EncoderInputs:
         """The VAE's latent distribution parameters (mean, logvar) for pixel rows."""
         vae = self._bring_back("vae")
         with torch.no_grad():
-            return vae.encode(pixel_values.to(self.accelerator.device, vae.dtype)
-                              ).latent_dist.parameters
+            return vae.encode(
+                pixel_values.to(self.accelerator.device, vae.dtype)
+            ).latent_dist.parameters
 
     def _batch_latents(self, batch: dict[str, Any], generator) -> torch.Tensor:
         """Latents for the batch: each example's distribution comes from the cache or from
@@ -171,15 +193,18 @@ class EncoderInputs:
             flags = batch["cached"]
             rows_cached = [i for i, c in enumerate(flags) if c]
             rows_encoded = [i for i, c in enumerate(flags) if not c]
-            params = torch.empty((len(flags), *encoded.shape[1:]), dtype=encoded.dtype,
-                                 device=device)
-            params.index_copy_(0, torch.tensor(rows_cached, device=device),
-                               cached.to(encoded.dtype))
+            params = torch.empty(
+                (len(flags), *encoded.shape[1:]), dtype=encoded.dtype, device=device
+            )
+            params.index_copy_(
+                0, torch.tensor(rows_cached, device=device), cached.to(encoded.dtype)
+            )
             params.index_copy_(0, torch.tensor(rows_encoded, device=device), encoded)
         return self._scale_latents(DiagonalGaussianDistribution(params).sample(generator))
 
-    def _encode_pixel_rows(self, pixels: torch.Tensor,
-                           keys: list[str | None] | None) -> torch.Tensor:
+    def _encode_pixel_rows(
+        self, pixels: torch.Tensor, keys: list[str | None] | None
+    ) -> torch.Tensor:
         """Distribution parameters of pixel rows. A row with a latent-cache key is encoded
         alone and stored, and reused if it was stored since its batch was built (the loader
         runs a batch ahead): a view's cached value then never depends on which batch it
@@ -198,12 +223,14 @@ class EncoderInputs:
         self._offload_vae_when_cached()
         return torch.stack(rows)
 
-    def _encode_text(self, captions: list[str], input_ids: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def _encode_text(
+        self, captions: list[str], input_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.text_cache is not None and all(c in self.text_cache for c in captions):
             return torch.stack([self.text_cache[c] for c in captions])
-        text_encoder = self.text_encoder if self.trains["text_encoder"] \
-            else self._bring_back("text_encoder")
+        text_encoder = (
+            self.text_encoder if self.trains["text_encoder"] else self._bring_back("text_encoder")
+        )
         ids = input_ids if input_ids is not None else tokenize(self.parts.tokenizer, captions)
         ids = ids.to(self.accelerator.device, non_blocking=True)
         if self.trains["text_encoder"]:

@@ -16,16 +16,21 @@ logger = logging.getLogger(__name__)
 
 # The processors diffusers installs itself; anything else was put there by a method
 # (e.g. a hypernetwork) and must not be replaced by another attention kernel.
-_STOCK_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor",
-                     "FusedAttnProcessor2_0"}
+_STOCK_PROCESSORS = {
+    "AttnProcessor",
+    "AttnProcessor2_0",
+    "XFormersAttnProcessor",
+    "FusedAttnProcessor2_0",
+}
 
 
 class FastPathError(RuntimeError):
     pass
 
 
-def apply_fast_paths(cfg: PersonalizeConfig, parts: SDParts, trains: dict[str, bool],
-                     device: torch.device) -> None:
+def apply_fast_paths(
+    cfg: PersonalizeConfig, parts: SDParts, trains: dict[str, bool], device: torch.device
+) -> None:
     """Configure the modules in place; call after the method's setup and the dtype casts,
     before accelerate wraps them."""
     t = cfg.train
@@ -41,13 +46,15 @@ def apply_fast_paths(cfg: PersonalizeConfig, parts: SDParts, trains: dict[str, b
         if foreign:
             raise FastPathError(
                 f"train.attention=xformers would replace the method's own attention processors "
-                f"({', '.join(sorted(foreign))}); use train.attention=sdpa with {cfg.method}")
+                f"({', '.join(sorted(foreign))}); use train.attention=sdpa with {cfg.method}"
+            )
         try:
             unet.enable_xformers_memory_efficient_attention()
         except (ImportError, ModuleNotFoundError, ValueError) as e:
             raise FastPathError(
                 f"train.attention=xformers: {e}. Install it (pip install personalize[xformers], "
-                "CUDA only) or use train.attention=sdpa, PyTorch's own fused attention.") from e
+                "CUDA only) or use train.attention=sdpa, PyTorch's own fused attention."
+            ) from e
     # sdpa: diffusers' default processors already call scaled_dot_product_attention.
     if t.gradient_checkpointing:
         if trains["unet"]:
@@ -62,11 +69,13 @@ def apply_fast_paths(cfg: PersonalizeConfig, parts: SDParts, trains: dict[str, b
         unet.compile()
 
 
-def make_optimizer(cfg: PersonalizeConfig, param_groups: list[dict[str, Any]],
-                   device: torch.device):
+def make_optimizer(
+    cfg: PersonalizeConfig, param_groups: list[dict[str, Any]], device: torch.device
+):
     t = cfg.train
-    kwargs: dict[str, Any] = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    kwargs: dict[str, Any] = dict(
+        lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+    )
     if t.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

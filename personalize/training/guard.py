@@ -36,8 +36,9 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
-    def __init__(self, optimizer, device: torch.device, *, max_streak: int, check_every: int,
-                 fp16: bool):
+    def __init__(
+        self, optimizer, device: torch.device, *, max_streak: int, check_every: int, fp16: bool
+    ):
         self.optimizer = optimizer
         self.raw = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
         self.fp16 = fp16
@@ -82,14 +83,26 @@ class NonFiniteGuard:
 
         Returns the mean finite loss, the skipped steps and the last gradient norm since the
         previous check with `log=True` (the loop's log interval), then starts a new one."""
-        worst, streak, skipped, loss_sum, count, grad_norm = torch.stack([
-            self.worst.float(), self.streak.float(), self.skipped.float(), self.loss_sum,
-            self.loss_count.float(), self.grad_norm]).tolist()
+        worst, streak, skipped, loss_sum, count, grad_norm = torch.stack(
+            [
+                self.worst.float(),
+                self.streak.float(),
+                self.skipped.float(),
+                self.loss_sum,
+                self.loss_count.float(),
+                self.grad_norm,
+            ]
+        ).tolist()
         self.worst = self.streak.clone()
         if skipped > self.warned:
-            logger.warning("step %d: %d step(s) with a non-finite loss/gradient skipped since "
-                           "step %d (last grad_norm=%s)", step, int(skipped - self.warned),
-                           self.first_unchecked_step, grad_norm)
+            logger.warning(
+                "step %d: %d step(s) with a non-finite loss/gradient skipped since "
+                "step %d (last grad_norm=%s)",
+                step,
+                int(skipped - self.warned),
+                self.first_unchecked_step,
+                grad_norm,
+            )
         self.warned = int(skipped)
         self.first_unchecked_step = step + 1
         if worst >= self.max_streak:
@@ -99,5 +112,9 @@ class NonFiniteGuard:
             self.loss_sum.zero_()
             self.loss_count.zero_()
             self.warned = 0
-        return {"loss": loss_sum / count if count else float("nan"), "grad_norm": grad_norm,
-                "skipped": int(skipped), "streak": int(streak)}
+        return {
+            "loss": loss_sum / count if count else float("nan"),
+            "grad_norm": grad_norm,
+            "skipped": int(skipped),
+            "streak": int(streak),
+        }

@@ -82,8 +82,9 @@ def _check_output_dir(cfg: PersonalizeConfig) -> None:
 class Trainer(EncoderInputs):
     """One run: build everything from the config, then `run()`."""
 
-    def __init__(self, cfg: PersonalizeConfig, method: Method | None = None,
-                 parts: SDParts | None = None):
+    def __init__(
+        self, cfg: PersonalizeConfig, method: Method | None = None, parts: SDParts | None = None
+    ):
         self.created = time.perf_counter()
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -112,36 +113,58 @@ class Trainer(EncoderInputs):
 
     def _setup_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
-        records = load_records(d.path, caption_extension=d.caption_extension,
-                               image_column=d.image_column, caption_column=d.caption_column,
-                               strict=d.strict)
+        records = load_records(
+            d.path,
+            caption_extension=d.caption_extension,
+            image_column=d.image_column,
+            caption_column=d.caption_column,
+            strict=d.strict,
+        )
         if d.validation_path:
-            val_records = load_records(d.validation_path, caption_extension=d.caption_extension,
-                                       image_column=d.image_column,
-                                       caption_column=d.caption_column, strict=d.strict)
+            val_records = load_records(
+                d.validation_path,
+                caption_extension=d.caption_extension,
+                image_column=d.image_column,
+                caption_column=d.caption_column,
+                strict=d.strict,
+            )
         else:
             records, val_records = split_records(records, d.validation_split, self.cfg.seed)
         captions = {str(r.image_path or r.key): r.caption for r in records if r.caption}
         if d.prompt:
             captions["data.prompt"] = d.prompt
         warn_long_captions(self.parts.tokenizer, captions)
-        common = dict(resolution=t.resolution, instance_prompt=d.prompt,
-                      caption_fn=self.method.caption_fn(), seed=self.cfg.seed)
+        common = dict(
+            resolution=t.resolution,
+            instance_prompt=d.prompt,
+            caption_fn=self.method.caption_fn(),
+            seed=self.cfg.seed,
+        )
         sizes = None
         if d.bucketing:
             from personalize.data.buckets import record_sizes
 
-            sizes = record_sizes(records, t.resolution, d.bucket_min_size, d.bucket_max_size,
-                                 d.bucket_step)
-            logger.info("aspect buckets (w x h: images): %s", ", ".join(
-                f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))))
+            sizes = record_sizes(
+                records, t.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step
+            )
+            logger.info(
+                "aspect buckets (w x h: images): %s",
+                ", ".join(f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))),
+            )
         self.train_dataset = ImageCaptionDataset(
-            records, center_crop=d.center_crop, random_flip=d.random_flip,
-            caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags,
-            keep_tokens=d.keep_tokens, repeats=d.repeats, sizes=sizes, **common,
+            records,
+            center_crop=d.center_crop,
+            random_flip=d.random_flip,
+            caption_dropout=d.caption_dropout,
+            shuffle_tags=d.shuffle_tags,
+            keep_tokens=d.keep_tokens,
+            repeats=d.repeats,
+            sizes=sizes,
+            **common,
         )
-        self.val_dataset = ImageCaptionDataset(val_records, center_crop=True, **common) \
-            if val_records else None
+        self.val_dataset = (
+            ImageCaptionDataset(val_records, center_crop=True, **common) if val_records else None
+        )
         dataset = self.method.wrap_train_dataset(self.train_dataset, self.parts, self.accelerator)
         bucket_of = None
         if sizes is not None:
@@ -149,24 +172,36 @@ class Trainer(EncoderInputs):
                 raise TrainingError(
                     f"data.bucketing=true: method {self.cfg.method} changed the number of "
                     f"training examples ({len(self.train_dataset)} -> {len(dataset)}), so "
-                    "examples cannot be matched to buckets; set data.bucketing=false.")
+                    "examples cannot be matched to buckets; set data.bucketing=false."
+                )
             bucket_of = [sizes[i % len(records)] for i in range(len(dataset))]
         self.dataloader = build_dataloader(
-            dataset, batch_size=t.batch_size, seed=self.cfg.seed, num_workers=d.num_workers,
-            tokenizer=self.parts.tokenizer, bucket_of=bucket_of,
-            num_processes=self.accelerator.num_processes, pin_memory=d.pin_memory,
+            dataset,
+            batch_size=t.batch_size,
+            seed=self.cfg.seed,
+            num_workers=d.num_workers,
+            tokenizer=self.parts.tokenizer,
+            bucket_of=bucket_of,
+            num_processes=self.accelerator.num_processes,
+            pin_memory=d.pin_memory,
         )
         self.batch_sampler = self.dataloader.batch_sampler if bucket_of is not None else None
-        logger.info("training on %d images (%d examples per epoch), %d held out, "
-                    "%d process(es)", len(records), len(dataset), len(val_records),
-                    self.accelerator.num_processes)
+        logger.info(
+            "training on %d images (%d examples per epoch), %d held out, %d process(es)",
+            len(records),
+            len(dataset),
+            len(val_records),
+            self.accelerator.num_processes,
+        )
 
     def _setup_modules(self, param_groups: list[dict[str, Any]]) -> None:
         acc, t = self.accelerator, self.cfg.train
         self.weight_dtype = weight_dtype(acc)
         cast_for_training(self.parts, self.weight_dtype, acc.device)
-        self.trains = {name: any(p.requires_grad for p in m.parameters())
-                       for name, m in self.parts.modules().items()}
+        self.trains = {
+            name: any(p.requires_grad for p in m.parameters())
+            for name, m in self.parts.modules().items()
+        }
         apply_fast_paths(self.cfg, self.parts, self.trains, acc.device)
         for name, module in self.parts.modules().items():
             module.train(self.trains[name])
@@ -177,14 +212,20 @@ class Trainer(EncoderInputs):
         from diffusers.optimization import get_scheduler
 
         n = acc.num_processes
-        lr_scheduler = get_scheduler(t.lr_scheduler, optimizer,
-                                     num_warmup_steps=t.lr_warmup_steps * n,
-                                     num_training_steps=t.max_steps * n)
+        lr_scheduler = get_scheduler(
+            t.lr_scheduler,
+            optimizer,
+            num_warmup_steps=t.lr_warmup_steps * n,
+            num_training_steps=t.max_steps * n,
+        )
         # Only modules that train are wrapped (DDP syncs their gradients); frozen ones are
         # used as they are.
         self.unet = acc.prepare(self.parts.unet) if self.trains["unet"] else self.parts.unet
-        self.text_encoder = acc.prepare(self.parts.text_encoder) \
-            if self.trains["text_encoder"] else self.parts.text_encoder
+        self.text_encoder = (
+            acc.prepare(self.parts.text_encoder)
+            if self.trains["text_encoder"]
+            else self.parts.text_encoder
+        )
         self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
             optimizer, self.dataloader, lr_scheduler
         )
@@ -196,8 +237,10 @@ class Trainer(EncoderInputs):
     def _save_model_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
             state = self.method.trainable_state_dict(self.parts)
-            save_file({k: v.float().cpu().contiguous() for k, v in state.items()},
-                      str(Path(output_dir) / ckpt.TRAINABLE_FILE))
+            save_file(
+                {k: v.float().cpu().contiguous() for k, v in state.items()},
+                str(Path(output_dir) / ckpt.TRAINABLE_FILE),
+            )
         weights.clear()
 
     def _load_model_hook(self, models, input_dir) -> None:
@@ -217,8 +260,9 @@ class Trainer(EncoderInputs):
         # Noise and timesteps come from (seed, step, rank) alone, so a resumed run draws
         # exactly what an uninterrupted one would.
         g = torch.Generator(device=self.accelerator.device)
-        g.manual_seed(self.cfg.seed * 1_000_003 + self.global_step * 101
-                      + self.accelerator.process_index)
+        g.manual_seed(
+            self.cfg.seed * 1_000_003 + self.global_step * 101 + self.accelerator.process_index
+        )
         return g
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -226,19 +270,22 @@ class Trainer(EncoderInputs):
         gen = self._step_generator()
         latents = self._batch_latents(batch, gen)
         noise = sample_noise(latents, gen, self.cfg.train.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], sched.config.num_train_timesteps,
-                                     latents.device, gen)
+        timesteps = sample_timesteps(
+            latents.shape[0], sched.config.num_train_timesteps, latents.device, gen
+        )
         noisy = sched.add_noise(latents, noise, timesteps)
         hidden = self._encode_text(batch["captions"], batch.get("input_ids"))
         if self.cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         model_pred = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
         target = training_target(sched, latents, noise, timesteps)
-        per_example = per_example_loss(model_pred, target, sched, timesteps,
-                                       self.cfg.train.snr_gamma)
+        per_example = per_example_loss(
+            model_pred, target, sched, timesteps, self.cfg.train.snr_gamma
+        )
         loss = self.method.reduce_loss(per_example, batch)
-        outputs = StepOutputs(latents, noise, noisy, timesteps, hidden, model_pred, target,
-                              self.unet)
+        outputs = StepOutputs(
+            latents, noise, noisy, timesteps, hidden, model_pred, target, self.unet
+        )
         extra = self.method.extra_loss(batch, outputs, self.parts)
         if extra is not None:
             loss = loss + extra
@@ -269,9 +316,13 @@ class Trainer(EncoderInputs):
                 f.write(json.dumps(row) + "\n")
 
     def _checkpoint(self) -> None:
-        ckpt.save_checkpoint(self.accelerator, self.out, self.global_step,
-                             {"best": self.best, "patience_used": self.patience_used},
-                             keep=self.cfg.train.checkpoints_total_limit)
+        ckpt.save_checkpoint(
+            self.accelerator,
+            self.out,
+            self.global_step,
+            {"best": self.best, "patience_used": self.patience_used},
+            keep=self.cfg.train.checkpoints_total_limit,
+        )
 
     def _save_artifact(self, out_dir: Path) -> None:
         self.accelerator.wait_for_everyone()
@@ -316,25 +367,38 @@ class Trainer(EncoderInputs):
         where = ckpt.checkpoint_root(self.out) / f"step-{self.global_step:06d}"
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} at step {self.global_step}; checkpoint "
-            f"saved in {where}. Continue with resume=latest.", signum)
+            f"saved in {where}. Continue with resume=latest.",
+            signum,
+        )
 
     def _run(self) -> Path:
         acc, t, v = self.accelerator, self.cfg.train, self.cfg.validation
         self.best = {"loss": math.inf, "step": None}
         self.patience_used = 0
-        self.validation_loss = ValidationLoss(self.val_dataset, v.loss_timesteps, self.cfg.seed) \
-            if self.val_dataset is not None and v.loss_every_steps else None
+        self.validation_loss = (
+            ValidationLoss(self.val_dataset, v.loss_timesteps, self.cfg.seed)
+            if self.val_dataset is not None and v.loss_every_steps
+            else None
+        )
         start_step, skip = self._resume()
         if acc.is_main_process:
             ckpt.write_json_atomic(self.out / RUN_FILE, {"config": self.cfg.to_dict()})
             acc.init_trackers("personalize")
         per_epoch = len(self.dataloader)
         epoch, skip = divmod(skip, per_epoch)
-        bar = tqdm(total=t.max_steps, initial=start_step, desc=f"train {self.cfg.method}",
-                   disable=not acc.is_local_main_process)
-        guard = NonFiniteGuard(self.optimizer, acc.device, max_streak=t.max_nonfinite_steps,
-                               check_every=min(t.log_every, t.max_nonfinite_steps),
-                               fp16=t.mixed_precision == "fp16")
+        bar = tqdm(
+            total=t.max_steps,
+            initial=start_step,
+            desc=f"train {self.cfg.method}",
+            disable=not acc.is_local_main_process,
+        )
+        guard = NonFiniteGuard(
+            self.optimizer,
+            acc.device,
+            max_streak=t.max_nonfinite_steps,
+            check_every=min(t.log_every, t.max_nonfinite_steps),
+            fp16=t.mixed_precision == "fp16",
+        )
         guard.first_unchecked_step = start_step + 1
         micro_loss = torch.zeros((), device=acc.device)
         started, first_step_seconds, first_step_done = time.perf_counter(), None, None
@@ -349,8 +413,9 @@ class Trainer(EncoderInputs):
                 self.batch_sampler.set_epoch(epoch)
             self.train_dataset.set_epoch(epoch)
             for batch in batches:
-                with acc.accumulate(*[m for m in (self.unet, self.text_encoder)
-                                      if self.trains[self._name(m)]]):
+                with acc.accumulate(
+                    *[m for m in (self.unet, self.text_encoder) if self.trains[self._name(m)]]
+                ):
                     with acc.autocast():
                         loss = self.compute_loss(batch)
                     acc.backward(loss)
@@ -383,8 +448,14 @@ class Trainer(EncoderInputs):
                 validate_now = bool(self.validation_loss) and step % v.loss_every_steps == 0
                 sample_now = bool(v.prompts and v.every_steps and step % v.every_steps == 0)
                 checkpoint_now = bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-                sync_point = (log_now or stop or validate_now or sample_now or checkpoint_now
-                              or step % guard.check_every == 0)
+                sync_point = (
+                    log_now
+                    or stop
+                    or validate_now
+                    or sample_now
+                    or checkpoint_now
+                    or step % guard.check_every == 0
+                )
                 if sync_point:
                     self._check(guard, step, log_now, bar)
                 signum = self._stop_requested(sync_point)
@@ -409,8 +480,11 @@ class Trainer(EncoderInputs):
         if t.checkpoint_every:
             self._checkpoint()
         self._save_artifact(self.out)
-        steady = (steps_done - 1) / (ended - first_step_done) \
-            if steps_done > 1 and ended > first_step_done else None
+        steady = (
+            (steps_done - 1) / (ended - first_step_done)
+            if steps_done > 1 and ended > first_step_done
+            else None
+        )
         summary = {
             "step": self.global_step,
             "seconds": elapsed,
@@ -440,8 +514,12 @@ class Trainer(EncoderInputs):
                 f"checkpoint is kept in {ckpt.checkpoint_root(self.out)}."
             ) from None
         if log_now:
-            row = {"step": step, "loss": numbers["loss"],
-                   "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": numbers["grad_norm"]}
+            row = {
+                "step": step,
+                "loss": numbers["loss"],
+                "lr": self.lr_scheduler.get_last_lr()[0],
+                "grad_norm": numbers["grad_norm"],
+            }
             if numbers["skipped"]:
                 row["skipped_steps"] = numbers["skipped"]
             self._log(row)

@@ -6,27 +6,37 @@ import torch
 from diffusers.training_utils import compute_snr
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator | None,
-                 noise_offset: float = 0.0) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device,
-                        dtype=latents.dtype)
+def sample_noise(
+    latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float = 0.0
+) -> torch.Tensor:
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
     if noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn very dark/bright images.
         noise = noise + noise_offset * torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator,
-            device=latents.device, dtype=latents.dtype,
+            (latents.shape[0], latents.shape[1], 1, 1),
+            generator=generator,
+            device=latents.device,
+            dtype=latents.dtype,
         )
     return noise
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.device,
-                     generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator,
-                         device=device).long()
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    return torch.randint(
+        0, num_train_timesteps, (batch_size,), generator=generator, device=device
+    ).long()
 
 
-def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor) -> torch.Tensor:
+def training_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -35,8 +45,13 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     raise ValueError(f"unsupported prediction type {kind!r} (use epsilon or v_prediction)")
 
 
-def per_example_loss(model_pred: torch.Tensor, target: torch.Tensor, noise_scheduler,
-                     timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+def per_example_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    noise_scheduler,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None,
+) -> torch.Tensor:
     """MSE per example, optionally Min-SNR-gamma weighted (Hang et al. 2023)."""
     loss = torch.nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
     loss = loss.mean(dim=list(range(1, loss.ndim)))

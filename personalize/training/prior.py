@@ -64,9 +64,13 @@ def class_data_dir(cfg) -> Path:
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def missing_indices(existing_names: set[str], prompt: str, seed: int, count: int) -> list[int]:
@@ -125,31 +129,46 @@ def ensure_class_images(
             stale.unlink(missing_ok=True)
     state.wait_for_everyone()
     files = _image_files(folder)
-    todo = missing_indices({p.name for p in files}, prompt, seed,
-                           max(0, num_images - len(files)))
+    todo = missing_indices({p.name for p in files}, prompt, seed, max(0, num_images - len(files)))
     state.wait_for_everyone()  # everyone has listed the folder; now writing may begin
-    mine = todo[state.process_index::state.num_processes]
+    mine = todo[state.process_index :: state.num_processes]
     if todo and state.is_main_process:
-        logger.info("class images: %d of %d in %s; generating %d with %r on %d process(es)",
-                    len(files), num_images, folder, len(todo), prompt, state.num_processes)
+        logger.info(
+            "class images: %d of %d in %s; generating %d with %r on %d process(es)",
+            len(files),
+            num_images,
+            folder,
+            len(todo),
+            prompt,
+            state.num_processes,
+        )
     if mine:
         logger.info("process %d generates class images %s", state.process_index, mine)
         pipe = make_pipeline()
         device = getattr(pipe, "device", torch.device("cpu"))
         use_autocast = autocast_dtype is not None and device.type != "cpu"
         batches = range(0, len(mine), batch_size)
-        for start in tqdm(batches, desc="class images", unit="batch",
-                          disable=not state.is_local_main_process):
-            chunk = mine[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(class_image_seed(prompt, seed, i))
-                          for i in chunk]
-            autocast = torch.autocast(device.type, dtype=autocast_dtype) if use_autocast \
+        for start in tqdm(
+            batches, desc="class images", unit="batch", disable=not state.is_local_main_process
+        ):
+            chunk = mine[start : start + batch_size]
+            generators = [
+                torch.Generator("cpu").manual_seed(class_image_seed(prompt, seed, i)) for i in chunk
+            ]
+            autocast = (
+                torch.autocast(device.type, dtype=autocast_dtype)
+                if use_autocast
                 else contextlib.nullcontext()
+            )
             with autocast, torch.no_grad():
-                images = pipe([prompt] * len(chunk), generator=generators,
-                              num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale,
-                              height=resolution, width=resolution).images
+                images = pipe(
+                    [prompt] * len(chunk),
+                    generator=generators,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                ).images
             for index, image in zip(chunk, images):
                 _save_png_atomic(image, folder / class_image_name(prompt, seed, index))
         del pipe
@@ -159,9 +178,11 @@ def ensure_class_images(
     if state.is_main_process:
         have = len(_image_files(folder))
         if have < num_images:
-            raise DataError(f"class images: {folder} holds {have} images after generation, "
-                            f"expected {num_images}; is the folder writable and the disk "
-                            "not full?")
+            raise DataError(
+                f"class images: {folder} holds {have} images after generation, "
+                f"expected {num_images}; is the folder writable and the disk "
+                "not full?"
+            )
     state.wait_for_everyone()
     return mine
 
@@ -185,8 +206,12 @@ class PriorPairedDataset(torch.utils.data.Dataset):
     over the epochs. A class image is fitted to its instance partner's size when the two
     differ (aspect-ratio buckets), because a batch must stack."""
 
-    def __init__(self, instance: torch.utils.data.Dataset, prior: ImageCaptionDataset,
-                 vae_scale_factor: int = 8):
+    def __init__(
+        self,
+        instance: torch.utils.data.Dataset,
+        prior: ImageCaptionDataset,
+        vae_scale_factor: int = 8,
+    ):
         if len(prior) == 0:
             raise DataError("prior preservation: no class images")
         self.instance = instance
@@ -241,10 +266,11 @@ def _fit(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return pixels
     scale = max(h / ph, w / pw)
     nh, nw = max(h, round(ph * scale)), max(w, round(pw * scale))
-    resized = F.interpolate(pixels[None].float(), size=(nh, nw), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
+    resized = F.interpolate(
+        pixels[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+    )[0]
     top, left = (nh - h) // 2, (nw - w) // 2
-    return resized[:, top:top + h, left:left + w].clamp(-1, 1).to(pixels.dtype)
+    return resized[:, top : top + h, left : left + w].clamp(-1, 1).to(pixels.dtype)
 
 
 # ------------------------------------------------------------------------------ for methods
@@ -259,8 +285,9 @@ def uses_class_images(cfg) -> bool:
     return cfg.db.with_prior_preservation and cfg.db.prior == "class_images"
 
 
-def wrap_with_prior(cfg, dataset: torch.utils.data.Dataset, parts: SDParts,
-                    accelerator) -> torch.utils.data.Dataset:
+def wrap_with_prior(
+    cfg, dataset: torch.utils.data.Dataset, parts: SDParts, accelerator
+) -> torch.utils.data.Dataset:
     """`Method.wrap_train_dataset` for prior preservation with class images: generate the
     missing ones with the base model (adapters off), then pair them with the instances."""
     if not uses_class_images(cfg):
@@ -272,27 +299,42 @@ def wrap_with_prior(cfg, dataset: torch.utils.data.Dataset, parts: SDParts,
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     with adapters_disabled(parts.unet, parts.text_encoder):
         ensure_class_images(
-            folder, db.class_prompt, db.num_class_images,
+            folder,
+            db.class_prompt,
+            db.num_class_images,
             lambda: _generation_pipeline(parts, device),
-            seed=cfg.seed, batch_size=db.sample_batch_size,
+            seed=cfg.seed,
+            batch_size=db.sample_batch_size,
             num_inference_steps=db.class_num_inference_steps,
-            guidance_scale=db.class_guidance_scale, resolution=cfg.train.resolution,
-            autocast_dtype=_autocast_dtype(cfg), state=accelerator,
+            guidance_scale=db.class_guidance_scale,
+            resolution=cfg.train.resolution,
+            autocast_dtype=_autocast_dtype(cfg),
+            state=accelerator,
         )
     d = cfg.data
     records = load_records(folder, caption_extension=d.caption_extension, strict=d.strict)
-    records = records[:db.num_class_images]
-    prior = ImageCaptionDataset(records, resolution=cfg.train.resolution, center_crop=True,
-                                random_flip=d.random_flip, instance_prompt=db.class_prompt,
-                                seed=cfg.seed + 1)
+    records = records[: db.num_class_images]
+    prior = ImageCaptionDataset(
+        records,
+        resolution=cfg.train.resolution,
+        center_crop=True,
+        random_flip=d.random_flip,
+        instance_prompt=db.class_prompt,
+        seed=cfg.seed + 1,
+    )
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    logger.info("prior preservation: %d class images from %s, prior_loss_weight %g",
-                len(records), folder, db.prior_loss_weight)
+    logger.info(
+        "prior preservation: %d class images from %s, prior_loss_weight %g",
+        len(records),
+        folder,
+        db.prior_loss_weight,
+    )
     return PriorPairedDataset(dataset, prior, vae_scale)
 
 
-def prior_preservation_loss(per_example: torch.Tensor, batch: dict[str, Any],
-                            prior_loss_weight: float) -> torch.Tensor:
+def prior_preservation_loss(
+    per_example: torch.Tensor, batch: dict[str, Any], prior_loss_weight: float
+) -> torch.Tensor:
     """instance mean + prior_loss_weight * class mean; the plain mean without class rows.
     Masked sums, not boolean indexing, so the GPU never waits for the host."""
     is_prior = batch.get("is_prior")

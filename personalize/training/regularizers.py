@@ -82,8 +82,9 @@ class AnchorStore:
 
     def __init__(self, params: list[torch.nn.Parameter], mode: str):
         if mode not in ("auto", "device", "cpu"):
-            raise ValueError(f"db.weight_constraint_anchor must be auto, device or cpu, "
-                             f"got {mode!r}")
+            raise ValueError(
+                f"db.weight_constraint_anchor must be auto, device or cpu, got {mode!r}"
+            )
         self.mode = mode
         self._host = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         self._placed: list[torch.Tensor] | None = None
@@ -147,8 +148,13 @@ class L2SP:
         self.lam = float(lam)
         self.store = AnchorStore(params, anchor)
         count = sum(p.numel() for p in params)
-        logger.info("L2-SP: lambda=%g over %d tensors (%.1fM weights), anchors: %s",
-                    self.lam, len(params), count / 1e6, anchor)
+        logger.info(
+            "L2-SP: lambda=%g over %d tensors (%.1fM weights), anchors: %s",
+            self.lam,
+            len(params),
+            count / 1e6,
+            anchor,
+        )
 
     def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor:
         terms = [_SquaredDistance.apply(p, self.store, i) for i, p in enumerate(self.params)]
@@ -173,16 +179,23 @@ class LoRAL2SP:
                     raise ValueError(
                         "db.weight_constraint=l2sp is not defined for DoRA adapters "
                         "(lora.use_dora): their magnitude vector rescales W* itself. "
-                        "Turn one of them off.")
+                        "Turn one of them off."
+                    )
                 if getattr(layer, "lora_embedding_A", None) and any(
-                        a in layer.lora_embedding_A for a in layer.active_adapters):
-                    raise ValueError(f"db.weight_constraint=l2sp: embedding adapter {name} "
-                                     "is not supported; target Linear/Conv layers only")
+                    a in layer.lora_embedding_A for a in layer.active_adapters
+                ):
+                    raise ValueError(
+                        f"db.weight_constraint=l2sp: embedding adapter {name} "
+                        "is not supported; target Linear/Conv layers only"
+                    )
                 self.layers.append(layer)
         if not self.layers:
             raise ValueError("db.weight_constraint=l2sp: the model has no LoRA layers")
-        logger.info("L2-SP on LoRA: lambda=%g over %d adapted layers (no anchor copy)",
-                    self.lam, len(self.layers))
+        logger.info(
+            "L2-SP on LoRA: lambda=%g over %d adapted layers (no anchor copy)",
+            self.lam,
+            len(self.layers),
+        )
 
     def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor:
         terms = []
@@ -216,8 +229,15 @@ class DistillationPrior:
     `teacher_unet=None` the teacher is the live UNet with its adapters disabled (LoRA);
     otherwise it is a frozen copy taken before training."""
 
-    def __init__(self, parts: SDParts, class_prompt: str, weight: float, *,
-                 copy_teacher: bool, mixed_precision: str):
+    def __init__(
+        self,
+        parts: SDParts,
+        class_prompt: str,
+        weight: float,
+        *,
+        copy_teacher: bool,
+        mixed_precision: str,
+    ):
         self.class_prompt = class_prompt
         self.weight = float(weight)
         self.mixed_precision = mixed_precision
@@ -229,15 +249,19 @@ class DistillationPrior:
             self.teacher_unet = _frozen_copy(parts.unet)
             if te_trains:
                 self.teacher_text_encoder = _frozen_copy(parts.text_encoder)
-        elif not (has_adapters(parts.unet) and
-                  (not te_trains or has_adapters(parts.text_encoder))):
-            raise ValueError("distillation with a shared teacher needs adapters on every "
-                             "trained module (the teacher is the model with them disabled)")
+        elif not (has_adapters(parts.unet) and (not te_trains or has_adapters(parts.text_encoder))):
+            raise ValueError(
+                "distillation with a shared teacher needs adapters on every "
+                "trained module (the teacher is the model with them disabled)"
+            )
         self._ids: torch.Tensor | None = None
         self._placed = False
-        logger.info("distillation prior: weight %g, class prompt %r, teacher: %s",
-                    self.weight, class_prompt,
-                    "frozen copy" if copy_teacher else "base weights (adapters disabled)")
+        logger.info(
+            "distillation prior: weight %g, class prompt %r, teacher: %s",
+            self.weight,
+            class_prompt,
+            "frozen copy" if copy_teacher else "base weights (adapters disabled)",
+        )
 
     def _place(self, device: torch.device) -> None:
         dtype = teacher_dtype(device, self.mixed_precision)
@@ -278,13 +302,15 @@ class DistillationPrior:
                     teacher_context = text_encoder(ids)[0]
             teacher_context = teacher_context.expand(batch_size, -1, -1)
             if self.teacher_unet is not None:
-                target = _run_teacher(self.teacher_unet, noisy, timesteps, teacher_context,
-                                      return_dict=False)[0]
+                target = _run_teacher(
+                    self.teacher_unet, noisy, timesteps, teacher_context, return_dict=False
+                )[0]
             else:
                 with adapters_disabled(unet):
                     target = unet(noisy, timesteps, teacher_context, return_dict=False)[0]
-        student = unet(noisy, timesteps, student_context.expand(batch_size, -1, -1),
-                       return_dict=False)[0]
+        student = unet(
+            noisy, timesteps, student_context.expand(batch_size, -1, -1), return_dict=False
+        )[0]
         return self.weight * F.mse_loss(student.float(), target.float())
 
 
@@ -335,18 +361,26 @@ def build_regularizers(cfg, parts: SDParts, *, adapters: bool) -> Regularizers:
     terms: dict[str, Term] = {}
     if db.weight_constraint == "l2sp":
         if db.weight_constraint_lambda == 0:
-            logger.warning("db.weight_constraint=l2sp with weight_constraint_lambda=0 has no "
-                           "effect; set a positive lambda")
+            logger.warning(
+                "db.weight_constraint=l2sp with weight_constraint_lambda=0 has no "
+                "effect; set a positive lambda"
+            )
         if adapters:
-            terms["l2sp"] = LoRAL2SP([parts.unet, parts.text_encoder],
-                                     db.weight_constraint_lambda)
+            terms["l2sp"] = LoRAL2SP([parts.unet, parts.text_encoder], db.weight_constraint_lambda)
         else:
-            params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters()
-                      if p.requires_grad]
-            terms["l2sp"] = L2SP(params, db.weight_constraint_lambda,
-                                 db.weight_constraint_anchor)
+            params = [
+                p
+                for m in (parts.unet, parts.text_encoder)
+                for p in m.parameters()
+                if p.requires_grad
+            ]
+            terms["l2sp"] = L2SP(params, db.weight_constraint_lambda, db.weight_constraint_anchor)
     if db.with_prior_preservation and db.prior == "distillation":
         terms["distillation"] = DistillationPrior(
-            parts, db.class_prompt, db.distillation_weight, copy_teacher=not adapters,
-            mixed_precision=cfg.train.mixed_precision)
+            parts,
+            db.class_prompt,
+            db.distillation_weight,
+            copy_teacher=not adapters,
+            mixed_precision=cfg.train.mixed_precision,
+        )
     return Regularizers(terms)

@@ -62,5 +62,7 @@ class StopRequest:
                 signal.raise_signal(signum)
             return
         self.signum, self._first_at = signum, now
-        logger.warning("received %s: saving a checkpoint after this step, then stopping",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "received %s: saving a checkpoint after this step, then stopping",
+            signal.Signals(signum).name,
+        )

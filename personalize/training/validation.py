@@ -79,16 +79,19 @@ def save_validation_samples(trainer: Trainer, folder: Path) -> Path | None:
             m.eval()
         pipe = pipeline_from_parts(trainer.parts)
         with acc.autocast():
-            images = generate(pipe, v.prompts, seeds=list(range(v.seed, v.seed + v.num_images)),
-                              num_inference_steps=v.num_inference_steps,
-                              guidance_scale=v.guidance_scale,
-                              resolution=trainer.cfg.train.resolution)
+            images = generate(
+                pipe,
+                v.prompts,
+                seeds=list(range(v.seed, v.seed + v.num_images)),
+                num_inference_steps=v.num_inference_steps,
+                guidance_scale=v.guidance_scale,
+                resolution=trainer.cfg.train.resolution,
+            )
         for m, was in zip(modules, was_training):
             m.train(was)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{trainer.global_step:06d}.png"
-        grid = make_grid([[img for img in row] for row in images],
-                         row_labels=v.prompts)
+        grid = make_grid([[img for img in row] for row in images], row_labels=v.prompts)
         grid.save(path)
         logger.info("validation samples: %s", path)
     acc.wait_for_everyone()

@@ -24,9 +24,12 @@ FORMAT_VERSION = "1"
 # safetensors key: "<width>.<k|v>.<key of that module's state dict>", e.g. "768.k.linear.0.weight"
 _SAFE_KEY = re.compile(r"^(\d+)\.([kv])\.(.+)$")
 # Early webui files named the two Linear layers linear1/linear2 (no activation in between).
-_LEGACY_KEYS = {"linear1.weight": "linear.0.weight", "linear1.bias": "linear.0.bias",
-                "linear2.weight": "linear.1.weight", "linear2.bias": "linear.1.bias"}
-
+_LEGACY_KEYS = {
+    "linear1.weight": "linear.0.weight",
+    "linear1.bias": "linear.0.bias",
+    "linear2.weight": "linear.1.weight",
+    "linear2.bias": "linear.1.bias",
+}
 
 
 def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
@@ -39,13 +42,18 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
         data.update(hn.file_fields())
         return atomic_torch_save(data, path)
     if path.suffix == ".safetensors":
-        tensors = {f"{w}.{kv}.{key}": t.float().contiguous()
-                   for w, pair in hn.module_state_dicts().items()
-                   for kv, sd in zip("kv", pair) for key, t in sd.items()}
-        metadata = {"personalize_artifact": "hypernetwork",
-                    "hypernetwork_format_version": FORMAT_VERSION,
-                    "hypernetwork_options": json.dumps(hn.file_fields()),
-                    "hypernetwork_widths": json.dumps(hn.widths)}
+        tensors = {
+            f"{w}.{kv}.{key}": t.float().contiguous()
+            for w, pair in hn.module_state_dicts().items()
+            for kv, sd in zip("kv", pair)
+            for key, t in sd.items()
+        }
+        metadata = {
+            "personalize_artifact": "hypernetwork",
+            "hypernetwork_format_version": FORMAT_VERSION,
+            "hypernetwork_options": json.dumps(hn.file_fields()),
+            "hypernetwork_widths": json.dumps(hn.widths),
+        }
         return atomic_save_safetensors(tensors, path, metadata)
     raise ValueError(f"{path}: a hypernetwork is saved as .pt (webui) or .safetensors")
 
@@ -59,11 +67,14 @@ def _torch_load(path: Path, peek: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         # torch puts the reason on the lines after "WeightsUnpickler error:", when it has one.
         text = str(e).split("WeightsUnpickler error:", 1)[-1]
-        detail = next((line.strip() for line in text.splitlines() if line.strip()),
-                      type(e).__name__)[:200]
+        detail = next(
+            (line.strip() for line in text.splitlines() if line.strip()), type(e).__name__
+        )[:200]
         if not re.search(r"global|reduce|build|new object", detail, re.IGNORECASE):
-            raise ArtifactError(f"{path}: not a readable PyTorch file (damaged, or not "
-                                f"written by torch.save): {detail}") from e
+            raise ArtifactError(
+                f"{path}: not a readable PyTorch file (damaged, or not "
+                f"written by torch.save): {detail}"
+            ) from e
         raise ArtifactError(
             f"{path}: refused to load. This pickle file asks to run code or build objects "
             f"that a hypernetwork never contains ({detail[:200]}). personalize reads .pt "
@@ -141,8 +152,9 @@ def _read_raw(path: Path) -> dict[Any, Any]:
         return raw
     obj = _torch_load(path)
     if not isinstance(obj, dict):
-        raise ArtifactError(f"{path}: a webui hypernetwork file holds a dict, got "
-                            f"{type(obj).__name__}")
+        raise ArtifactError(
+            f"{path}: a webui hypernetwork file holds a dict, got {type(obj).__name__}"
+        )
     return obj
 
 
@@ -151,8 +163,10 @@ def hypernetwork_from_dict(raw: dict[Any, Any], source: str = "<dict>") -> Hyper
     options (notably activate_output=True: files older than that option had it on)."""
     sizes = {k: v for k, v in raw.items() if isinstance(k, int)}
     if not sizes:
-        raise ArtifactError(f"{source}: no hypernetwork modules (integer width keys such as "
-                            "768 mapping to a (k, v) pair of state dicts)")
+        raise ArtifactError(
+            f"{source}: no hypernetwork modules (integer width keys such as "
+            "768 mapping to a (k, v) pair of state dicts)"
+        )
     try:
         options = HypernetworkOptions(
             layer_structure=list(raw.get("layer_structure") or [1, 2, 1]),
@@ -172,30 +186,42 @@ def hypernetwork_from_dict(raw: dict[Any, Any], source: str = "<dict>") -> Hyper
     if problems:
         raise ArtifactError(f"{source}: " + "; ".join(problems))
     name = raw.get("name") or Path(source).stem
-    hn = Hypernetwork(sorted(sizes), options, name=str(name), step=int(raw.get("step") or 0),
-                      sd_checkpoint=raw.get("sd_checkpoint"),
-                      sd_checkpoint_name=raw.get("sd_checkpoint_name"),
-                      optional_info=raw.get("optional_info"))
+    hn = Hypernetwork(
+        sorted(sizes),
+        options,
+        name=str(name),
+        step=int(raw.get("step") or 0),
+        sd_checkpoint=raw.get("sd_checkpoint"),
+        sd_checkpoint_name=raw.get("sd_checkpoint_name"),
+        optional_info=raw.get("optional_info"),
+    )
     for width, pair in sizes.items():
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-                and all(isinstance(sd, dict) for sd in pair)):
-            raise ArtifactError(f"{source}: width {width} must map to a (k, v) pair of state "
-                                f"dicts, got {type(pair).__name__}")
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(sd, dict) for sd in pair)
+        ):
+            raise ArtifactError(
+                f"{source}: width {width} must map to a (k, v) pair of state "
+                f"dicts, got {type(pair).__name__}"
+            )
         for kv, sd in zip("kv", pair):
-            _load_module(getattr(hn.pair(width), kv), sd, f"{source}: width {width} {kv}",
-                         options)
+            _load_module(getattr(hn.pair(width), kv), sd, f"{source}: width {width} {kv}", options)
     return hn
 
 
-def _load_module(module: HypernetworkModule, state: dict[str, Any], where: str,
-                 options: HypernetworkOptions) -> None:
+def _load_module(
+    module: HypernetworkModule, state: dict[str, Any], where: str, options: HypernetworkOptions
+) -> None:
     state = {_LEGACY_KEYS.get(k, k): v for k, v in state.items()}
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-             for k in sorted(set(state) & set(expected))
-             if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or wrong:
         raise ArtifactError(
             f"{where}: weights do not fit the architecture its options describe "
@@ -215,8 +241,10 @@ def read_hypernetwork(path: str | Path) -> Hypernetwork:
         raise FileNotFoundError(f"hypernetwork file {path} does not exist")
     file = find_hypernetwork_file(path)
     if file is None:
-        raise ArtifactError(f"{path} is not a hypernetwork (.pt in the webui layout or "
-                            ".safetensors with <width>.<k|v>.linear.<j> keys)")
+        raise ArtifactError(
+            f"{path} is not a hypernetwork (.pt in the webui layout or "
+            ".safetensors with <width>.<k|v>.linear.<j> keys)"
+        )
     return hypernetwork_from_dict(_read_raw(file), str(file))
 
 

@@ -17,14 +17,21 @@ def _activations() -> dict[str, type[nn.Module] | None]:
     name. Left out: those that cannot work here (Threshold needs arguments, GLU halves the
     width, MultiheadAttention is no activation)."""
     table: dict[str, type[nn.Module] | None] = {
-        "linear": None, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU,
+        "linear": None,
+        "relu": nn.ReLU,
+        "leakyrelu": nn.LeakyReLU,
+        "elu": nn.ELU,
         "swish": nn.Hardswish,  # the webui's "swish" is Hardswish, kept for file compatibility
-        "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
     }
     module = torch.nn.modules.activation
     for cls_name, cls in inspect.getmembers(module, inspect.isclass):
         if cls.__module__ == module.__name__ and cls_name not in (
-                "Threshold", "GLU", "MultiheadAttention"):
+            "Threshold",
+            "GLU",
+            "MultiheadAttention",
+        ):
             table.setdefault(cls_name.lower(), cls)
     return table
 
@@ -32,8 +39,9 @@ def _activations() -> dict[str, type[nn.Module] | None]:
 ACTIVATIONS = _activations()
 
 
-def default_dropout_structure(layer_structure: list[float], use_dropout: bool,
-                              last_layer_dropout: bool) -> list[float]:
+def default_dropout_structure(
+    layer_structure: list[float], use_dropout: bool, last_layer_dropout: bool
+) -> list[float]:
     """The webui's rule: 0.3 after every hidden layer but the last, which only with
     `last_layer_dropout`; never on the input or the output."""
     n = len(layer_structure)
@@ -59,7 +67,8 @@ class HypernetworkOptions:
         self.layer_structure = [float(x) for x in self.layer_structure]
         if self.dropout_structure is None:
             self.dropout_structure = default_dropout_structure(
-                self.layer_structure, self.use_dropout, self.last_layer_dropout)
+                self.layer_structure, self.use_dropout, self.last_layer_dropout
+            )
         self.dropout_structure = [float(x) for x in self.dropout_structure]
 
     def problems(self) -> list[str]:
@@ -67,17 +76,25 @@ class HypernetworkOptions:
         out = []
         ls, ds = self.layer_structure, self.dropout_structure or []
         if len(ls) < 2 or ls[0] != 1 or ls[-1] != 1 or any(x <= 0 for x in ls):
-            out.append(f"layer_structure: must start and end with 1 and hold positive width "
-                       f"multipliers, e.g. [1, 2, 1]; got {ls}")
+            out.append(
+                f"layer_structure: must start and end with 1 and hold positive width "
+                f"multipliers, e.g. [1, 2, 1]; got {ls}"
+            )
         if len(ds) != len(ls) or any(not 0 <= p < 1 for p in ds):
-            out.append(f"dropout_structure: must have one probability in [0, 1) per entry "
-                       f"of layer_structure {ls}; got {ds}")
+            out.append(
+                f"dropout_structure: must have one probability in [0, 1) per entry "
+                f"of layer_structure {ls}; got {ds}"
+            )
         if self.activation_func not in (None, *ACTIVATIONS):
-            out.append(f"activation_func: unknown {self.activation_func!r}; one of "
-                       f"{', '.join(ACTIVATIONS)}")
+            out.append(
+                f"activation_func: unknown {self.activation_func!r}; one of "
+                f"{', '.join(ACTIVATIONS)}"
+            )
         if self.weight_initialization not in WEIGHT_INITS:
-            out.append(f"weight_initialization: unknown {self.weight_initialization!r}; one "
-                       f"of {', '.join(WEIGHT_INITS)}")
+            out.append(
+                f"weight_initialization: unknown {self.weight_initialization!r}; one "
+                f"of {', '.join(WEIGHT_INITS)}"
+            )
         return out
 
 
@@ -140,16 +157,24 @@ class HypernetworkPair(nn.Module):
 class Hypernetwork(nn.Module):
     """Pairs for each width, the architecture options and the webui's bookkeeping fields."""
 
-    def __init__(self, widths: list[int], options: HypernetworkOptions | None = None,
-                 name: str = "hypernetwork", step: int = 0, sd_checkpoint: str | None = None,
-                 sd_checkpoint_name: str | None = None, optional_info: str | None = None):
+    def __init__(
+        self,
+        widths: list[int],
+        options: HypernetworkOptions | None = None,
+        name: str = "hypernetwork",
+        step: int = 0,
+        sd_checkpoint: str | None = None,
+        sd_checkpoint_name: str | None = None,
+        optional_info: str | None = None,
+    ):
         super().__init__()
         self.options = options or HypernetworkOptions()
         problems = self.options.problems()
         if problems:
             raise ValueError("invalid hypernetwork options: " + "; ".join(problems))
-        self.layers = nn.ModuleDict({str(int(w)): HypernetworkPair(int(w), self.options)
-                                     for w in widths})
+        self.layers = nn.ModuleDict(
+            {str(int(w)): HypernetworkPair(int(w), self.options) for w in widths}
+        )
         self.name, self.step = name, step
         self.sd_checkpoint, self.sd_checkpoint_name = sd_checkpoint, sd_checkpoint_name
         self.optional_info = optional_info
@@ -166,15 +191,25 @@ class Hypernetwork(nn.Module):
         o = self.options
         fields = asdict(o)
         # The webui derives last_layer_dropout from the structure when saving; do the same.
-        fields["last_layer_dropout"] = bool(o.dropout_structure[-2] != 0) \
-            if len(o.dropout_structure) >= 2 else o.last_layer_dropout
+        fields["last_layer_dropout"] = (
+            bool(o.dropout_structure[-2] != 0)
+            if len(o.dropout_structure) >= 2
+            else o.last_layer_dropout
+        )
         fields["use_dropout"] = bool(o.use_dropout or any(o.dropout_structure))
-        fields.update(name=self.name, step=int(self.step), sd_checkpoint=self.sd_checkpoint,
-                      sd_checkpoint_name=self.sd_checkpoint_name,
-                      optional_info=self.optional_info)
+        fields.update(
+            name=self.name,
+            step=int(self.step),
+            sd_checkpoint=self.sd_checkpoint,
+            sd_checkpoint_name=self.sd_checkpoint_name,
+            optional_info=self.optional_info,
+        )
         return fields
 
     def module_state_dicts(self) -> dict[int, tuple[dict[str, torch.Tensor], ...]]:
-        return {int(w): tuple({k: t.detach().cpu().clone() for k, t in m.state_dict().items()}
-                              for m in (p.k, p.v))
-                for w, p in self.layers.items()}
+        return {
+            int(w): tuple(
+                {k: t.detach().cpu().clone() for k, t in m.state_dict().items()} for m in (p.k, p.v)
+            )
+            for w, p in self.layers.items()
+        }

@@ -28,7 +28,6 @@ STACK_ATTR = "personalize_hypernetworks"
 _SUPPORTED_BASE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor")
 
 
-
 def attention_widths(unet: nn.Module) -> dict[int, list[str]]:
     """Context width -> names of the Attention modules whose keys/values read that width."""
     from diffusers.models.attention_processor import Attention
@@ -52,8 +51,14 @@ def check_widths(widths: list[int], unet: nn.Module, where: str, strict: bool = 
             f"{where}: widths {missing} have no attention layer of that width in this UNet. "
             f"Its attention context widths are {sorted(have)} (text context width {text}; "
             "the webui's 768 is the SD1 text width, 1024 SD2's). Use a hypernetwork made for "
-            "this base model" + (", or pass strict=False to ignore the extra widths"
-                                 if set(widths) & set(have) else "") + ".")
+            "this base model"
+            + (
+                ", or pass strict=False to ignore the extra widths"
+                if set(widths) & set(have)
+                else ""
+            )
+            + "."
+        )
 
 
 class HypernetworkStack(nn.Module):
@@ -89,14 +94,21 @@ class HypernetworkAttnProcessor(nn.Module):
         # would repeat all its weights in every processor's state dict.
         object.__setattr__(self, "stack", stack)
 
-    def forward(self, attn, hidden_states: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                *args, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         active = self.stack.active(self.width)
         if not active:
-            return self.base_processor(attn, hidden_states, encoder_hidden_states,
-                                       attention_mask, temb, *args, **kwargs)
+            return self.base_processor(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -104,8 +116,9 @@ class HypernetworkAttnProcessor(nn.Module):
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, key_tokens, _ = (hidden_states.shape if encoder_hidden_states is None
-                                     else encoder_hidden_states.shape)
+        batch_size, key_tokens, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -124,32 +137,38 @@ class HypernetworkAttnProcessor(nn.Module):
         value = attn.to_v(context_v)
 
         if self.use_xformers:
-            hidden_states = self._xformers(attn, query, key, value, attention_mask,
-                                           key_tokens, batch_size)
+            hidden_states = self._xformers(
+                attn, query, key, value, attention_mask, key_tokens, batch_size
+            )
         else:
             if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens,
-                                                             batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1,
-                                                     attention_mask.shape[-1])
+                attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch_size)
+                attention_mask = attention_mask.view(
+                    batch_size, attn.heads, -1, attention_mask.shape[-1]
+                )
             head_dim = key.shape[-1] // attn.heads
-            query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-                                 for t in (query, key, value))
+            query, key, value = (
+                t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+                for t in (query, key, value)
+            )
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
             hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1,
-                                                                  attn.heads * head_dim)
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+            hidden_states = hidden_states.transpose(1, 2).reshape(
+                batch_size, -1, attn.heads * head_dim
+            )
             hidden_states = hidden_states.to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
-                                                                    width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -162,8 +181,9 @@ class HypernetworkAttnProcessor(nn.Module):
             # xformers does not broadcast the singleton query dimension of the bias.
             attention_mask = attention_mask.expand(-1, query.shape[1], -1)
         query, key, value = (attn.head_to_batch_dim(t).contiguous() for t in (query, key, value))
-        out = xformers.ops.memory_efficient_attention(query, key, value, attn_bias=attention_mask,
-                                                      op=self.xformers_op, scale=attn.scale)
+        out = xformers.ops.memory_efficient_attention(
+            query, key, value, attn_bias=attention_mask, op=self.xformers_op, scale=attn.scale
+        )
         return attn.batch_to_head_dim(out.to(query.dtype))
 
 
@@ -174,8 +194,9 @@ def _run(module: HypernetworkModule, x: torch.Tensor, strength: float) -> torch.
     return module(x.to(dtype), strength).to(x.dtype)
 
 
-def attach(unet: nn.Module, hn: Hypernetwork, strength: float = 1.0,
-           name: str | None = None) -> HypernetworkStack:
+def attach(
+    unet: nn.Module, hn: Hypernetwork, strength: float = 1.0, name: str | None = None
+) -> HypernetworkStack:
     """Add `hn` to `unet`'s hypernetworks (replacing one of the same name), installing the
     processors on first use. Its parameters become UNet parameters."""
     from diffusers.models.attention_processor import Attention
@@ -184,18 +205,23 @@ def attach(unet: nn.Module, hn: Hypernetwork, strength: float = 1.0,
     stack = getattr(unet, STACK_ATTR, None)
     if stack is None:
         attns = [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention)]
-        unsupported = [f"{n} ({type(m.processor).__name__})" for n, m in attns
-                       if type(m.processor).__name__ not in _SUPPORTED_BASE_PROCESSORS]
+        unsupported = [
+            f"{n} ({type(m.processor).__name__})"
+            for n, m in attns
+            if type(m.processor).__name__ not in _SUPPORTED_BASE_PROCESSORS
+        ]
         if unsupported:
             raise ArtifactError(
                 f"hypernetworks wrap the standard attention processors "
                 f"({', '.join(_SUPPORTED_BASE_PROCESSORS)}); these layers use others: "
-                f"{unsupported[:4]}. Load the hypernetwork before enabling other processors.")
+                f"{unsupported[:4]}. Load the hypernetwork before enabling other processors."
+            )
         stack = HypernetworkStack()
         unet.add_module(STACK_ATTR, stack)
         for _, module in attns:
-            module.set_processor(HypernetworkAttnProcessor(
-                module.processor, int(module.to_k.in_features), stack))
+            module.set_processor(
+                HypernetworkAttnProcessor(module.processor, int(module.to_k.in_features), stack)
+            )
     device = next(unet.parameters()).device
     stack.networks[key] = hn.to(device)
     stack.strengths[key] = float(strength)
@@ -219,14 +245,16 @@ def remove_hypernetworks(unet: nn.Module) -> None:
     if getattr(unet, STACK_ATTR, None) is None:
         return
     for module in unet.modules():
-        if isinstance(module, Attention) and isinstance(module.processor,
-                                                        HypernetworkAttnProcessor):
+        if isinstance(module, Attention) and isinstance(
+            module.processor, HypernetworkAttnProcessor
+        ):
             module.set_processor(module.processor.base_processor)
     delattr(unet, STACK_ATTR)
 
 
-def load_into_pipeline(pipe, path: str | Path, strength: float = 1.0, name: str | None = None,
-                       strict: bool = True) -> Hypernetwork:
+def load_into_pipeline(
+    pipe, path: str | Path, strength: float = 1.0, name: str | None = None, strict: bool = True
+) -> Hypernetwork:
     """Read a hypernetwork file and apply it to `pipe.unet` (or a bare UNet) at `strength`."""
     unet = getattr(pipe, "unet", pipe)
     if not math.isfinite(strength):
@@ -235,6 +263,11 @@ def load_into_pipeline(pipe, path: str | Path, strength: float = 1.0, name: str 
     check_widths(hn.widths, unet, str(path), strict=strict)
     hn.requires_grad_(False).eval()
     attach(unet, hn, strength, name=name or hn.name)
-    logger.info("hypernetwork %s (widths %s, step %d) applied at strength %s",
-                hn.name, hn.widths, hn.step, strength)
+    logger.info(
+        "hypernetwork %s (widths %s, step %d) applied at strength %s",
+        hn.name,
+        hn.widths,
+        hn.step,
+        strength,
+    )
     return hn
