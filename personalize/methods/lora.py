@@ -62,8 +62,14 @@ class LoRA(Method):
                 c.text_encoder_target_modules,
                 "lora.text_encoder_target_modules",
             )
-            parts.text_encoder.add_adapter(
-                _lora_config(c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora)
+            # peft itself, not transformers' add_adapter: transformers gates its peft
+            # integration on a peft version (5.24 asks for peft>=0.22, unreleased), and
+            # training must not depend on that pairing.
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(
+                _lora_config(c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora),
+                parts.text_encoder,
             )
             groups.append(
                 {

@@ -41,25 +41,34 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return extract_model_from_parallel(module)
 
 
+def _adapter_layers(module: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
 def has_adapters(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "_hf_peft_config_loaded", False))
+    """peft layers inside, however they were attached (diffusers' add_adapter on the UNet,
+    peft's inject_adapter_in_model on the text encoder)."""
+    return bool(_adapter_layers(module))
 
 
 @contextmanager
 def adapters_disabled(*modules: torch.nn.Module) -> Iterator[None]:
-    """Run the base model of peft-adapted modules (diffusers / transformers integration).
+    """Run the base model of peft-adapted modules, through peft's own layers (not the
+    transformers integration, which gates on the installed peft version).
 
     peft's enable_adapters() re-enables requires_grad on every active adapter, which would
     also undo a deliberate freeze; the flags are therefore restored exactly as they were."""
-    adapted = [m for m in modules if has_adapters(m)]
-    flags = [(p, p.requires_grad) for m in adapted for p in m.parameters()]
-    for m in adapted:
-        m.disable_adapters()
+    layers = [layer for m in modules for layer in _adapter_layers(m)]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        for m in adapted:
-            m.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
         for p, flag in flags:
             p.requires_grad_(flag)
 
