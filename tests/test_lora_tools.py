@@ -260,7 +260,9 @@ def _linear_and_conv_weights(pipe) -> dict[str, torch.Tensor]:
 def test_extract_at_full_rank_reproduces_the_tuned_weights(
     tiny_model_dir, tuned_dir, tmp_path, caplog
 ):
-    written, summary = extract(str(tiny_model_dir), str(tuned_dir), tmp_path / "x", rank=10_000)
+    written, summary = extract(
+        str(tiny_model_dir), str(tuned_dir), tmp_path / "x", rank=10_000, all_layers=True
+    )
     assert "unet.conv_in.bias" in caplog.text  # what the LoRA cannot carry is said
     assert summary.as_dict()["min_energy"] == pytest.approx(1.0)
     tuned = _linear_and_conv_weights(load_pipeline(str(tuned_dir)))
@@ -275,9 +277,13 @@ def test_extract_at_full_rank_reproduces_the_tuned_weights(
             torch.testing.assert_close(merged[k], tuned[k], atol=1e-5, rtol=0, msg=k)
 
 
-def test_extract_by_energy_and_stock_loading(tiny_model_dir, tuned_dir, base_images, tmp_path):
+def test_extract_by_energy_and_stock_loading(
+    tiny_model_dir, tuned_dir, base_images, tmp_path, caplog
+):
     written, summary = extract(str(tiny_model_dir), str(tuned_dir), tmp_path / "e", energy=0.6)
     assert min(summary.energies) >= 0.6
+    assert "unet.time_embedding.linear_1.weight" in caplog.text  # outside the blocks: said
+    assert not any("time_embedding" in k for k in read_lora(written[0]).layers)
     assert summary.as_dict()["mean_rank"] < 16
     n_layers = len(read_lora(written[0]).layers)
     for file in written:
@@ -292,3 +298,23 @@ def test_extract_from_the_base_itself_is_a_clear_error(tiny_model_dir, tmp_path,
     args = ["lora", "extract", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir)]
     assert main([*args, "--rank", "4", "--out", str(tmp_path / "x")]) == 2
     assert "nothing to extract" in capsys.readouterr().err
+
+
+def test_randomized_svd_of_big_layers_matches_the_full_one():
+    from personalize.tools.lora_layers import factor
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(300, 60, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(900, 60, generator=g))[0]
+    delta = (u * torch.exp(-torch.arange(60.0) / 6)) @ v.T  # a decaying spectrum, like training
+    s2 = torch.linalg.svdvals(delta.double()) ** 2
+    for rank, energy in ((8, None), (None, 0.95)):  # both take the randomized path (8 < 300/4)
+        layer, kept = factor(delta, (900,), (), rank, energy)
+        k = layer.rank
+        assert kept == pytest.approx(float(s2[:k].sum() / s2.sum()), rel=1e-4)
+        err = torch.linalg.matrix_norm(layer.delta() - delta.double()) ** 2
+        assert float(err) == pytest.approx(float(s2[k:].sum()), rel=1e-2)
+        if energy:
+            assert k == int((torch.cumsum(s2, 0) / s2.sum() < energy).sum()) + 1
+    again, _ = factor(delta, (900,), (), 8, None)
+    assert torch.equal(again.down, factor(delta, (900,), (), 8, None)[0].down)  # seeded

@@ -43,7 +43,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from personalize.tools.lora_extract import extract
 
     try:
-        written, summary = extract(args.base, args.tuned, args.out, args.rank, args.energy)
+        written, summary = extract(
+            args.base,
+            args.tuned,
+            args.out,
+            args.rank,
+            args.energy,
+            all_layers=args.all_layers,
+            device=args.device,
+        )
     except ValueError as e:
         return _fail(e)
     _print_summary(written, summary)
@@ -110,4 +118,11 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--tuned", required=True, help="the fine-tuned model, e.g. DreamBooth output")
     _rank_or_energy(p)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="also the time embedding and conv_in/conv_out (diffusers loads them; webui "
+        "and kohya's extractor do not use them)",
+    )
+    p.add_argument("--device", default=None, help="where to run the SVDs, e.g. cuda")
     p.set_defaults(func=_cmd_extract)

@@ -19,6 +19,15 @@ from personalize.tools.lora_resize import RankSummary, check_target
 logger = logging.getLogger(__name__)
 
 
+# The layers kohya's extractor and webui/ComfyUI's LoRA loaders map: the UNet's blocks
+# (attention, resnets, down/upsamplers) and the text encoder's transformer layers. The rest
+# (time embedding, conv_in/conv_out) only with all_layers: diffusers loads them, webui not.
+_SCOPE = {
+    "unet": ("down_blocks.", "mid_block.", "up_blocks."),
+    "text_encoder": ("encoder.layers.", "text_model.encoder.layers."),
+}
+
+
 def _adaptable(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.Linear):
         return True
@@ -31,14 +40,16 @@ def extract_module(
     tuned: torch.nn.Module,
     rank: int | None,
     energy: float | None,
+    all_layers: bool = False,
+    device: str | None = None,
 ) -> tuple[dict[str, LoraLayer], list[float], list[str]]:
-    """(layers keyed `component.<module>`, kept energies, names of changed tensors a LoRA
-    cannot carry)."""
+    """(layers keyed `component.<module>`, kept energies, names of changed tensors the LoRA
+    does not carry)."""
     layers, energies = {}, []
     tuned_modules = dict(tuned.named_modules())
     adapted = set()
     for name, module in base.named_modules():
-        if not _adaptable(module):
+        if not _adaptable(module) or not (all_layers or name.startswith(_SCOPE[component])):
             continue
         other = tuned_modules.get(name)
         if other is None or other.weight.shape != module.weight.shape:
@@ -47,14 +58,16 @@ def extract_module(
                 "(another architecture?); extract needs the base the model was tuned from"
             )
         adapted.add(name + ".weight")
-        diff = other.weight.detach().double() - module.weight.detach().double()
+        diff = other.weight.detach().float() - module.weight.detach().float()
         if not torch.any(diff != 0):
             continue
+        if device:  # the SVDs of SD's big layers are much faster on a GPU
+            diff = diff.to(device)
         w = module.weight
         shape_down = tuple(w.shape[1:])  # (in,) or (in, k, k)
         shape_up = (1, 1) if w.dim() == 4 else ()
         layer, kept = factor(diff.reshape(w.shape[0], -1), shape_down, shape_up, rank, energy)
-        layers[f"{component}.{name}"] = layer
+        layers[f"{component}.{name}"] = LoraLayer(layer.down.cpu(), layer.up.cpu(), layer.alpha)
         energies.append(kept)
     tuned_state = tuned.state_dict()
     lost = [
@@ -87,6 +100,8 @@ def extract(
     out: str | Path,
     rank: int | None = None,
     energy: float | None = None,
+    all_layers: bool = False,
+    device: str | None = None,
 ) -> tuple[list[Path], RankSummary]:
     """Write `out/pytorch_lora_weights.safetensors` and its kohya copy; return the files
     and the summary."""
@@ -98,7 +113,13 @@ def extract(
     layers, energies, lost = {}, [], []
     for component in ("unet", "text_encoder"):
         got, kept, missed = extract_module(
-            component, getattr(base, component), getattr(tuned, component), rank, energy
+            component,
+            getattr(base, component),
+            getattr(tuned, component),
+            rank,
+            energy,
+            all_layers,
+            device,
         )
         layers.update(got)
         energies += kept
@@ -110,7 +131,8 @@ def extract(
         )
     if lost:
         logger.warning(
-            "%d changed tensors are not Linear/Conv weights and are not in the LoRA (e.g. %s)",
+            "%d changed tensors are not in the LoRA (biases, norms, embeddings; layers "
+            "outside the UNet blocks unless all_layers) e.g. %s",
             len(lost),
             ", ".join(lost[:3]),
         )

@@ -266,21 +266,50 @@ def write_peft(
 # ------------------------------------------------------------------------------ SVD
 
 
-def choose_rank(singular: torch.Tensor, rank: int | None, energy: float | None) -> int:
+def choose_rank(
+    singular: torch.Tensor, rank: int | None, energy: float | None, total: float | None = None
+) -> int:
     """A fixed rank (capped by the layer's size), or the smallest keeping `energy` of the
-    squared singular values."""
+    squared singular values (of `total`, the squared Frobenius norm, when only the leading
+    values are known)."""
     if rank is not None:
         return max(1, min(rank, singular.numel()))
     squares = singular.double() ** 2
-    total = squares.sum()
+    total = float(squares.sum()) if total is None else total
     if total == 0:
         return 1
     share = torch.cumsum(squares, 0) / total
-    return int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1
+    k = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1
+    return min(k, singular.numel())
+
+
+# Randomized SVD pays off only well below full rank; above this share of the smaller side
+# the full (exact) SVD is used.
+_LOWRANK_SHARE = 0.25
+
+
+def leading_svd(
+    delta: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u, s, vh) holding at least what `rank` / `energy` needs. A full SVD of SD's biggest
+    layers ([1280, 11520]) takes a minute on a CPU; a randomized one of the leading q values
+    (Halko et al., 4 power iterations, seeded: the same file every run) takes a second. For
+    `energy` q doubles until the leading values hold that share of the Frobenius norm."""
+    small = min(delta.shape)
+    total = float(delta.double().pow(2).sum())
+    q = rank if rank is not None else 16
+    while q + 8 < _LOWRANK_SHARE * small:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(delta, q=q + 8, niter=4)
+        if rank is not None or float((s.double() ** 2).sum()) >= energy * total:
+            return u, s, v.T
+        q *= 2
+    return torch.linalg.svd(delta, full_matrices=False)
 
 
 def factor(
-    delta: torch.Tensor,
+    delta: torch.Tensor | None,
     shape_down: tuple[int, ...],
     shape_up: tuple[int, ...],
     rank: int | None,
@@ -290,14 +319,16 @@ def factor(
     vh: torch.Tensor | None = None,
 ) -> tuple[LoraLayer, float]:
     """The best rank-k LoRA layer for `delta` [out, in*k*k] (Eckart-Young) and the share of
-    squared singular values it keeps. `shape_down`/`shape_up` give the trailing dims
-    ((in,) or (in, k, k); () or (1, 1)). Pass (u, s, vh) when already computed."""
+    its squared Frobenius norm it keeps. `shape_down`/`shape_up` give the trailing dims
+    ((in,) or (in, k, k); () or (1, 1)). Pass the full (u, s, vh) when already computed."""
     if s is None:
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    k = choose_rank(s, rank, energy)
-    total = float((s.double() ** 2).sum())
-    kept = float((s[:k].double() ** 2).sum()) / total if total > 0 else 1.0
-    root = s[:k].sqrt()
+        total = float(delta.double().pow(2).sum())
+        u, s, vh = leading_svd(delta, rank, energy)
+    else:
+        total = float((s.double() ** 2).sum())
+    k = choose_rank(s, rank, energy, total)
+    kept = min(1.0, float((s[:k].double() ** 2).sum()) / total) if total > 0 else 1.0
+    root = s[:k].clamp(min=0).sqrt()
     up = (u[:, :k] * root).reshape(u.shape[0], k, *shape_up)
     down = (root[:, None] * vh[:k]).reshape(k, *shape_down)
     return LoraLayer(down.float(), up.float(), float(k)), kept
