@@ -134,8 +134,12 @@ def test_merge_cli_and_bad_inputs(lora_dir, tiny_model_dir, tmp_path, capsys):
     assert parse_load("runs/lora") == ("runs/lora", 1.0)
     out = tmp_path / "m"
     args = ["merge", "--model", str(tiny_model_dir), "--load", f"{lora_dir}:0.5", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--dtype", "fp16", "--single-file"]) == 0
     assert (out / "model_index.json").is_file()
+    with safe_open(str(out / "m.safetensors"), framework="pt") as f:
+        assert f.get_tensor(next(k for k in f.keys() if "diffusion_model" in k)).dtype == (
+            torch.float16
+        )
     assert main(args) == 2  # --out is not empty: refused, not overwritten
     assert "not empty" in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="merge bakes LoRAs only"):

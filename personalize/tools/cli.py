@@ -16,7 +16,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from personalize.tools.lora_merge import merge, parse_load
 
     try:
-        out = merge(args.model, [parse_load(s) for s in args.load], args.out, args.single_file)
+        loads = [parse_load(s) for s in args.load]
+        out = merge(args.model, loads, args.out, args.single_file, args.dtype)
     except ValueError as e:
         return _fail(e)
     print(f"merged pipeline saved in {out}")
@@ -90,6 +91,12 @@ def add_tool_commands(sub) -> None:
         "--single-file",
         action="store_true",
         help="also write OUT/<OUT name>.safetensors in the original SD 1.x layout",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="precision of the saved weights (default: the base model's)",
     )
     p.set_defaults(func=_cmd_merge)
 

@@ -28,15 +28,27 @@ def parse_load(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def merge(
-    model: str, loads: list[tuple[str, float]], out: str | Path, single_file: bool = False
+    model: str,
+    loads: list[tuple[str, float]],
+    out: str | Path,
+    single_file: bool = False,
+    dtype: str | None = None,
 ) -> Path:
-    """Bake `loads` [(LoRA path, strength)] into `model`; save the pipeline in `out`."""
+    """Bake `loads` [(LoRA path, strength)] into `model`; save the pipeline in `out`, cast
+    to `dtype` (fp32/fp16/bf16) when given; the fusing itself is done in float32."""
+    import torch
+
     from personalize.inference import ArtifactError, detect_artifact, load
     from personalize.models import load_pipeline
 
     if not loads:
         raise ValueError("give at least one --load PATH[:STRENGTH]")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
@@ -50,6 +62,8 @@ def merge(
     names = list(pipe._personalize_lora_strengths)
     pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()
+    if dtype is not None:
+        pipe.to(getattr(torch, DTYPES[dtype]))
     # Written next to `out`, renamed into place: a killed merge leaves no half pipeline.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
