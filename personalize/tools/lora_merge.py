@@ -39,7 +39,7 @@ def merge(
     dtype: str | None = None,
 ) -> Path:
     """Bake `loads` [(LoRA path, strength)] into `model`; save the pipeline in `out`, cast
-    to `dtype` (fp32/fp16/bf16) when given; the fusing itself is done in float32."""
+    to `dtype` (fp32/fp16/bf16) when given; the fusing is done as loaded (float32)."""
     import torch
 
     from personalize.inference import ArtifactError, detect_artifact, load
