@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="toy-world subject: striped_heart, two_color_star, spotted_circle",
     )
     p.set_defaults(func=_cmd_demo)
+
+    from personalize.tools.cli import add_tool_commands  # merge, lora resize|extract
+
+    add_tool_commands(sub)
     return parser
 
 

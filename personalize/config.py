@@ -87,7 +87,9 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    optimizer: str = "adamw"  # adamw | adamw8bit (needs bitsandbytes)
+    # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt) | adamw_schedulefree
+    # (schedulefree) | adafactor; the extra packages are optional (docs/loop.md).
+    optimizer: str = "adamw"
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -419,9 +421,10 @@ def validate(cfg: PersonalizeConfig) -> None:
         f"must be no, fp16 or bf16, got {t.mixed_precision!r}",
     )
     need(
-        t.optimizer in ("adamw", "adamw8bit"),
+        t.optimizer in ("adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "adafactor"),
         "train.optimizer",
-        f"must be adamw or adamw8bit, got {t.optimizer!r}",
+        "must be adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt), adamw_schedulefree "
+        f"(schedulefree) or adafactor, got {t.optimizer!r}",
     )
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)")

@@ -11,6 +11,7 @@ import torch
 
 from personalize.config import PersonalizeConfig
 from personalize.models import SDParts
+from personalize.training.optimizers import EXTRA_OPTIMIZERS, make_extra_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def make_optimizer(
     cfg: PersonalizeConfig, param_groups: list[dict[str, Any]], device: torch.device
 ):
     t = cfg.train
+    if t.optimizer in EXTRA_OPTIMIZERS:  # prodigy, schedule-free AdamW, Adafactor
+        return make_extra_optimizer(cfg, param_groups)
     kwargs: dict[str, Any] = dict(
         lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
     )

@@ -47,6 +47,7 @@ from personalize.training.noise import (
     sample_timesteps,
     training_target,
 )
+from personalize.training.optimizers import check_available, eval_weights
 from personalize.training.signals import StopRequest, TrainingInterrupted
 from personalize.training.validation import ValidationLoss, save_validation_samples
 
@@ -93,6 +94,7 @@ class Trainer(EncoderInputs):
             _check_output_dir(cfg)
         # A resume path that is not a checkpoint fails here, before minutes of model loading.
         self.resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
+        check_available(cfg.train.optimizer)  # a missing optional package: one line, now
         self.accelerator.wait_for_everyone()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         set_seed(cfg.seed)
@@ -326,9 +328,12 @@ class Trainer(EncoderInputs):
 
     def _save_artifact(self, out_dir: Path) -> None:
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.method.save(out_dir, self.parts, self.global_step)
-        self.accelerator.wait_for_everyone()
+        # Schedule-free: save its averaged weights. Switched on every rank, so the ranks'
+        # weights stay identical (the switch back is not bit-exact).
+        with eval_weights(self.optimizer):
+            if self.accelerator.is_main_process:
+                self.method.save(out_dir, self.parts, self.global_step)
+            self.accelerator.wait_for_everyone()
 
     def _validate(self) -> bool:
         """Held-out loss; returns True when early stopping says to stop."""
@@ -462,10 +467,10 @@ class Trainer(EncoderInputs):
                 if signum and not stop:
                     self._interrupt(signum)
                 if validate_now:
-                    with self._all_on_device():
+                    with self._all_on_device(), eval_weights(self.optimizer):
                         stop = self._validate() or stop
                 if sample_now:
-                    with self._all_on_device():
+                    with self._all_on_device(), eval_weights(self.optimizer):
                         save_validation_samples(self, self.out / "samples")
                 if checkpoint_now and not stop:
                     self._checkpoint()

@@ -1,0 +1,1 @@
+"""Tools that work on saved artifacts: merge LoRAs into a model, resize and extract LoRAs."""
