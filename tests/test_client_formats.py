@@ -439,6 +439,18 @@ def test_lora_files_respect_the_umask(lora_te_run):
         assert stat.S_IMODE((out / name).stat().st_mode) == default_file_mode(), name
 
 
+def test_dreambooth_files_respect_the_umask(tiny_model_dir, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = from_dict(
+        base_config(tiny_model_dir, instance_dir, out, method="dreambooth", train={"max_steps": 1})
+    )
+    train(cfg)
+    files = [p for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert any(p.suffix == ".safetensors" for p in files)
+    wrong = [p.name for p in files if stat.S_IMODE(p.stat().st_mode) != default_file_mode()]
+    assert wrong == []
+
+
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "a.bin"
     with pytest.raises(RuntimeError):
