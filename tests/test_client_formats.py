@@ -154,20 +154,33 @@ def test_clip_l_text_encoder_names_are_fixed_whatever_transformers_calls_them():
     }
 
 
-def test_full_sd15_lora_loads_exactly_under_each_clients_rules():
-    """UNet (all 278 modules) + CLIP-L (72), alpha 6 != rank 2: every key is taken by
-    ComfyUI, the webui and sd-scripts, and each applies alpha / rank as peft does."""
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.mark.parametrize(
+    ("unet_targets", "te_targets", "modules"),
+    [
+        (ATTENTION, None, 128),
+        (ATTENTION, TE_ALL_TARGETS, 128 + 72),
+        (UNET_ALL_TARGETS, TE_ALL_TARGETS, 278 + 72),
+    ],
+    ids=["attention", "attention+te", "all+te"],
+)
+def test_sd15_lora_loads_exactly_under_each_clients_rules(unet_targets, te_targets, modules):
+    """SD 1.5 UNet + CLIP-L, alpha 6 != rank 2: every key is taken by ComfyUI, the webui
+    and sd-scripts, and each applies alpha / rank as peft does."""
     unet, te = sd15_unet(), clip_l_text_encoder()
     base_unet = {k: v.clone() for k, v in unet.state_dict().items()}
     base_te = {k: v.clone() for k, v in te.state_dict().items()}
-    kohya = peft_to_kohya(_with_lora(unet, UNET_ALL_TARGETS), _with_lora(te, TE_ALL_TARGETS), 6.0)
-    assert len(kohya) == (278 + 72) * 3
+    te_layers = _with_lora(te, te_targets) if te_targets else None
+    kohya = peft_to_kohya(_with_lora(unet, unet_targets), te_layers, 6.0)
+    assert len(kohya) == modules * 3
     deltas = {("unet", n): d for n, d in _peft_deltas(unet).items()}
     deltas.update({("text_encoder", n): d for n, d in _peft_deltas(te).items()})
 
     # ComfyUI: every key loaded, every module patched with (alpha / rank) * up @ down.
     patches, not_loaded = comfyui_load_lora(kohya, comfyui_key_map(unet, te))
-    assert not_loaded == [] and len(patches) == 278 + 72
+    assert not_loaded == [] and len(patches) == modules
     for target, (up, down, alpha) in patches.items():
         want = deltas[target]
         torch.testing.assert_close(comfyui_delta(up, down, alpha, want.shape), want)
@@ -177,7 +190,7 @@ def test_full_sd15_lora_loads_exactly_under_each_clients_rules():
     original.update(convert_text_encoder(base_te, te.config))
     mapping = webui_layer_mapping(original)
     matched, failed = webui_load_network(kohya, mapping)
-    assert failed == [] and len(matched) == 278 + 72
+    assert failed == [] and len(matched) == modules
     for name, parts in matched.items():
         assert set(parts) == {"lora_up.weight", "lora_down.weight", "alpha"}
         shape = mapping[name]
@@ -414,7 +427,7 @@ def test_hypernetwork_safetensors_is_an_empty_patch_in_comfyui(tmp_path):
 # ------------------------------------------------------------------ file modes
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
 def test_saved_files_respect_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
