@@ -129,16 +129,18 @@ class LoRA(Method):
         # folder, then rename it into place with the umask's mode.
         with atomic_write(out_dir / LORA_WEIGHTS) as tmp:
             scratch = tmp.with_name(tmp.name + ".d")
-            StableDiffusionPipeline.save_lora_weights(
-                scratch,
-                unet_lora_layers=unet_layers,
-                text_encoder_lora_layers=te_layers,
-                safe_serialization=True,
-                unet_lora_adapter_metadata=meta,
-                text_encoder_lora_adapter_metadata=te_meta,
-            )
-            os.replace(scratch / LORA_WEIGHTS, tmp)
-            shutil.rmtree(scratch)
+            try:
+                StableDiffusionPipeline.save_lora_weights(
+                    scratch,
+                    unet_lora_layers=unet_layers,
+                    text_encoder_lora_layers=te_layers,
+                    safe_serialization=True,
+                    unet_lora_adapter_metadata=meta,
+                    text_encoder_lora_adapter_metadata=te_meta,
+                )
+                os.replace(scratch / LORA_WEIGHTS, tmp)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         kohya = self._save_kohya(out_dir, unet_layers, te_layers, step, parts)
         log_client_guide("lora", out_dir, kohya_file=kohya)
         return out_dir / LORA_WEIGHTS
