@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from personalize.adapters.formats import atomic_save_safetensors, atomic_torch_save
+from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
 from personalize.inference import ArtifactError
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,8 @@ def save_webui_pt(
     step: int | None,
     checkpoint_name: str | None = None,
 ) -> Path:
-    """The webui's own `.pt` layout (only plain types inside, so `weights_only` loads it)."""
+    """The webui's own `.pt` layout (only plain types inside, so `weights_only` loads it),
+    in the legacy serialization the webui's safe unpickler accepts (formats.py)."""
     data = {
         "string_to_token": {"*": 265},  # the webui's fixed placeholder id for "*"
         "string_to_param": {"*": _as_vectors(vectors, name).cpu()},
@@ -226,7 +227,7 @@ def save_webui_pt(
         "sd_checkpoint": None,  # the webui's short model hash; we do not compute it
         "sd_checkpoint_name": checkpoint_name,
     }
-    return atomic_torch_save(data, path)
+    return atomic_save_webui_pt(data, path)
 
 
 def save_single_tensor(

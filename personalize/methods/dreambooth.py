@@ -219,6 +219,9 @@ class DreamBooth(Method):
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
+    from personalize.io import make_readable
+
+    make_readable(tmp)  # diffusers' safetensors files are 0600; a UI may run as another user
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -9,12 +9,14 @@ models/hypernetworks folder) and as `.safetensors`, both loadable with `personal
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
 
+from personalize.adapters.clients import comfyui_hypernetwork_problems, log_client_guide
 from personalize.adapters.hypernetwork import (
     Hypernetwork,
     HypernetworkAttnProcessor,
@@ -26,6 +28,8 @@ from personalize.adapters.hypernetwork import (
 from personalize.config import ConfigError
 from personalize.methods.base import Method, StepOutputs
 from personalize.models import SDParts
+
+logger = logging.getLogger(__name__)
 
 
 class HypernetworkMethod(Method):
@@ -100,7 +104,11 @@ class HypernetworkMethod(Method):
         hn.sd_checkpoint = self._short_hash(parts.source)
         out_dir = Path(out_dir)
         save_hypernetwork(hn, out_dir / f"{hn.name}.pt")
-        return save_hypernetwork(hn, out_dir / f"{hn.name}.safetensors")
+        path = save_hypernetwork(hn, out_dir / f"{hn.name}.safetensors")
+        for problem in comfyui_hypernetwork_problems(hn.file_fields()):
+            logger.warning("%s.pt in ComfyUI: %s", hn.name, problem)
+        log_client_guide("hypernetwork", out_dir, name=hn.name)
+        return path
 
     def _short_hash(self, source: str) -> str | None:
         """The webui's checkpoint short hash (sha256[:10] of the checkpoint file), computed

@@ -7,11 +7,15 @@ is small and the base model stays exactly itself when the adapter is off.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from personalize.adapters.clients import log_client_guide
 from personalize.methods.base import Method
 from personalize.models import SDParts
 from personalize.training import prior
@@ -19,6 +23,8 @@ from personalize.training.regularizers import build_regularizers
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 def _lora_config(
@@ -110,6 +116,8 @@ class LoRA(Method):
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         from diffusers import StableDiffusionPipeline
 
+        from personalize.io import atomic_write
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         c = self.cfg.lora
@@ -123,43 +131,50 @@ class LoRA(Method):
             "use_dora": c.use_dora,
         }
         te_meta = dict(meta, target_modules=c.text_encoder_target_modules) if te_layers else None
-        StableDiffusionPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers=unet_layers,
-            text_encoder_lora_layers=te_layers,
-            safe_serialization=True,
-            unet_lora_adapter_metadata=meta,
-            text_encoder_lora_adapter_metadata=te_meta,
-        )
-        self._save_kohya(out_dir, unet_layers, te_layers, step, parts)
+        # diffusers writes in place with safetensors (mode 0600): write it in a scratch
+        # folder, then rename it into place with the umask's mode.
+        with atomic_write(out_dir / LORA_WEIGHTS) as tmp:
+            scratch = tmp.with_name(tmp.name + ".d")
+            try:
+                StableDiffusionPipeline.save_lora_weights(
+                    scratch,
+                    unet_lora_layers=unet_layers,
+                    text_encoder_lora_layers=te_layers,
+                    safe_serialization=True,
+                    unet_lora_adapter_metadata=meta,
+                    text_encoder_lora_adapter_metadata=te_meta,
+                )
+                os.replace(scratch / LORA_WEIGHTS, tmp)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        kohya = self._save_kohya(out_dir, unet_layers, te_layers, step, parts)
+        log_client_guide("lora", out_dir, kohya_file=kohya)
         return out_dir / LORA_WEIGHTS
 
     def _save_kohya(
         self, out_dir: Path, unet_layers: dict, te_layers: dict | None, step: int, parts: SDParts
-    ) -> Path:
-        """The kohya/webui key layout (lora_unet_*, lora_te_*, .alpha), for those UIs."""
-        from diffusers.utils import convert_state_dict_to_kohya
-
+    ) -> Path | None:
+        """The kohya layout (lora_unet_*, lora_te_*, .alpha) that ComfyUI, the webui and
+        sd-scripts load (adapters/kohya.py); None, with a warning, when the adapters have
+        no such form (DoRA)."""
         from personalize.adapters.formats import atomic_save_safetensors
+        from personalize.adapters.kohya import KohyaExportError, kohya_metadata, peft_to_kohya
 
         c = self.cfg.lora
         alpha = c.alpha if c.alpha is not None else c.rank
-        peft_sd = {f"unet.{k}": v for k, v in unet_layers.items()}
-        peft_sd.update({f"text_encoder.{k}": v for k, v in (te_layers or {}).items()})
-        kohya = convert_state_dict_to_kohya(peft_sd)
-        kohya = {k.replace("lora_text_encoder_", "lora_te_"): v for k, v in kohya.items()}
-        for k in list(kohya):
-            if k.endswith(".lora_down.weight"):
-                kohya[k.replace(".lora_down.weight", ".alpha")] = torch.tensor(float(alpha))
-        metadata = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(c.rank),
-            "ss_network_alpha": str(alpha),
-            "ss_base_model_version": "sd_v1",
-            "ss_steps": str(step),
-            "personalize_base_model": parts.source,
-            "personalize_cross_attention_dim": str(parts.unet.config.cross_attention_dim),
-        }
+        try:
+            kohya = peft_to_kohya(unet_layers, te_layers, alpha)
+        except KohyaExportError as e:
+            logger.warning("no %s written: %s", KOHYA_WEIGHTS, e)
+            stale = out_dir / KOHYA_WEIGHTS
+            if stale.exists():  # a file from an earlier run would pass for this one
+                stale.unlink()
+            return None
+        metadata = kohya_metadata(c.rank, alpha, parts.unet.config.cross_attention_dim, step)
+        metadata.update(
+            personalize_base_model=parts.source,
+            personalize_cross_attention_dim=str(parts.unet.config.cross_attention_dim),
+        )
         return atomic_save_safetensors(kohya, out_dir / KOHYA_WEIGHTS, metadata)
 
     @classmethod

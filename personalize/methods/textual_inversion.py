@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from personalize.adapters.clients import log_client_guide
 from personalize.adapters.embeddings import (
     DIFFUSERS_FILE,
     expand_prompt,
@@ -379,6 +380,7 @@ class TextualInversion(Method):
             Path(parts.source).name if parts.source else None,
         )
         save_single_tensor(out_dir / f"{stem}.safetensors", stem, vectors, step, meta)
+        log_client_guide("textual_inversion", out_dir, stem=stem)
         return path
 
     def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:

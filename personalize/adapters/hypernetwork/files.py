@@ -34,13 +34,17 @@ _LEGACY_KEYS = {
 
 def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
     """Write `hn` as a webui `.pt` or as `.safetensors`, chosen by the suffix (atomically)."""
-    from personalize.adapters.formats import atomic_save_safetensors, atomic_torch_save
+    from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
 
     path = Path(path)
     if path.suffix == ".pt":
         data: dict[Any, Any] = dict(hn.module_state_dicts())
         data.update(hn.file_fields())
-        return atomic_torch_save(data, path)
+        # The webui reads None and "linear" alike; ComfyUI refuses any name it does not list
+        # ("Unsupported Hypernetwork format"), None included.
+        if data.get("activation_func") is None:
+            data["activation_func"] = "linear"
+        return atomic_save_webui_pt(data, path)
     if path.suffix == ".safetensors":
         tensors = {
             f"{w}.{kv}.{key}": t.float().contiguous()
