@@ -98,3 +98,9 @@ def configure_cli_logging(rank: int | None = None) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
     logging.getLogger().setLevel(level)
     install_noise_filters()
+    if rank != 0:  # the model-loading bars, too, would show once per process
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
