@@ -8,6 +8,7 @@ type is one entry, not a new branch here.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -97,7 +98,9 @@ def _load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> N
         else nullcontext()
     )
     try:
-        with quiet_te:
+        with quiet_te, warnings.catch_warnings():
+            # peft warns on every adapter after the first; stacking is what we do here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as e:
         why = str(e).strip().rstrip(".")
