@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from personalize.config import ConfigError, PersonalizeConfig, load_config
+from personalize.logs import install_noise_filters
+
+install_noise_filters()  # drops a few exact no-information messages of other libraries
 
 if TYPE_CHECKING:
     from pathlib import Path

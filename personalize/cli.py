@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from personalize.config import METHODS
+from personalize.logs import configure_cli_logging, process_rank
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -18,8 +20,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = train(cfg)
-    print(f"artifact saved in {out}")
+    if process_rank() == 0:  # every rank returns here; one line is enough
+        print(f"artifact saved in {out}")
     return 0
+
+
+def parse_load_spec(spec: str) -> tuple[str, float | None]:
+    """`PATH` or `PATH:STRENGTH` -> (path, strength or None). Only a trailing `:<number>` is
+    a strength, so `C:\\loras\\x.safetensors` and other paths with ':' stay whole; a path
+    that exists as written is always taken whole."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or Path(spec).exists():
+        return spec, None
+    try:
+        strength = float(tail)
+    except ValueError:
+        return spec, None
+    if not math.isfinite(strength):
+        raise argparse.ArgumentTypeError(f"strength must be a finite number, got {tail!r}")
+    return path, strength
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -30,8 +49,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     if args.device:
         pipe.to(args.device)
-    for artifact in args.load or []:
-        load(pipe, artifact, strength=args.strength)
+    for artifact, strength in args.load or []:
+        load(pipe, artifact, strength=args.strength if strength is None else strength)
     seeds = list(range(args.seed, args.seed + args.num_images))
     images = generate(
         pipe,
@@ -41,6 +60,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         resolution=args.resolution,
         negative_prompt=args.negative_prompt,
+        progress=True,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +141,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each option's default, unless its help already says it in words (None defaults
+    mean 'the model decides', which '(default: None)' would not tell)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,19 +160,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sample", help="generate images, optionally with learned artifacts")
-    p.add_argument("--model", required=True, help="diffusers folder, single file or hub id")
-    p.add_argument("--load", action="append", help="artifact to load (repeatable)")
-    p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model is")
-    p.add_argument("--out", default="outputs/samples")
+    p = sub.add_parser(
+        "sample",
+        help="generate images, optionally with learned artifacts",
+        description="Generate --num-images images (seeds --seed, --seed+1, ...) for each "
+        "--prompt with the base model and any loaded artifacts; write one PNG per image "
+        "and grid.png to --out.",
+        formatter_class=_DefaultsFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="base model: diffusers folder, single file or hub id"
+    )
+    p.add_argument(
+        "--load",
+        action="append",
+        type=parse_load_spec,
+        metavar="PATH[:STRENGTH]",
+        help="learned artifact to load (LoRA, embedding, hypernetwork, fine-tuned pipeline), "
+        "optionally with its own strength, e.g. run/lora:0.7; repeatable, artifacts stack "
+        "(default: none, the base model alone)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="strength of every --load that gives none of its own",
+    )
+    p.add_argument(
+        "--prompt", action="append", required=True, help="prompt, one grid row each (repeatable)"
+    )
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per image")
+    p.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale"
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image height and width in pixels (default: the model's own, e.g. 512 for SD1)",
+    )
+    p.add_argument(
+        "--device", default=None, help="e.g. cuda (default: the device the model loads on)"
+    )
+    p.add_argument("--out", default="outputs/samples", help="output folder")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser(
@@ -279,10 +342,12 @@ def _start_cpu_ranks(n: int, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli_logging()
     ranks = _cpu_ranks_to_start(dict(os.environ))
     if ranks:
         return _start_cpu_ranks(ranks, argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from personalize.config import ConfigError
     from personalize.data import DataError
     from personalize.inference import ArtifactError
@@ -292,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     from personalize.training.signals import TrainingInterrupted
 
     try:
-        return args.func(args)
+        # Log lines printed while a progress bar is on screen go above it, not onto its line.
+        with logging_redirect_tqdm():
+            return args.func(args)
     except (
         ConfigError,
         DataError,

@@ -8,11 +8,16 @@ type is one entry, not a new branch here.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from personalize.logs import dropping
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +50,58 @@ def _lora_file(path: Path) -> Path | None:
     return None
 
 
+def _loaded_adapters(pipe) -> set[str]:
+    return {n for names in pipe.get_list_adapters().values() for n in names}
+
+
+def _lora_adapter_name(pipe, file: Path, adapter_name: str | None) -> str:
+    """The adapter name for `file`: the one asked for; else the name this very file was
+    loaded under before (loading it again, e.g. a re-run notebook cell, replaces it);
+    else the first free `personalize_<n>`, so that different files stack."""
+    if adapter_name is not None:
+        return adapter_name
+    sources: dict[str, str] = getattr(pipe, "_personalize_lora_sources", {})
+    again = [name for name, source in sources.items() if source == str(file.resolve())]
+    if again:
+        return again[0]
+    taken = _loaded_adapters(pipe)
+    return next(
+        f"personalize_{n}" for n in range(len(taken) + 1) if f"personalize_{n}" not in taken
+    )
+
+
+def _has_text_encoder_keys(file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return any(k.startswith(("text_encoder", "lora_te")) for k in f.keys())
+
+
 def _load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
     file = _lora_file(path)
-    # Several LoRAs can be stacked; remember each one's strength on the pipeline.
+    # Several LoRAs can be stacked; remember each one's strength and file on the pipeline.
     weights: dict[str, float] = getattr(pipe, "_personalize_lora_strengths", {})
-    name = adapter_name or f"personalize_{len(weights)}"
+    sources: dict[str, str] = getattr(pipe, "_personalize_lora_sources", {})
+    name = _lora_adapter_name(pipe, file, adapter_name)
+    if name in _loaded_adapters(pipe):
+        # Loading on top would stack a second copy (double strength) or fail in peft.
+        logger.info("LoRA adapter_name=%r is loaded already: replacing it with %s", name, file)
+        pipe.delete_adapters(name)
+        weights.pop(name, None)
+        sources.pop(name, None)
     n_before = sum(1 for k in pipe.unet.state_dict() if "lora" in k)
+    # A UNet-only LoRA makes diffusers warn that the text encoder got no keys; that is
+    # expected then, and only then worth a line.
+    quiet_te = (
+        dropping("diffusers.loaders.lora_base", "No LoRA keys associated to")
+        if not _has_text_encoder_keys(file)
+        else nullcontext()
+    )
     try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        with quiet_te, warnings.catch_warnings():
+            # peft warns on every adapter after the first; stacking is what we do here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as e:
         why = str(e).strip().rstrip(".")
         raise ArtifactError(
@@ -66,7 +115,9 @@ def _load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> N
             "model lacks. Use a LoRA trained on this base model."
         )
     weights[name] = strength
+    sources[name] = str(file.resolve())
     pipe._personalize_lora_strengths = weights
+    pipe._personalize_lora_sources = sources
     pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
 
 
@@ -207,10 +258,13 @@ def generate(
     guidance_scale: float = 7.5,
     resolution: int | None = None,
     negative_prompt: str | None = None,
+    progress: bool = False,
 ) -> list[list[Image.Image]]:
     """images[p][s]: prompt p with seed s. Each image has its own generator, so an image
-    depends only on (prompt, seed), not on batch size or order."""
+    depends only on (prompt, seed), not on batch size or order. `progress`: a bar counting
+    the images over all prompts."""
     out = []
+    bar = tqdm(total=len(prompts) * len(seeds), desc="sample", unit="image", disable=not progress)
     for prompt in prompts:
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         images = pipe(
@@ -223,6 +277,8 @@ def generate(
             width=resolution,
         ).images
         out.append(images)
+        bar.update(len(seeds))
+    bar.close()
     return out
 
 

@@ -231,7 +231,8 @@ def test_two_process_cpu_run_saves_once(tiny_model_dir, instance_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / LORA_WEIGHTS).is_file()
-    assert proc.stdout.count("artifact saved in") == 2  # both ranks finish
+    # Both ranks finish (exit code 0 from the launcher), and the line is printed once.
+    assert proc.stdout.count("artifact saved in") == 1
     assert "2 process(es)" in proc.stderr
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-000002", "step-000004"]
     cp = ckpt.complete_checkpoints(out)[-1]

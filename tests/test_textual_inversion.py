@@ -456,7 +456,7 @@ def test_two_process_cpu_run(tiny_model_dir, instance_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
-    assert proc.stdout.count("artifact saved in") == 2
+    assert proc.stdout.count("artifact saved in") == 1  # printed by the main rank only
     vectors = load_file(out / DIFFUSERS_FILE)[TOKEN]
     state = load_file(ckpt.complete_checkpoints(out)[-1] / ckpt.TRAINABLE_FILE)
     assert torch.equal(state[STATE_KEY], vectors)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from personalize.logs import quieted
 from personalize.training import faults
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        with quieted("accelerate"):  # its five per-file INFO lines; ours names the checkpoint
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             faults.kill_point("checkpoint-before-commit", step)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from personalize.config import PersonalizeConfig
 from personalize.data import ImageCaptionDataset, load_records, split_records
+from personalize.logs import quieted
 from personalize.methods.base import Method, StepOutputs, get_method
 from personalize.models import SDParts, load_parts
 from personalize.training import checkpoint as ckpt
@@ -96,7 +97,9 @@ class Trainer(EncoderInputs):
         self.resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
         check_available(cfg.train.optimizer)  # a missing optional package: one line, now
         self.accelerator.wait_for_everyone()
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if not self.accelerator.is_main_process:
+            # Every rank would repeat each line; the main process speaks for all of them.
+            logging.getLogger("personalize").setLevel(logging.WARNING)
         set_seed(cfg.seed)
         m = cfg.model
         self.parts = parts or load_parts(m.path, m.revision, m.variant, m.prediction_type)
@@ -300,7 +303,8 @@ class Trainer(EncoderInputs):
         path = self.resume_path
         if path is None:
             return 0, 0
-        self.accelerator.load_state(str(path))
+        with quieted("accelerate"):  # its per-file INFO lines; ours names the checkpoint
+            self.accelerator.load_state(str(path))
         state = ckpt.read_state(path)
         self.global_step = int(state["step"])
         if self.accelerator.is_main_process:

@@ -86,6 +86,14 @@ def missing_indices(existing_names: set[str], prompt: str, seed: int, count: int
 # ------------------------------------------------------------------------------ generation
 
 
+def _short_list(items: list[int], keep: int = 8) -> str:
+    """[0, 2, 4] in full; a long list as its first few and last items (a run with 200 class
+    images would otherwise print 200 numbers)."""
+    if len(items) <= keep:
+        return str(items)
+    return "[" + ", ".join(map(str, items[: keep - 1])) + f", ..., {items[-1]}]"
+
+
 def _process_state(state):
     if state is not None:
         return state
@@ -143,7 +151,12 @@ def ensure_class_images(
             state.num_processes,
         )
     if mine:
-        logger.info("process %d generates class images %s", state.process_index, mine)
+        logger.info(
+            "process %d generates %d class images: %s",
+            state.process_index,
+            len(mine),
+            _short_list(mine),
+        )
         pipe = make_pipeline()
         device = getattr(pipe, "device", torch.device("cpu"))
         use_autocast = autocast_dtype is not None and device.type != "cpu"

@@ -194,6 +194,11 @@ def _run(module: HypernetworkModule, x: torch.Tensor, strength: float) -> torch.
     return module(x.to(dtype), strength).to(x.dtype)
 
 
+def stack_key(name: str | None) -> str:
+    """The key a hypernetwork named `name` has in the stack (ModuleDict-safe characters)."""
+    return re.sub(r"[^0-9A-Za-z_-]", "_", name or "hypernetwork")
+
+
 def attach(
     unet: nn.Module, hn: Hypernetwork, strength: float = 1.0, name: str | None = None
 ) -> HypernetworkStack:
@@ -201,7 +206,7 @@ def attach(
     processors on first use. Its parameters become UNet parameters."""
     from diffusers.models.attention_processor import Attention
 
-    key = re.sub(r"[^0-9A-Za-z_-]", "_", name or hn.name or "hypernetwork")
+    key = stack_key(name or hn.name)
     stack = getattr(unet, STACK_ATTR, None)
     if stack is None:
         attns = [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention)]
@@ -262,7 +267,17 @@ def load_into_pipeline(
     hn = read_hypernetwork(path)
     check_widths(hn.widths, unet, str(path), strict=strict)
     hn.requires_grad_(False).eval()
-    attach(unet, hn, strength, name=name or hn.name)
+    key = stack_key(name or hn.name)
+    stack = getattr(unet, STACK_ATTR, None)
+    if stack is not None and key in stack.networks:
+        # Same name: replace (a re-run notebook cell must not apply it twice).
+        logger.info(
+            "hypernetwork adapter_name=%r is loaded already: replacing it with %s "
+            "(give another adapter_name to use both)",
+            key,
+            path,
+        )
+    attach(unet, hn, strength, name=key)
     logger.info(
         "hypernetwork %s (widths %s, step %d) applied at strength %s",
         hn.name,
