@@ -310,8 +310,29 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        if key in _PRECISION_KEYS and value is not None:
+            value = _precision(value, key)
         kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
+
+
+# Keys that hold a precision name, and how each spells full precision.
+_PRECISION_KEYS = {
+    "train.mixed_precision": "no",
+    "db.class_precision": "no",
+    "db.save_precision": "fp32",
+}
+
+
+def _precision(value: Any, key: str) -> str:
+    """no / fp32 / false / off (YAML reads an unquoted `no` as false) all mean full precision."""
+    from personalize.precision import canonical_precision
+
+    try:
+        name = canonical_precision(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return _PRECISION_KEYS[key] if name == "no" else name
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -416,7 +437,7 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(
         t.mixed_precision in ("no", "fp16", "bf16"),
         "train.mixed_precision",
-        f"must be no, fp16 or bf16, got {t.mixed_precision!r}",
+        f"must be no (or fp32), fp16 or bf16, got {t.mixed_precision!r}",
     )
     need(
         t.optimizer in ("adamw", "adamw8bit"),

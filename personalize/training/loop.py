@@ -397,7 +397,7 @@ class Trainer(EncoderInputs):
             acc.device,
             max_streak=t.max_nonfinite_steps,
             check_every=min(t.log_every, t.max_nonfinite_steps),
-            fp16=t.mixed_precision == "fp16",
+            fp16=acc.mixed_precision == "fp16",
         )
         guard.first_unchecked_step = start_step + 1
         micro_loss = torch.zeros((), device=acc.device)
