@@ -121,6 +121,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a one-line usage error, exit code 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _image_side(text: str) -> int:
+    """argparse type: a positive multiple of 8 (the VAE downsamples by 8)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--num-images", type=_positive_int, default=4)
+    p.add_argument("--steps", type=_positive_int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--resolution", type=_image_side, default=None)
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model is")
     p.add_argument("--out", default="outputs/samples")
     p.set_defaults(func=_cmd_sample)
