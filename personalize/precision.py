@@ -4,6 +4,8 @@ Users write full precision as `no` (accelerate's word), `fp32`, `false` or `off`
 even turns an unquoted `no`/`off` into the boolean false. All of them mean "no" here.
 Half precision asked for on a machine without an accelerator falls back to fp32 with one
 warning, because frozen fp16 weights without GPU autocast crash a CPU run on its first step.
+bf16 falls back too: CPU bf16 autocast runs, but measured 24x slower than fp32 (6 Linear
+768x768 layers, batch 512, forward + backward, one thread, an AMD EPYC without AMX).
 """
 
 from __future__ import annotations
