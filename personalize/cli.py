@@ -151,6 +151,28 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a one-line usage error, exit code 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _image_side(text: str) -> int:
+    """argparse type: a positive multiple of 8 (the VAE downsamples by 8)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image of each prompt")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps per image")
+    p.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=_positive_int, default=30, help="denoising steps per image")
     p.add_argument(
         "--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale"
     )
     p.add_argument(
         "--resolution",
-        type=int,
+        type=_image_side,
         default=None,
         help="image height and width in pixels (default: the model's own, e.g. 512 for SD1)",
     )

@@ -9,6 +9,8 @@ a whole training run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import math
 import re
 import types
@@ -312,8 +314,29 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        if key in _PRECISION_KEYS and value is not None:
+            value = _precision(value, key)
         kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
+
+
+# Keys that hold a precision name, and how each spells full precision.
+_PRECISION_KEYS = {
+    "train.mixed_precision": "no",
+    "db.class_precision": "no",
+    "db.save_precision": "fp32",
+}
+
+
+def _precision(value: Any, key: str) -> str:
+    """no / fp32 / false / off (YAML reads an unquoted `no` as false) all mean full precision."""
+    from personalize.precision import canonical_precision
+
+    try:
+        name = canonical_precision(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return _PRECISION_KEYS[key] if name == "no" else name
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -395,6 +418,8 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(
         cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {cfg.method!r}"
     )
+    # numpy's legacy seeding (accelerate's set_seed) takes 0 .. 2**32 - 1.
+    need(0 <= cfg.seed < 2**32, "seed", f"must be an integer in [0, 2**32), got {cfg.seed}")
     t = cfg.train
     need(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     need(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0 and finite, got {t.lr}")
@@ -418,7 +443,7 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(
         t.mixed_precision in ("no", "fp16", "bf16"),
         "train.mixed_precision",
-        f"must be no, fp16 or bf16, got {t.mixed_precision!r}",
+        f"must be no (or fp32), fp16 or bf16, got {t.mixed_precision!r}",
     )
     need(
         t.optimizer in ("adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "adafactor"),
@@ -426,6 +451,13 @@ def validate(cfg: PersonalizeConfig) -> None:
         "must be adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt), adamw_schedulefree "
         f"(schedulefree) or adafactor, got {t.optimizer!r}",
     )
+    need(
+        t.optimizer != "adamw8bit" or importlib.util.find_spec("bitsandbytes") is not None,
+        "train.optimizer",
+        "adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
+        "(or train.optimizer=adamw)",
+    )
+    _validate_lr_scheduler(t.lr_scheduler)
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)")
     need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", "must be > 0 or null")
@@ -478,6 +510,7 @@ def validate(cfg: PersonalizeConfig) -> None:
             f"validation.{key}",
             f"must be >= 0 (0 = off), got {getattr(v, key)}",
         )
+    _validate_held_out(cfg)
     need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
     need(
         cfg.lora.text_encoder_lr is None
@@ -501,6 +534,49 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(cfg.ti.save_every >= 0, "ti.save_every", "must be >= 0 (0 = only the final file)")
     _validate_dreambooth(cfg)
     _validate_hypernetwork(cfg.hn)
+
+
+def _validate_lr_scheduler(name: str) -> None:
+    from diffusers.optimization import SchedulerType
+
+    valid = [s.value for s in SchedulerType]
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise ConfigError(
+            f"train.lr_scheduler: unknown scheduler {name!r}{hint} Valid: {', '.join(valid)}"
+        )
+
+
+def _validate_held_out(cfg: PersonalizeConfig) -> None:
+    """Held-out images, the validation loss and early stopping only work together; any one
+    without the others used to be ignored without a word (or cost training images)."""
+    d, v, patience = cfg.data, cfg.validation, cfg.train.early_stopping_patience
+    if d.validation_path:
+        held_out = f"data.validation_path={d.validation_path}"
+    elif d.validation_split > 0:
+        held_out = f"data.validation_split={d.validation_split:g}"
+    else:
+        held_out = None
+    if patience and not (held_out and v.loss_every_steps):
+        raise ConfigError(
+            f"train.early_stopping_patience={patience} needs the validation loss: set "
+            "validation.loss_every_steps (e.g. 50) and data.validation_split (e.g. 0.2) or "
+            "data.validation_path; or train.early_stopping_patience=0"
+        )
+    if held_out and not v.loss_every_steps:
+        raise ConfigError(
+            f"{held_out} holds out images for the validation loss, but "
+            "validation.loss_every_steps is 0 (off), so they would only be missing from "
+            f"training; set validation.loss_every_steps (e.g. 50), or {held_out.split('=')[0]}"
+            f"={'null' if d.validation_path else '0'}"
+        )
+    if v.loss_every_steps and not held_out:
+        raise ConfigError(
+            f"validation.loss_every_steps={v.loss_every_steps} needs held-out images: set "
+            "data.validation_split (e.g. 0.2) or data.validation_path; or "
+            "validation.loss_every_steps=0"
+        )
 
 
 def _validate_hypernetwork(hn: HypernetworkConfig) -> None:

@@ -224,7 +224,7 @@ def _refused_without_running(env: Env, path: Path, marker: Path) -> None:
     "a PNG cut off halfway (strict)",
     raises=DataError,
     message=r"Cannot use image {tmp}/data/half\.png: corrupt or truncated \(.*\)\. "
-    r"Fix or remove it, or load with strict=False",
+    r"Fix or remove it, or set data\.strict=false",
 )
 def _(env):
     _cut_in_half(_noise_image(env.folder() / "half.png"))
@@ -508,7 +508,7 @@ def _(env):
     "metadata.csv whose caption column is not `text`",
     raises=DataError,
     message=r"{tmp}/data/metadata\.csv has no caption column 'text' \(columns: caption, "
-    r"file_name\)\. Set caption_column",
+    r"file_name\)\. Set data\.caption_column",
 )
 def _(env):
     folder = env.folder()
@@ -1159,6 +1159,104 @@ def _(env):
 )
 def _(env):
     load(env.pipe(), env.tmp / "lora.safetensors")
+
+
+@case(
+    "lr-scheduler-typo",
+    "`train.lr_scheduler=cosin`",
+    raises=ConfigError,
+    message=r"train\.lr_scheduler: unknown scheduler 'cosin'; did you mean 'cosine'\? Valid: "
+    r"linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+)
+def _(env):
+    from_dict(env.config(train={"lr_scheduler": "cosin"}))
+
+
+@case(
+    "negative-seed",
+    "`seed=-1`",
+    raises=ConfigError,
+    message=r"seed: must be an integer in \[0, 2\*\*32\), got -1",
+)
+def _(env):
+    from_dict(env.config(seed=-1))
+
+
+@case(
+    "adamw8bit-without-bitsandbytes",
+    "`train.optimizer=adamw8bit` without bitsandbytes installed",
+    raises=ConfigError,
+    message=r"train\.optimizer: adamw8bit needs bitsandbytes, which is not installed: "
+    r"pip install bitsandbytes",
+)
+def _(env):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    from_dict(env.config(train={"optimizer": "adamw8bit"}))
+
+
+@case(
+    "validation-split-without-loss",
+    "`data.validation_split=0.2` without `validation.loss_every_steps`",
+    raises=ConfigError,
+    message=r"data\.validation_split=0\.2 holds out images for the validation loss, but "
+    r"validation\.loss_every_steps is 0 \(off\)",
+)
+def _(env):
+    from_dict(env.config(data={"validation_split": 0.2}))
+
+
+@case(
+    "early-stopping-without-validation",
+    "`train.early_stopping_patience=3` without a validation split and loss",
+    raises=ConfigError,
+    message=r"train\.early_stopping_patience=3 needs the validation loss: set "
+    r"validation\.loss_every_steps \(e\.g\. 50\) and data\.validation_split",
+)
+def _(env):
+    from_dict(env.config(train={"early_stopping_patience": 3}))
+
+
+@case(
+    "heic-files",
+    "iPhone `.heic` photos beside the images",
+    warns=r"Ignored 2 file\(s\) in {tmp}/data that are not images this loader reads "
+    r"\(\.heic\): IMG_1\.HEIC, IMG_2\.heic",
+    outcome="the readable images train; one warning names the ignored files",
+)
+def _(env):
+    folder = env.folder()
+    (folder / "IMG_1.HEIC").write_bytes(b"not decodable here")
+    (folder / "IMG_2.heic").write_bytes(b"not decodable here")
+    assert [r.key for r in load_records(folder)] == ["good0.png"]
+
+
+@case(
+    "caption-without-image",
+    "a caption file whose image is missing",
+    warns=r"1 caption file\(s\) in {tmp}/data have no image of the same name and are not "
+    r"used: gone\.txt",
+    outcome="trains on the images; one warning names the orphan caption files",
+)
+def _(env):
+    folder = env.folder()
+    (folder / "gone.txt").write_text("a caption for a deleted photo")
+    assert len(load_records(folder)) == 1
+
+
+@case(
+    "caption-other-case",
+    "`good0.TXT` next to `good0.png`",
+    warns=r"1 caption file\(s\) in {tmp}/data differ in upper/lower case from their image's "
+    r"name \(good0\.TXT\)",
+    outcome="read as the image's caption, with one warning",
+)
+def _(env):
+    folder = env.folder()
+    (folder / "good0.TXT").write_text("a photo of sks disc")
+    assert load_records(folder)[0].caption == "a photo of sks disc"
 
 
 # ------------------------------------------------------------------------------ the tests

@@ -626,10 +626,15 @@ def fresh_accelerate_state():
 
 
 def test_frozen_blocks_are_saved_at_full_precision_under_mixed_precision(
-    tiny_model_dir, instance_dir, tmp_path, fresh_accelerate_state
+    tiny_model_dir, instance_dir, tmp_path, fresh_accelerate_state, monkeypatch
 ):
     """bf16 training holds the frozen blocks in bf16; the saved UNet takes them from the
     base model's files, so they stay bit-identical to the fp32 originals."""
+    # A CPU run falls back from bf16 to fp32 (CPU bf16 autocast works but is far slower);
+    # keep bf16 here: the bf16 path is what this test checks.
+    monkeypatch.setattr(
+        "personalize.training.accelerator.runtime_precision", lambda requested, *_, **__: requested
+    )
     from diffusers import UNet2DConditionModel
 
     cfg = from_dict(

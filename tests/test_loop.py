@@ -115,7 +115,13 @@ def test_validation_loss_is_deterministic(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     write_synthetic_images(data, count=4)
     cfg = from_dict(
-        base_config(tiny_model_dir, data, tmp_path / "run", data={"validation_split": 0.5})
+        base_config(
+            tiny_model_dir,
+            data,
+            tmp_path / "run",
+            data={"validation_split": 0.5},
+            validation={"loss_every_steps": 100},
+        )
     )
     trainer = Trainer(cfg)
     vl = ValidationLoss(trainer.val_dataset, [100, 500], seed=0)

@@ -110,7 +110,7 @@ def load_records(
     if skipped:
         logger.warning(
             "Skipped %d of %d images in %s that could not be read (see the warnings above); "
-            "strict=True turns this into an error.",
+            "data.strict=true turns this into an error.",
             skipped,
             skipped + len(records),
             root,
@@ -133,7 +133,7 @@ def split_records(
     the split is > 0 and there are two or more records, never all. Both halves keep the
     input order."""
     if not 0.0 <= validation_split < 1.0:
-        raise DataError(f"validation_split must be in [0, 1), got {validation_split}.")
+        raise DataError(f"data.validation_split must be in [0, 1), got {validation_split}.")
     count = len(records)
     if validation_split == 0.0 or count < 2:
         if validation_split > 0.0:
@@ -167,35 +167,98 @@ def read_image(record: Record) -> Image.Image:
 
 
 def _folder_candidates(root: Path, caption_extension: str | None) -> list[_Candidate]:
-    images, other_suffixes = _find_images(root)
+    images, others = _find_images(root)
     if not images:
-        found = ", ".join(f"{suffix} ({n})" for suffix, n in other_suffixes.most_common(5))
+        suffixes = Counter(p.suffix.lower() for p in others)
+        found = ", ".join(f"{suffix} ({n})" for suffix, n in suffixes.most_common(5))
         hint = (
             f"; found only {found}. Convert the images to one of those formats." if found else "."
         )
         raise DataError(
             f"No images in {root}. Accepted extensions: {', '.join(IMAGE_EXTENSIONS)}{hint}"
         )
+    caption_suffix = caption_extension.lower() if caption_extension else None
+    # Caption files by folder and lower-cased name: `pic.TXT` next to `pic.png` is its caption
+    # on every file system, not only on the case-insensitive ones.
+    sidecars = {
+        (p.parent, p.name.lower()): p
+        for p in others
+        if caption_suffix and p.suffix.lower() == caption_suffix
+    }
+    used: set[tuple[Path, str]] = set()
+    other_case: list[Path] = []
     candidates = []
     for image in images:
         caption = None
         if caption_extension:
-            sidecar = image.with_suffix(caption_extension)
-            if sidecar.is_file():
+            wanted = (image.parent, (image.stem + caption_extension).lower())
+            sidecar = sidecars.get(wanted)
+            if sidecar is not None:
+                used.add(wanted)
+                if sidecar.name != image.stem + caption_extension:
+                    other_case.append(sidecar)
                 caption = _read_caption_file(sidecar)
         key = image.relative_to(root).as_posix()
         candidates.append(_Candidate(Record(key, image, caption), image, str(image)))
+    _report_folder_leftovers(root, others, sidecars, used, other_case, caption_suffix)
     return candidates
 
 
-def _find_images(root: Path) -> tuple[list[Path], Counter[str]]:
-    """Image files under root, sorted by relative path, and a count of other suffixes.
+def _report_folder_leftovers(
+    root: Path,
+    others: list[Path],
+    sidecars: dict[tuple[Path, str], Path],
+    used: set[tuple[Path, str]],
+    other_case: list[Path],
+    caption_suffix: str | None,
+) -> None:
+    """One summary line for each kind of file that a user would expect to be used and is
+    not (or is, against its name's case): nothing in the data folder is dropped silently."""
+
+    def some(paths: list[Path]) -> str:
+        names = [p.relative_to(root).as_posix() for p in paths[:3]]
+        return ", ".join(names) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+    # .txt files are captions (sidecars off, or another caption_extension): not "unsupported".
+    ignored = [p for p in others if p.suffix.lower() not in (caption_suffix, ".txt")]
+    if ignored:
+        suffixes = ", ".join(sorted({p.suffix.lower() for p in ignored}))
+        logger.warning(
+            "Ignored %d file(s) in %s that are not images this loader reads (%s): %s. "
+            "Accepted image extensions: %s; convert the others (e.g. HEIC to JPEG) to use them.",
+            len(ignored),
+            root,
+            suffixes,
+            some(ignored),
+            ", ".join(IMAGE_EXTENSIONS),
+        )
+    orphans = [p for key, p in sorted(sidecars.items()) if key not in used]
+    if orphans:
+        logger.warning(
+            "%d caption file(s) in %s have no image of the same name and are not used: %s.",
+            len(orphans),
+            root,
+            some(orphans),
+        )
+    if other_case:
+        logger.warning(
+            "%d caption file(s) in %s differ in upper/lower case from their image's name "
+            "(%s); they are read as that image's caption.",
+            len(other_case),
+            root,
+            some(other_case),
+        )
+
+
+def _find_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under root, sorted by relative path, and the other files (with a suffix,
+    not metadata files), sorted the same way.
 
     Hidden files and folders are skipped: macOS `._x.jpg` resource forks and
     `.ipynb_checkpoints` copies look like images by name but are not training data.
     """
     images: list[Path] = []
-    others: Counter[str] = Counter()
+    others: list[Path] = []
     visited: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -211,8 +274,9 @@ def _find_images(root: Path) -> tuple[list[Path], Counter[str]]:
             if suffix in IMAGE_EXTENSIONS:
                 images.append(Path(folder, name))
             elif suffix and name not in METADATA_NAMES:
-                others[suffix] += 1
+                others.append(Path(folder, name))
     images.sort(key=lambda p: p.relative_to(root).as_posix())
+    others.sort(key=lambda p: p.relative_to(root).as_posix())
     return images, others
 
 
@@ -350,7 +414,7 @@ def _saved_dataset_candidates(
     if image_column not in columns:
         raise DataError(
             f"Saved dataset {root} has no image column {image_column!r} (columns: "
-            f"{', '.join(columns)}). Set image_column to the one holding the images."
+            f"{', '.join(columns)}). Set data.image_column to the one holding the images."
         )
     has_captions = _check_caption_column(caption_column, columns, image_column, str(root))
     feature = loaded.features[image_column]
@@ -392,7 +456,7 @@ def _check_caption_column(caption_column: str, columns: list[str], image: str, w
     if others:
         raise DataError(
             f"{where} has no caption column {caption_column!r} (columns: "
-            f"{', '.join(columns)}). Set caption_column to the one holding captions, or "
+            f"{', '.join(columns)}). Set data.caption_column to the one holding captions, or "
             "to an empty string to caption every image with the instance prompt."
         )
     return False
@@ -429,7 +493,7 @@ def _verify(candidates: Iterable[_Candidate], strict: bool) -> tuple[list[Record
                 message = f"Cannot use image {candidate.label}: {problem}."
                 if strict:
                     raise DataError(
-                        f"{message} Fix or remove it, or load with strict=False to skip "
+                        f"{message} Fix or remove it, or set data.strict=false to skip "
                         "unreadable images."
                     )
                 logger.warning("Skipping: %s", message)

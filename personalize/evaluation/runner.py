@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 from personalize.config import ConfigError
 from personalize.evaluation.config import EvaluationConfig
 from personalize.evaluation.prompts import Prompt
+from personalize.precision import precision_dtype
 
 logger = logging.getLogger(__name__)
 
 BASE_LABEL = "base"
 STATE_FILE = "generation.json"
 IMAGES_DIR = "images"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".ckpt", ".pth"}
 
 
@@ -251,7 +251,7 @@ def load_column_pipeline(cfg: EvaluationConfig, column: Column, device: str):
     from personalize.inference import load
     from personalize.models import load_pipeline
 
-    dtype = _DTYPES[cfg.generation.dtype]
+    dtype = precision_dtype(cfg.generation.dtype)
     pipe = load_pipeline(cfg.model, torch_dtype=dtype)
     pipe.scheduler = make_scheduler(pipe, cfg.generation.scheduler)
     pipe.to(device)

@@ -24,6 +24,7 @@ import torch
 
 from personalize.methods.base import Method
 from personalize.models import SDParts
+from personalize.precision import precision_dtype
 from personalize.training import prior
 from personalize.training.checkpoint import write_json_atomic
 from personalize.training.regularizers import Regularizers, build_regularizers
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_INDEX = "model_index.json"
 _TE_STATE_KEY = "_dreambooth.text_encoder_training"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def unet_blocks(unet: torch.nn.Module) -> list[str]:
@@ -171,7 +171,7 @@ class DreamBooth(Method):
         out_dir = Path(out_dir)
         db = self.cfg.db
         trained = {"unet"} | ({"text_encoder"} if db.train_text_encoder else set())
-        dtype = _DTYPES[db.save_precision]
+        dtype = precision_dtype(db.save_precision)
         states = save_pipeline(
             out_dir,
             parts,

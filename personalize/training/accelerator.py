@@ -6,11 +6,16 @@ import logging
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    parse_flag_from_env,
+)
 
 from personalize.config import PersonalizeConfig
 from personalize.models import SDParts
+from personalize.precision import precision_dtype, runtime_precision
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +32,17 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
             logger.warning("tensorboard is not installed; logging to train_log.jsonl only")
     elif t.report_to == "wandb":
         log_with = "wandb"
+    # The shipped configs ask for fp16 (for GPUs); a CPU run falls back to fp32 with one
+    # warning (from the main process) instead of failing on fp16 weights at step 1.
+    # PartialState as AcceleratorState would make it (`accelerate launch --cpu` sets the flag);
+    # a bare PartialState() would miss the gloo ranks of a CPU multi-process launch.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    mixed_precision = runtime_precision(
+        t.mixed_precision, state.device, "train.mixed_precision", warn=state.is_main_process
+    )
     return Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=t.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=log_with,
         # Batches come from pinned memory: the copy to the GPU need not wait for it.
         dataloader_config=DataLoaderConfiguration(
@@ -42,9 +55,7 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    return precision_dtype(accelerator.mixed_precision)
 
 
 def cast_for_training(parts: SDParts, dtype: torch.dtype, device: torch.device) -> None:

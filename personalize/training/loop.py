@@ -198,6 +198,24 @@ class Trainer(EncoderInputs):
             len(val_records),
             self.accelerator.num_processes,
         )
+        self._warn_small_dataset(len(dataset))
+
+    def _warn_small_dataset(self, examples: int) -> None:
+        """A batch cannot hold more examples than an epoch has: the run would silently train
+        with smaller batches than train.batch_size says."""
+        acc, t, d = self.accelerator, self.cfg.train, self.cfg.data
+        per_process = math.ceil(examples / acc.num_processes)
+        if t.batch_size > per_process and acc.is_main_process:
+            logger.warning(
+                "train.batch_size=%d is larger than the %d training example(s) per epoch%s, so "
+                "every batch holds only %d; lower train.batch_size or raise data.repeats "
+                "(now %d)",
+                t.batch_size,
+                examples,
+                f" split over {acc.num_processes} processes" if acc.num_processes > 1 else "",
+                per_process,
+                d.repeats,
+            )
 
     def _setup_modules(self, param_groups: list[dict[str, Any]]) -> None:
         acc, t = self.accelerator, self.cfg.train
@@ -353,7 +371,18 @@ class Trainer(EncoderInputs):
         else:
             self.patience_used += 1
         patience = self.cfg.train.early_stopping_patience
-        return bool(patience and self.patience_used >= patience)
+        stop = bool(patience and self.patience_used >= patience)
+        if stop:
+            logger.info(
+                "early stopping at step %d: the validation loss has not improved for %d "
+                "evaluations; best validation loss %.6g at step %s (weights in %s)",
+                self.global_step,
+                patience,
+                self.best["loss"],
+                self.best["step"],
+                self.out / "best",
+            )
+        return stop
 
     def run(self) -> Path:
         with StopRequest() as self.stop_request:
@@ -406,7 +435,7 @@ class Trainer(EncoderInputs):
             acc.device,
             max_streak=t.max_nonfinite_steps,
             check_every=min(t.log_every, t.max_nonfinite_steps),
-            fp16=t.mixed_precision == "fp16",
+            fp16=acc.mixed_precision == "fp16",
         )
         guard.first_unchecked_step = start_step + 1
         micro_loss = torch.zeros((), device=acc.device)

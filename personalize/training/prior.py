@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from personalize.data import DataError, ImageCaptionDataset, load_records
 from personalize.data.records import IMAGE_EXTENSIONS
 from personalize.models import SDParts
+from personalize.precision import precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +292,8 @@ def _fit(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _autocast_dtype(cfg) -> torch.dtype | None:
     precision = cfg.db.class_precision or cfg.train.mixed_precision
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = precision_dtype(precision)
+    return None if dtype == torch.float32 else dtype
 
 
 def uses_class_images(cfg) -> bool:
