@@ -118,4 +118,6 @@ def test_progress_bar_counts_images_over_prompts(tiny_model_dir, tmp_path, capsy
     args += ["--num-images", "2", "--steps", "1", "--resolution", "32"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
-    assert "sample:  50%" in err and "2/4" in err and "4/4" in err
+    # tqdm redraws at most every 0.1 s, so intermediate counts may be skipped on a fast
+    # machine; the final "4/4" shows the bar counts images over both prompts.
+    assert "sample: 100%" in err and "4/4" in err
