@@ -73,13 +73,16 @@ def load_records(
     image_column: str = "image",
     caption_column: str = "text",
     strict: bool = False,
+    skip: Iterable[str | Path] = (),
 ) -> list[Record]:
     """Find the images and captions under `path` and check that every image decodes.
 
     `path` is a folder of images (recursive, sorted, `x.png` + optional `x.txt`), a
     folder with `metadata.jsonl`/`metadata.csv` (`file_name` + `caption_column`), such a
     metadata file itself, or a folder written by `datasets`' `save_to_disk`. Unreadable
-    images are skipped with a warning, or raise DataError when `strict`.
+    images are skipped with a warning, or raise DataError when `strict`. In a folder,
+    sub-folders listed in `skip` (the run's own output_dir) and those holding a run's
+    `run.json` are left out: a run's samples and class images are not training data.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -104,7 +107,9 @@ def load_records(
             candidates = _metadata_candidates(metadata[0], caption_column)
             _warn_unlisted(root, candidates, metadata[0])
         else:
-            candidates = _folder_candidates(root, _normalize_extension(caption_extension))
+            candidates = _folder_candidates(
+                root, _normalize_extension(caption_extension), _real_paths(skip)
+            )
 
     records, skipped = _verify(candidates, strict)
     if skipped:
@@ -166,8 +171,23 @@ def read_image(record: Record) -> Image.Image:
 # --- finding records ------------------------------------------------------------------
 
 
-def _folder_candidates(root: Path, caption_extension: str | None) -> list[_Candidate]:
-    images, other_suffixes = _find_images(root)
+def _real_paths(paths: Iterable[str | Path]) -> set[str]:
+    return {os.path.realpath(Path(p).expanduser()) for p in paths}
+
+
+def _folder_candidates(
+    root: Path, caption_extension: str | None, skip: set[str] = frozenset()
+) -> list[_Candidate]:
+    images, other_suffixes, skipped = _find_images(root, skip)
+    if skipped:
+        count = sum(skipped.values())
+        logger.warning(
+            "Skipped %d images under our own run folders in %s (this run's output_dir, its "
+            "class images, or a folder holding run.json): %s",
+            count,
+            root,
+            ", ".join(f"{folder} ({n})" for folder, n in skipped.items()),
+        )
     if not images:
         found = ", ".join(f"{suffix} ({n})" for suffix, n in other_suffixes.most_common(5))
         hint = (
@@ -188,8 +208,11 @@ def _folder_candidates(root: Path, caption_extension: str | None) -> list[_Candi
     return candidates
 
 
-def _find_images(root: Path) -> tuple[list[Path], Counter[str]]:
-    """Image files under root, sorted by relative path, and a count of other suffixes.
+def _find_images(
+    root: Path, skip: set[str] = frozenset()
+) -> tuple[list[Path], Counter[str], dict[str, int]]:
+    """Image files under root, sorted by relative path, a count of other suffixes, and the
+    number of images in each left-out run folder (`skip`, or holding a run's run.json).
 
     Hidden files and folders are skipped: macOS `._x.jpg` resource forks and
     `.ipynb_checkpoints` copies look like images by name but are not training data.
@@ -197,6 +220,7 @@ def _find_images(root: Path) -> tuple[list[Path], Counter[str]]:
     images: list[Path] = []
     others: Counter[str] = Counter()
     visited: set[str] = set()
+    left_out: dict[str, int] = {}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in visited:  # a symlink loop; walk each real folder once
@@ -204,6 +228,11 @@ def _find_images(root: Path) -> tuple[list[Path], Counter[str]]:
             continue
         visited.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in list(subfolders):
+            sub = Path(folder, name)
+            if os.path.realpath(sub) in skip or _holds_run_file(sub):
+                subfolders.remove(name)
+                left_out[str(sub)] = _count_images(sub)
         for name in files:
             suffix = Path(name).suffix.lower()
             if name.startswith("."):
@@ -213,7 +242,24 @@ def _find_images(root: Path) -> tuple[list[Path], Counter[str]]:
             elif suffix and name not in METADATA_NAMES:
                 others[suffix] += 1
     images.sort(key=lambda p: p.relative_to(root).as_posix())
-    return images, others
+    return images, others, {k: n for k, n in left_out.items() if n}
+
+
+def _holds_run_file(folder: Path) -> bool:
+    """Whether `folder` is one of our run folders: it holds run.json, a JSON object."""
+    try:
+        return isinstance(json.loads((folder / "run.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _count_images(folder: Path) -> int:
+    return sum(
+        1
+        for _, _, files in os.walk(folder)
+        for name in files
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def _read_caption_file(path: Path) -> str | None:
