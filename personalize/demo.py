@@ -40,6 +40,14 @@ def _method_overrides(method: str) -> dict[str, Any]:
     return get_method(method).demo_overrides()
 
 
+def _clear_previous_demo(output_dir: str) -> None:
+    """The demo owns its method folder: a rerun replaces it. (`overwrite: true` alone would
+    keep the previous run in a dated folder beside it, as it does for users' runs.)"""
+    import shutil
+
+    shutil.rmtree(output_dir, ignore_errors=True)
+
+
 def demo_config(
     method: str, out: Path, steps: int, world: str = "toy", subject: str = DEFAULT_SUBJECT
 ) -> dict[str, Any]:
@@ -165,6 +173,7 @@ def _run_toy(
     subject = get_subject(subject_name)
     cfg = from_dict(demo_config(method, out, steps, "toy", subject_name))
     instance_paths = write_instance_images(subject, cfg.data.path, count=5)
+    _clear_previous_demo(cfg.output_dir)
     run_dir = train(cfg)
 
     phrase = subject_phrase(cfg)
@@ -253,6 +262,7 @@ def _run_tiny(method: str, out: Path, steps: int, seeds: tuple[int, ...]) -> dic
         save_tiny_pipeline(out / "base_model")
     write_synthetic_images(out / "instance_images", count=6)
     cfg = from_dict(demo_config(method, out, steps, world="tiny"))
+    _clear_previous_demo(cfg.output_dir)
     run_dir = train(cfg)
 
     # The method may change the instance prompt (e.g. TI's placeholder token); sample with it.

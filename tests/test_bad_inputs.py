@@ -818,6 +818,7 @@ def _(env):
 
     (env.tmp / "run").mkdir()
     (env.tmp / "run" / "run.json").write_text('{"config": {}}')  # what every run writes
+    (env.tmp / "run" / "pytorch_lora_weights.safetensors").write_bytes(b"its artifact")
     # No model at that path: the refusal must come first, before any loading.
     train(from_dict(base_config(env.tmp / "no-model", env.images, env.tmp / "run")))
 

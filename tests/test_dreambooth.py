@@ -187,7 +187,7 @@ def test_class_generation_creates_exactly_the_missing_number(tiny_model_dir, tmp
     kw = dict(seed=0, batch_size=2, num_inference_steps=2, resolution=32)
     made = prior.ensure_class_images(folder, CLASS_PROMPT, 5, lambda: counting, **kw)
     assert made == [0, 1, 2] and sum(calls) == 3
-    names = {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.glob("*.png")}
     assert {prior.class_image_name(CLASS_PROMPT, 0, i) for i in range(3)} <= names
     assert len(names) == 5
     # A rerun finds everything and builds no pipeline at all.
@@ -202,18 +202,18 @@ def test_class_generation_resumes_after_interruption(tiny_model_dir, tmp_path):
     failing, _ = _counting(pipe, fail_after=1)
     with pytest.raises(KeyboardInterrupt):
         prior.ensure_class_images(interrupted, CLASS_PROMPT, 5, lambda: failing, **kw)
-    first = {p.name: p.read_bytes() for p in interrupted.iterdir()}
+    first = {p.name: p.read_bytes() for p in interrupted.glob("*.png")}
     assert len(first) == 2
     (interrupted / f".{prior.class_image_name(CLASS_PROMPT, 0, 2)}.tmp-999").write_bytes(b"x")
     counting, calls = _counting(pipe)
     made = prior.ensure_class_images(interrupted, CLASS_PROMPT, 5, lambda: counting, **kw)
     assert made == [2, 3, 4] and sum(calls) == 3
-    files = {p.name: p.read_bytes() for p in interrupted.iterdir()}
+    files = {p.name: p.read_bytes() for p in interrupted.glob("*.png")}
     assert len(files) == 5 and all(files[n] == b for n, b in first.items())  # kept as they were
     # The same images an uninterrupted run makes: each one's seed depends on its index only.
     straight = tmp_path / "straight"
     prior.ensure_class_images(straight, CLASS_PROMPT, 5, lambda: pipe, **dict(kw, batch_size=5))
-    assert sorted(p.name for p in straight.iterdir()) == sorted(files)
+    assert sorted(p.name for p in straight.glob("*.png")) == sorted(files)
     from PIL import Image
 
     for name in files:
@@ -288,7 +288,7 @@ def test_two_process_run_splits_class_generation_without_duplicates(
     # Only the main process logs at INFO; rank 0 made 0, 2, 4 and all six exist (below), so
     # rank 1 made 1, 3, 5.
     assert shares == {0: [0, 2, 4]}
-    assert sorted(p.name for p in class_folder.iterdir()) == sorted(
+    assert sorted(p.name for p in class_folder.glob("*.png")) == sorted(
         prior.class_image_name(CLASS_PROMPT, 0, i) for i in range(6)
     )
     assert (out / "model_index.json").is_file() and "text encoder frozen" in proc.stderr

@@ -73,13 +73,16 @@ def load_records(
     image_column: str = "image",
     caption_column: str = "text",
     strict: bool = False,
+    skip: Iterable[str | Path] = (),
 ) -> list[Record]:
     """Find the images and captions under `path` and check that every image decodes.
 
     `path` is a folder of images (recursive, sorted, `x.png` + optional `x.txt`), a
     folder with `metadata.jsonl`/`metadata.csv` (`file_name` + `caption_column`), such a
     metadata file itself, or a folder written by `datasets`' `save_to_disk`. Unreadable
-    images are skipped with a warning, or raise DataError when `strict`.
+    images are skipped with a warning, or raise DataError when `strict`. In a folder,
+    sub-folders listed in `skip` (the run's own output_dir) and those holding a run's
+    `run.json` are left out: a run's samples and class images are not training data.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -104,7 +107,9 @@ def load_records(
             candidates = _metadata_candidates(metadata[0], caption_column)
             _warn_unlisted(root, candidates, metadata[0])
         else:
-            candidates = _folder_candidates(root, _normalize_extension(caption_extension))
+            candidates = _folder_candidates(
+                root, _normalize_extension(caption_extension), _real_paths(skip)
+            )
 
     records, skipped = _verify(candidates, strict)
     if skipped:
@@ -166,8 +171,23 @@ def read_image(record: Record) -> Image.Image:
 # --- finding records ------------------------------------------------------------------
 
 
-def _folder_candidates(root: Path, caption_extension: str | None) -> list[_Candidate]:
-    images, others = _find_images(root)
+def _real_paths(paths: Iterable[str | Path]) -> set[str]:
+    return {os.path.realpath(Path(p).expanduser()) for p in paths}
+
+
+def _folder_candidates(
+    root: Path, caption_extension: str | None, skip: set[str] = frozenset()
+) -> list[_Candidate]:
+    images, others, skipped = _find_images(root, skip)
+    if skipped:
+        count = sum(skipped.values())
+        logger.warning(
+            "Skipped %d images under our own run folders in %s (this run's output_dir, its "
+            "class images, or a folder holding run.json): %s",
+            count,
+            root,
+            ", ".join(f"{folder} ({n})" for folder, n in skipped.items()),
+        )
     if not images:
         suffixes = Counter(p.suffix.lower() for p in others)
         found = ", ".join(f"{suffix} ({n})" for suffix, n in suffixes.most_common(5))
@@ -250,9 +270,12 @@ def _report_folder_leftovers(
         )
 
 
-def _find_images(root: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under root, sorted by relative path, and the other files (with a suffix,
-    not metadata files), sorted the same way.
+def _find_images(
+    root: Path, skip: set[str] = frozenset()
+) -> tuple[list[Path], list[Path], dict[str, int]]:
+    """Image files under root, sorted by relative path; the other files (with a suffix, not
+    metadata files), sorted the same way; and the number of images in each left-out run folder
+    (`skip`, or holding a run's run.json).
 
     Hidden files and folders are skipped: macOS `._x.jpg` resource forks and
     `.ipynb_checkpoints` copies look like images by name but are not training data.
@@ -260,6 +283,7 @@ def _find_images(root: Path) -> tuple[list[Path], list[Path]]:
     images: list[Path] = []
     others: list[Path] = []
     visited: set[str] = set()
+    left_out: dict[str, int] = {}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in visited:  # a symlink loop; walk each real folder once
@@ -267,6 +291,11 @@ def _find_images(root: Path) -> tuple[list[Path], list[Path]]:
             continue
         visited.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in list(subfolders):
+            sub = Path(folder, name)
+            if os.path.realpath(sub) in skip or _holds_run_file(sub):
+                subfolders.remove(name)
+                left_out[str(sub)] = _count_images(sub)
         for name in files:
             suffix = Path(name).suffix.lower()
             if name.startswith("."):
@@ -277,7 +306,24 @@ def _find_images(root: Path) -> tuple[list[Path], list[Path]]:
                 others.append(Path(folder, name))
     images.sort(key=lambda p: p.relative_to(root).as_posix())
     others.sort(key=lambda p: p.relative_to(root).as_posix())
-    return images, others
+    return images, others, {k: n for k, n in left_out.items() if n}
+
+
+def _holds_run_file(folder: Path) -> bool:
+    """Whether `folder` is one of our run folders: it holds run.json, a JSON object."""
+    try:
+        return isinstance(json.loads((folder / "run.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _count_images(folder: Path) -> int:
+    return sum(
+        1
+        for _, _, files in os.walk(folder)
+        for name in files
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def _read_caption_file(path: Path) -> str | None:

@@ -133,15 +133,34 @@ def save_checkpoint(
             "space (or lower train.checkpoints_total_limit) and resume with resume=latest."
         ) from e
     if accelerator.is_main_process:
-        _prune(root, keep)
+        _prune(root, keep, step)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _step_of(folder: Path) -> int:
+    return int(_STEP_DIR.match(folder.name).group(1))
+
+
+def _prune(root: Path, keep: int, saved_step: int) -> None:
+    """Keep the checkpoint just saved at `saved_step` and the `keep - 1` before it.
+
+    Checkpoints of later steps are a future this run replaced (it resumed from an earlier
+    checkpoint): kept, they would be `latest` and outrank the one just saved (a signal's
+    included), so they go, with a log line."""
     found = complete_checkpoints(root.parent)
-    for old in found[:-keep] if keep > 0 else []:
+    later = [d for d in found if _step_of(d) > saved_step]
+    earlier = [d for d in found if _step_of(d) < saved_step]
+    if later:
+        logger.warning(
+            "removed checkpoints %s: they are past step %d, from the run this one replaced "
+            "when it resumed from an earlier checkpoint",
+            ", ".join(d.name for d in later),
+            saved_step,
+        )
+    extra = len(earlier) - max(keep - 1, 0)
+    for old in later + (earlier[:extra] if extra > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)

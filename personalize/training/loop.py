@@ -49,36 +49,16 @@ from personalize.training.noise import (
     training_target,
 )
 from personalize.training.optimizers import check_available, eval_weights
+from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_dir
+from personalize.training.prior import class_data_dir, uses_class_images
 from personalize.training.signals import StopRequest, TrainingInterrupted
 from personalize.training.validation import ValidationLoss, save_validation_samples
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-LOG_FILE = "train_log.jsonl"
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
-
-
-def _check_output_dir(cfg: PersonalizeConfig) -> None:
-    out = Path(cfg.output_dir)
-    holds_run = (out / RUN_FILE).exists() or ckpt.checkpoint_root(out).exists()
-    if holds_run and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(
-            f"output_dir {out} already holds a run. Set resume=latest to continue it, "
-            "overwrite=true to write over it, or choose another output_dir."
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(
-            f"output_dir {out} cannot be created or written ({e}); choose another output_dir"
-        ) from e
 
 
 class Trainer(EncoderInputs):
@@ -92,7 +72,7 @@ class Trainer(EncoderInputs):
         self.out = Path(cfg.output_dir)
         self.accelerator = make_accelerator(cfg)
         if self.accelerator.is_main_process:
-            _check_output_dir(cfg)
+            prepare_output_dir(cfg)
         # A resume path that is not a checkpoint fails here, before minutes of model loading.
         self.resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
         check_available(cfg.train.optimizer)  # a missing optional package: one line, now
@@ -118,21 +98,18 @@ class Trainer(EncoderInputs):
 
     def _setup_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
-        records = load_records(
-            d.path,
+        # Never our own outputs as data: a second run would train on the first's samples.
+        ours = [self.out] + ([class_data_dir(self.cfg)] if uses_class_images(self.cfg) else [])
+        read = dict(
             caption_extension=d.caption_extension,
             image_column=d.image_column,
             caption_column=d.caption_column,
             strict=d.strict,
+            skip=ours,
         )
+        records = load_records(d.path, **read)
         if d.validation_path:
-            val_records = load_records(
-                d.validation_path,
-                caption_extension=d.caption_extension,
-                image_column=d.image_column,
-                caption_column=d.caption_column,
-                strict=d.strict,
-            )
+            val_records = load_records(d.validation_path, **read)
         else:
             records, val_records = split_records(records, d.validation_split, self.cfg.seed)
         captions = {str(r.image_path or r.key): r.caption for r in records if r.caption}

@@ -10,6 +10,10 @@ from drifting toward the subject (language drift) and keeps its diversity.
   its own share. Image i is named by a hash of (prompt, seed, i) and drawn from a seed
   derived the same way, so a rerun finds what exists and only adds what is missing, and
   an interrupted generation continues where it stopped with the images it would have made.
+  SIGINT/SIGTERM stop it after the current batch, keeping every image made (exit 130/143).
+- `class_images.json` in the folder records the prompt and the model the generated images
+  were made with; a run with another class prompt or model refuses the folder instead of
+  silently training on the wrong class. Images in a folder without it are the user's own.
 - `PriorPairedDataset` gives every instance example a class example under "prior"; the
   loop's collate appends those after the instance examples and marks them in is_prior.
 - `prior_preservation_loss` is the reduction `instance mean + weight * class mean`.
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,11 +39,14 @@ from personalize.data import DataError, ImageCaptionDataset, load_records
 from personalize.data.records import IMAGE_EXTENSIONS
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
+from personalize.training.signals import StopRequest, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
 CLASS_IMAGES_DIR = "class_images"
+MANIFEST = "class_images.json"
 _TMP_MARK = ".tmp-"
+_FINGERPRINT_CHUNK = 1 << 16
 
 
 # ------------------------------------------------------------------------------ naming
@@ -84,6 +93,80 @@ def missing_indices(existing_names: set[str], prompt: str, seed: int, count: int
     return out
 
 
+# ------------------------------------------------------------------------------ manifest
+
+
+def model_identity(path: str, revision: str | None = None, variant: str | None = None) -> dict:
+    """What tells one base model from another, wherever its folder lies: for a local model,
+    a hash of the size and three slices from inside its largest UNet weights file (the
+    header of a safetensors file is the same for every fine-tune of an architecture); for
+    a hub id, the id and revision."""
+    local = Path(path).expanduser()
+    weights = (
+        [local]
+        if local.is_file()
+        else [p for p in (local / "unet").glob("*") if p.is_file()]
+        if local.is_dir()
+        else []
+    )
+    if not weights:
+        return {"path": path, "fingerprint": f"hub:{path}@{revision or 'main'}:{variant or ''}"}
+    largest = max(weights, key=lambda p: p.stat().st_size)
+    size = largest.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(largest, "rb") as f:
+        for quarter in (1, 2, 3):
+            f.seek(size * quarter // 4)
+            digest.update(f.read(_FINGERPRINT_CHUNK))
+    return {"path": path, "fingerprint": digest.hexdigest()[:32]}
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "prompt" in manifest else None
+
+
+def check_class_folder(folder: Path, prompt: str, model: dict | None, have: int) -> None:
+    """Refuse a folder of images generated for another class prompt or another model."""
+    manifest = _read_manifest(folder) if have else None  # an emptied folder starts over
+    if manifest is None:
+        if have and not (folder / MANIFEST).exists():
+            logger.info(
+                "class images: %d images in %s with no manifest: using them as your own "
+                "class images for %r",
+                have,
+                folder,
+                prompt,
+            )
+        return
+    hint = (
+        f"Give each class prompt and model its own db.class_data_dir, or empty {folder} "
+        "to generate new ones."
+    )
+    if manifest["prompt"] != prompt:
+        raise DataError(
+            f"db.class_data_dir {folder} holds class images generated for "
+            f"{manifest['prompt']!r}, not for this run's class_prompt {prompt!r}. {hint}"
+        )
+    made_with = manifest.get("model") or {}
+    if model and made_with and made_with.get("fingerprint") != model["fingerprint"]:
+        raise DataError(
+            f"db.class_data_dir {folder} holds class images generated with another model "
+            f"({made_with.get('path')}), not this run's model.path {model['path']}; prior "
+            f"preservation keeps the prior of the model being trained. {hint}"
+        )
+
+
+def _write_manifest(folder: Path, prompt: str, model: dict | None) -> None:
+    data = {"prompt": prompt, "model": model}
+    tmp = folder / f".{MANIFEST}{_TMP_MARK}{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
 # ------------------------------------------------------------------------------ generation
 
 
@@ -122,6 +205,7 @@ def ensure_class_images(
     resolution: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     state=None,
+    model: dict | None = None,
 ) -> list[int]:
     """Generate the class images `folder` lacks to hold `num_images` images; every process
     of the run must call this. Returns the indices this process generated.
@@ -129,7 +213,8 @@ def ensure_class_images(
     Every image file in the folder counts, the user's own included. The processes list the
     folder before any of them writes, so they agree on what is missing; process k takes
     every num_processes-th missing index. `make_pipeline` is only called when this process
-    has something to generate."""
+    has something to generate. `model` (model_identity) is checked against, and recorded
+    in, the folder's manifest with the prompt; a mismatch raises DataError."""
     state = _process_state(state)
     folder = Path(folder)
     if state.is_main_process:
@@ -138,7 +223,10 @@ def ensure_class_images(
             stale.unlink(missing_ok=True)
     state.wait_for_everyone()
     files = _image_files(folder)
+    check_class_folder(folder, prompt, model, len(files))
     todo = missing_indices({p.name for p in files}, prompt, seed, max(0, num_images - len(files)))
+    if todo and state.is_main_process:
+        _write_manifest(folder, prompt, model)  # before any image: an interruption keeps it
     state.wait_for_everyone()  # everyone has listed the folder; now writing may begin
     mine = todo[state.process_index :: state.num_processes]
     if todo and state.is_main_process:
@@ -162,32 +250,44 @@ def ensure_class_images(
         device = getattr(pipe, "device", torch.device("cpu"))
         use_autocast = autocast_dtype is not None and device.type != "cpu"
         batches = range(0, len(mine), batch_size)
-        for start in tqdm(
-            batches, desc="class images", unit="batch", disable=not state.is_local_main_process
-        ):
-            chunk = mine[start : start + batch_size]
-            generators = [
-                torch.Generator("cpu").manual_seed(class_image_seed(prompt, seed, i)) for i in chunk
-            ]
-            autocast = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if use_autocast
-                else contextlib.nullcontext()
-            )
-            with autocast, torch.no_grad():
-                images = pipe(
-                    [prompt] * len(chunk),
-                    generator=generators,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    height=resolution,
-                    width=resolution,
-                ).images
-            for index, image in zip(chunk, images):
-                _save_png_atomic(image, folder / class_image_name(prompt, seed, index))
+        # Ctrl-C / SIGTERM: finish the batch in flight (its images are saved), then stop.
+        with StopRequest("keeping the images made, stopping after this batch") as stop:
+            for start in tqdm(
+                batches, desc="class images", unit="batch", disable=not state.is_local_main_process
+            ):
+                if stop.signum:
+                    break
+                chunk = mine[start : start + batch_size]
+                generators = [
+                    torch.Generator("cpu").manual_seed(class_image_seed(prompt, seed, i))
+                    for i in chunk
+                ]
+                autocast = (
+                    torch.autocast(device.type, dtype=autocast_dtype)
+                    if use_autocast
+                    else contextlib.nullcontext()
+                )
+                with autocast, torch.no_grad():
+                    images = pipe(
+                        [prompt] * len(chunk),
+                        generator=generators,
+                        num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale,
+                        height=resolution,
+                        width=resolution,
+                    ).images
+                for index, image in zip(chunk, images):
+                    _save_png_atomic(image, folder / class_image_name(prompt, seed, index))
         del pipe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if stop.signum:
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(stop.signum).name} during class-image generation; "
+                f"{len(_image_files(folder))} of {num_images} class images saved in {folder}. "
+                "Continue with resume=latest (generation picks up where it stopped).",
+                stop.signum,
+            )
     state.wait_for_everyone()
     if state.is_main_process:
         have = len(_image_files(folder))
@@ -325,6 +425,7 @@ def wrap_with_prior(
             resolution=cfg.train.resolution,
             autocast_dtype=_autocast_dtype(cfg),
             state=accelerator,
+            model=model_identity(cfg.model.path, cfg.model.revision, cfg.model.variant),
         )
     d = cfg.data
     records = load_records(folder, caption_extension=d.caption_extension, strict=d.strict)

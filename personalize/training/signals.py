@@ -33,7 +33,8 @@ class TrainingInterrupted(RuntimeError):
 class StopRequest:
     """Installs the handlers for the duration of a `with` block."""
 
-    def __init__(self):
+    def __init__(self, then: str = "saving a checkpoint after this step, then stopping"):
+        self.then = then  # what happens next, for the log line
         self.signum: int | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
@@ -62,7 +63,4 @@ class StopRequest:
                 signal.raise_signal(signum)
             return
         self.signum, self._first_at = signum, now
-        logger.warning(
-            "received %s: saving a checkpoint after this step, then stopping",
-            signal.Signals(signum).name,
-        )
+        logger.warning("received %s: %s", signal.Signals(signum).name, self.then)
