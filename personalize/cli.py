@@ -374,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     from personalize.data import DataError
     from personalize.inference import ArtifactError
     from personalize.models import ModelLoadError
+    from personalize.signals import TrainingInterrupted
     from personalize.training.checkpoint import CheckpointError
     from personalize.training.loop import TrainingError
-    from personalize.training.signals import TrainingInterrupted
 
     try:
         # Log lines printed while a progress bar is on screen go above it, not onto its line.

@@ -20,12 +20,12 @@ from diffusers import StableDiffusionPipeline
 from personalize import load, train
 from personalize.config import ConfigError, from_dict
 from personalize.inference import generate
+from personalize.methods import prior
 from personalize.methods.dreambooth import DreamBooth
+from personalize.methods.regularizers import L2SP, LoRAL2SP
 from personalize.models import load_parts, load_pipeline
 from personalize.testing import write_synthetic_images
-from personalize.training import prior
 from personalize.training.loop import Trainer
-from personalize.training.regularizers import L2SP, LoRAL2SP
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of sks disc"

@@ -4,9 +4,9 @@ subject bound to a rare identifier ("a photo of sks dog"), Ruiz et al. 2023.
 What trains: the whole UNet, or only the blocks named in `db.train_unet_blocks` (the
 shallow ones stay as pretrained: "weight fixing"), plus the text encoder with its own LR
 until `db.stop_text_encoder_training`. What joins the loss: prior preservation with class
-images (training/prior.py: `instance + prior_loss_weight * class`), or a distillation prior
+images (methods/prior.py: `instance + prior_loss_weight * class`), or a distillation prior
 from a frozen copy of the original UNet, and optionally the L2-SP pull toward the
-pretrained weights (training/regularizers.py). What is saved: a complete diffusers
+pretrained weights (methods/regularizers.py). What is saved: a complete diffusers
 pipeline in output_dir (`StableDiffusionPipeline.from_pretrained(output_dir)` loads it),
 optionally one original-layout .safetensors file for webui/ComfyUI.
 """
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from personalize.methods import prior
 from personalize.methods.base import Method
+from personalize.methods.regularizers import Regularizers, build_regularizers
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
-from personalize.training import prior
 from personalize.training.checkpoint import write_json_atomic
-from personalize.training.regularizers import Regularizers, build_regularizers
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from personalize.adapters.clients import log_client_guide
+from personalize.methods import prior
 from personalize.methods.base import Method
+from personalize.methods.regularizers import build_regularizers
 from personalize.models import SDParts
-from personalize.training import prior
-from personalize.training.regularizers import build_regularizers
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
@@ -84,7 +84,7 @@ class LoRA(Method):
                 }
             )
         # DreamBooth-LoRA: the db section's prior preservation and regularizers, the same
-        # code as method dreambooth (training/prior.py, training/regularizers.py).
+        # code as method dreambooth (methods/prior.py, methods/regularizers.py).
         self.regularizers = build_regularizers(self.cfg, parts, adapters=True)
         return groups
 

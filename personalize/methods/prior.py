@@ -39,7 +39,7 @@ from personalize.data import DataError, ImageCaptionDataset, load_records
 from personalize.data.records import IMAGE_EXTENSIONS
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
-from personalize.training.signals import StopRequest, TrainingInterrupted
+from personalize.signals import StopRequest, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def wrap_with_prior(
     missing ones with the base model (adapters off), then pair them with the instances."""
     if not uses_class_images(cfg):
         return dataset
-    from personalize.training.regularizers import adapters_disabled
+    from personalize.methods.regularizers import adapters_disabled
 
     db = cfg.db
     folder = class_data_dir(cfg)
