@@ -17,13 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from personalize.errors import ArtifactError, ArtifactNotFoundError
 from personalize.logs import dropping
 
 logger = logging.getLogger(__name__)
-
-
-class ArtifactError(ValueError):
-    """The file is not a learned artifact we know, or does not fit this pipeline."""
 
 
 # ------------------------------------------------------------------------------ LoRA
@@ -195,7 +192,7 @@ LOADERS: list[tuple[str, Detect, Apply]] = [
 def detect_artifact(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"artifact {path} does not exist")
+        raise ArtifactNotFoundError(f"artifact {path} does not exist")
     if path.is_file() and path.stat().st_size == 0:
         raise ArtifactError(
             f"{path} is empty (0 bytes): an interrupted download or copy? Get the file again."

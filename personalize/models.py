@@ -9,11 +9,9 @@ from typing import Any
 
 import torch
 
+from personalize.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(ValueError):
-    """The model path is missing, not a Stable Diffusion model, or unreadable."""
 
 
 @dataclass

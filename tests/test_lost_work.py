@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import base_config
+from helpers import ROOT
 
 from personalize import train
 from personalize.config import ConfigError, from_dict
@@ -27,7 +28,6 @@ from personalize.training import checkpoint as ckpt
 from personalize.training import loop
 from personalize.training.loop import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
-from personalize.inference import ArtifactError
+from personalize.errors import ArtifactNotFoundError, EmbeddingError
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ KNOWN_WIDTHS = {
     1024: "SD 2.x (OpenCLIP ViT-H)",
     1280: "SDXL's second text encoder (OpenCLIP ViT-bigG)",
 }
-
-
-class EmbeddingError(ArtifactError):
-    """An embedding file we cannot read, or one that does not fit the pipeline."""
 
 
 @dataclass
@@ -164,7 +160,7 @@ def read_embedding(path: str | Path) -> Embedding:
             raise EmbeddingError(f"{path} holds no {DIFFUSERS_FILE}")
         path = path / DIFFUSERS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"embedding {path} does not exist")
+        raise ArtifactNotFoundError(f"embedding {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

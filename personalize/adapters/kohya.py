@@ -23,6 +23,8 @@ import re
 
 import torch
 
+from personalize.errors import KohyaExportError
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 # The CLIP layers the tools address (ComfyUI's LORA_CLIP_MAP; sd-scripts' CLIPAttention/CLIPMLP).
@@ -36,10 +38,6 @@ TEXT_ENCODER_LAYERS = (
 )
 _TE_PATH = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.(.+)$")
 _PEFT_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-
-
-class KohyaExportError(ValueError):
-    """These adapters cannot be written in the kohya layout; the message says why."""
 
 
 def text_encoder_module_name(path: str) -> str:

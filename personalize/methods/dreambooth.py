@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from personalize.errors import ConfigError
 from personalize.methods import prior
 from personalize.methods.base import Method
 from personalize.methods.regularizers import Regularizers, build_regularizers
@@ -56,7 +57,7 @@ def select_unet_params(unet: torch.nn.Module, blocks: list[str] | None) -> list[
     named = list(unet.named_parameters())
     for block in blocks:
         if not any(n == block or n.startswith(block + ".") for n, _ in named):
-            raise ValueError(
+            raise ConfigError(
                 f"db.train_unet_blocks: {block!r} names no part of this UNet; "
                 f"its blocks are {', '.join(unet_blocks(unet))} (a dotted "
                 "sub-path like up_blocks.1.attentions works too)"
@@ -154,7 +155,7 @@ class DreamBooth(Method):
         params = self._trainable_params(parts)
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            raise ValueError(
+            raise ConfigError(
                 "checkpoint does not match this run's trainable weights "
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); was it written with "
                 "other db.train_unet_blocks / db.train_text_encoder settings?"

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from personalize.adapters.clients import log_client_guide
+from personalize.errors import ConfigError
 from personalize.methods import prior
 from personalize.methods.base import Method
 from personalize.methods.regularizers import build_regularizers
@@ -46,7 +47,7 @@ def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) 
     names = [n for n, _ in module.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{key}: no module named {missing} in this model; "
             "examples of names: " + ", ".join(n for n in names[-8:] if n)
         )

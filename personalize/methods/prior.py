@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from personalize.data import DataError, ImageCaptionDataset, load_records
+from personalize.data import ImageCaptionDataset, load_records
 from personalize.data.records import IMAGE_EXTENSIONS
+from personalize.errors import DataError, TrainingInterrupted
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
-from personalize.signals import StopRequest, TrainingInterrupted
+from personalize.signals import StopRequest
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from personalize.errors import ConfigError
 from personalize.models import SDParts
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class AnchorStore:
 
     def __init__(self, params: list[torch.nn.Parameter], mode: str):
         if mode not in ("auto", "device", "cpu"):
-            raise ValueError(
+            raise ConfigError(
                 f"db.weight_constraint_anchor must be auto, device or cpu, got {mode!r}"
             )
         self.mode = mode
@@ -152,7 +153,7 @@ class L2SP:
 
     def __init__(self, params: list[torch.nn.Parameter], lam: float, anchor: str = "auto"):
         if not params:
-            raise ValueError("L2-SP: no trained parameters to constrain")
+            raise ConfigError("L2-SP: no trained parameters to constrain")
         self.params = params
         self.lam = float(lam)
         self.store = AnchorStore(params, anchor)
@@ -185,7 +186,7 @@ class LoRAL2SP:
                 if not isinstance(layer, LoraLayer):
                     continue
                 if any(layer.use_dora.get(a, False) for a in layer.active_adapters):
-                    raise ValueError(
+                    raise ConfigError(
                         "db.weight_constraint=l2sp is not defined for DoRA adapters "
                         "(lora.use_dora): their magnitude vector rescales W* itself. "
                         "Turn one of them off."
@@ -193,13 +194,13 @@ class LoRAL2SP:
                 if getattr(layer, "lora_embedding_A", None) and any(
                     a in layer.lora_embedding_A for a in layer.active_adapters
                 ):
-                    raise ValueError(
+                    raise ConfigError(
                         f"db.weight_constraint=l2sp: embedding adapter {name} "
                         "is not supported; target Linear/Conv layers only"
                     )
                 self.layers.append(layer)
         if not self.layers:
-            raise ValueError("db.weight_constraint=l2sp: the model has no LoRA layers")
+            raise ConfigError("db.weight_constraint=l2sp: the model has no LoRA layers")
         logger.info(
             "L2-SP on LoRA: lambda=%g over %d adapted layers (no anchor copy)",
             self.lam,
@@ -259,7 +260,7 @@ class DistillationPrior:
             if te_trains:
                 self.teacher_text_encoder = _frozen_copy(parts.text_encoder)
         elif not (has_adapters(parts.unet) and (not te_trains or has_adapters(parts.text_encoder))):
-            raise ValueError(
+            raise ConfigError(
                 "distillation with a shared teacher needs adapters on every "
                 "trained module (the teacher is the model with them disabled)"
             )

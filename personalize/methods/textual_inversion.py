@@ -29,7 +29,8 @@ from personalize.adapters.embeddings import (
     save_webui_pt,
     webui_name,
 )
-from personalize.config import ConfigError, PersonalizeConfig
+from personalize.config import PersonalizeConfig
+from personalize.errors import ConfigError
 from personalize.methods.base import Method
 from personalize.models import SDParts
 
@@ -395,7 +396,7 @@ class TextualInversion(Method):
             weight.shape[1],
         ):
             shapes = {k: list(v.shape) for k, v in state.items()}
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint does not hold this run's placeholder vectors: found {shapes}, "
                 f"expected {STATE_KEY} of shape [{len(self.ids)}, {weight.shape[1]}]; was it "
                 "written by another method, ti.num_vectors or base model?"

@@ -24,16 +24,13 @@ from pathlib import Path
 import torch
 
 from personalize.adapters.formats import atomic_save_safetensors
+from personalize.errors import ArtifactNotFoundError, LoraFileError
 
 PEFT = "peft"
 KOHYA = "kohya"
 COMPONENTS = ("unet", "text_encoder")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 _METADATA_KEY = "lora_adapter_metadata"
-
-
-class LoraFileError(ValueError):
-    """The file is not a plain LoRA this tool can read; the message says why."""
 
 
 @dataclass
@@ -80,7 +77,7 @@ def find_lora_file(path: str | Path) -> Path:
                 return path / name
         raise LoraFileError(f"{path} holds no {LORA_WEIGHTS} or {KOHYA_WEIGHTS}")
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA {path} does not exist")
+        raise ArtifactNotFoundError(f"LoRA {path} does not exist")
     if path.suffix != ".safetensors":
         raise LoraFileError(f"{path}: LoRA tools read .safetensors files only")
     return path

@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from personalize.errors import ConfigError, OutputExistsError
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,16 +44,17 @@ def merge(
     to `dtype` (fp32/fp16/bf16) when given; the fusing is done as loaded (float32)."""
     import torch
 
-    from personalize.inference import ArtifactError, detect_artifact, load
+    from personalize.errors import ArtifactError
+    from personalize.inference import detect_artifact, load
     from personalize.models import load_pipeline
 
     if not loads:
-        raise ValueError("give at least one --load PATH[:STRENGTH]")
+        raise ConfigError("give at least one --load PATH[:STRENGTH]")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+        raise OutputExistsError(f"{out} exists and is not empty; choose another --out")
     for path, _ in loads:  # all inputs checked before the model loads
         kind = detect_artifact(path)
         if kind != "lora":

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from personalize.errors import CheckpointError, CheckpointNotFoundError
 from personalize.logs import quieted
 from personalize.training import faults
 
@@ -26,10 +27,6 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; earlier checkpoints are untouched."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -64,7 +61,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE}); "
             f"use 'latest' or one of {[str(p) for p in complete_checkpoints(output_dir)]}"
         )

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from personalize.config import PersonalizeConfig
 from personalize.data import ImageCaptionDataset, load_records, split_records
+from personalize.errors import TrainingError
 from personalize.logs import quieted
 from personalize.methods.base import Method, StepOutputs, get_method
 from personalize.methods.prior import class_data_dir, uses_class_images
@@ -55,10 +56,6 @@ from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_d
 from personalize.training.validation import ValidationLoss, save_validation_samples
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
 
 
 class Trainer(EncoderInputs):

@@ -18,7 +18,7 @@ from personalize.adapters.hypernetwork.network import (
     HypernetworkModule,
     HypernetworkOptions,
 )
-from personalize.inference import ArtifactError
+from personalize.errors import ArtifactError, ArtifactNotFoundError, HypernetworkError
 
 FORMAT_VERSION = "1"
 # safetensors key: "<width>.<k|v>.<key of that module's state dict>", e.g. "768.k.linear.0.weight"
@@ -59,7 +59,7 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
             "hypernetwork_widths": json.dumps(hn.widths),
         }
         return atomic_save_safetensors(tensors, path, metadata)
-    raise ValueError(f"{path}: a hypernetwork is saved as .pt (webui) or .safetensors")
+    raise HypernetworkError(f"{path}: a hypernetwork is saved as .pt (webui) or .safetensors")
 
 
 def _torch_load(path: Path, peek: bool = False) -> Any:
@@ -242,7 +242,7 @@ def read_hypernetwork(path: str | Path) -> Hypernetwork:
     """Load a webui `.pt` or our `.safetensors` (or the one in a training output folder)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"hypernetwork file {path} does not exist")
+        raise ArtifactNotFoundError(f"hypernetwork file {path} does not exist")
     file = find_hypernetwork_file(path)
     if file is None:
         raise ArtifactError(
