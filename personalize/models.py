@@ -188,3 +188,14 @@ def pipeline_from_parts(parts: SDParts, scheduler: Any = None):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded (and cut) to the text encoder's length, as training feeds it."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids

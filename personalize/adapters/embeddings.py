@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
 from personalize.errors import ArtifactNotFoundError, EmbeddingError
+from personalize.io import atomic_save_safetensors, atomic_save_webui_pt
 
 logger = logging.getLogger(__name__)
 

@@ -61,6 +61,18 @@ def unet_module_name(path: str) -> str:
     return UNET_PREFIX + path.replace(".", "_")
 
 
+def kohya_name(peft_key: str) -> str:
+    """A peft-style key `unet.<module>` / `text_encoder.<module>` -> its kohya base name
+    (`lora_unet_...`, `lora_te_text_model_...`): the one naming of the package, also used by
+    the LoRA tools."""
+    component, _, module = peft_key.partition(".")
+    if component == "unet":
+        return unet_module_name(module)
+    if component == "text_encoder":
+        return text_encoder_module_name(module)
+    raise KohyaExportError(f"{peft_key!r}: expected a unet.* or text_encoder.* module path")
+
+
 def _modules(layers: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in layers.items():

@@ -44,8 +44,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from personalize.adapters.formats import atomic_save_safetensors
 from personalize.errors import ConfigError
+from personalize.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 

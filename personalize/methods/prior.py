@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from personalize.data import ImageCaptionDataset, load_records
 from personalize.data.records import IMAGE_EXTENSIONS
 from personalize.errors import DataError, TrainingInterrupted
+from personalize.io import atomic_save_png, atomic_write_json
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
 from personalize.signals import StopRequest
@@ -163,9 +163,7 @@ def check_class_folder(folder: Path, prompt: str, model: dict | None, have: int)
 
 def _write_manifest(folder: Path, prompt: str, model: dict | None) -> None:
     data = {"prompt": prompt, "model": model}
-    tmp = folder / f".{MANIFEST}{_TMP_MARK}{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_json(folder / MANIFEST, data)  # its temporary name holds _TMP_MARK
 
 
 # ------------------------------------------------------------------------------ generation
@@ -185,12 +183,6 @@ def _process_state(state):
     from accelerate import PartialState
 
     return PartialState()
-
-
-def _save_png_atomic(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def ensure_class_images(
@@ -278,7 +270,7 @@ def ensure_class_images(
                         width=resolution,
                     ).images
                 for index, image in zip(chunk, images):
-                    _save_png_atomic(image, folder / class_image_name(prompt, seed, index))
+                    atomic_save_png(image, folder / class_image_name(prompt, seed, index))
         del pipe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from personalize.errors import ConfigError
-from personalize.models import SDParts
+from personalize.models import SDParts, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +282,6 @@ class DistillationPrior:
 
     def _class_ids(self, parts: SDParts, device: torch.device) -> torch.Tensor:
         if self._ids is None or self._ids.device != device:
-            from personalize.training.data import tokenize
-
             self._ids = tokenize(parts.tokenizer, [self.class_prompt]).to(device)
         return self._ids
 

@@ -106,7 +106,7 @@ def extract(
 ) -> tuple[list[Path], RankSummary]:
     """Write `out/pytorch_lora_weights.safetensors` and its kohya copy; return the files
     and the summary."""
-    from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
     from personalize.models import load_pipeline
 
     check_target(rank, energy)

@@ -81,8 +81,8 @@ def merge(
 
 
 def write_single_file(pipe, path: Path, model: str, loads: list[tuple[str, float]]) -> Path:
-    from personalize.adapters.formats import atomic_save_safetensors
     from personalize.adapters.sd_single_file import to_original_sd
+    from personalize.io import atomic_save_safetensors
 
     states = {name: getattr(pipe, name).state_dict() for name in ("unet", "vae", "text_encoder")}
     tensors = to_original_sd(

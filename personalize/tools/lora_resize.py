@@ -102,7 +102,7 @@ def resize_file(
 ) -> tuple[list[Path], RankSummary]:
     """Resize `src`; a kohya file is written as a kohya file at `out`, ours as a folder `out`
     holding our file and its kohya copy. Returns the files written and the summary."""
-    from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
     from personalize.tools.lora_layers import find_lora_file
 
     src_file = find_lora_file(src)

@@ -486,9 +486,9 @@ def _grid(rows: dict[str, list], subject, bgs: list[str]):
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    from personalize.io import atomic_write_json
+
+    atomic_write_json(path, data)
 
 
 QUALITY_KEYS = (

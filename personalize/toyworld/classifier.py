@@ -111,7 +111,7 @@ class ToyClassifier(nn.Module):
     # ------------------------------------------------------------------ files
 
     def save(self, folder: str | Path) -> None:
-        from personalize.adapters.formats import atomic_save_safetensors
+        from personalize.io import atomic_save_safetensors
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

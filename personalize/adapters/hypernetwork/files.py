@@ -34,7 +34,7 @@ _LEGACY_KEYS = {
 
 def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
     """Write `hn` as a webui `.pt` or as `.safetensors`, chosen by the suffix (atomically)."""
-    from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
+    from personalize.io import atomic_save_safetensors, atomic_save_webui_pt
 
     path = Path(path)
     if path.suffix == ".pt":
