@@ -681,3 +681,8 @@ def _validate_dreambooth(cfg: PersonalizeConfig) -> None:
             if getattr(db, key) != getattr(defaults, key):
                 hint = f"; for LoRA use {instead}" if instead else ""
                 raise ConfigError(f"db.{key} is read by method dreambooth only{hint}")
+
+
+# Public names for the modules that build configs of their own (evaluation, the benchmark).
+merge_dicts = _merge
+build_dataclass = _build

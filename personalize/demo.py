@@ -55,7 +55,7 @@ def demo_config(
 ) -> dict[str, Any]:
     """The demo's config: common settings, then the method's `demo_overrides()`, then (on
     the toy world) what depends on the world: its model, subject, class and widths."""
-    from personalize.config import _merge
+    from personalize.config import merge_dicts as _merge
 
     base = {
         "method": method,

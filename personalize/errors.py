@@ -115,3 +115,9 @@ class TrainingInterrupted(PersonalizeError, RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def need(ok: bool, key: str, msg: str) -> None:
+    """The config validators' one check: raise `ConfigError("<key>: <msg>")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")

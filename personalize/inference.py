@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from personalize.adapters.lora import detect_lora, load_lora
 from personalize.adapters.pipeline import is_pipeline_dir, load_pipeline_dir
 from personalize.errors import ArtifactError, ArtifactNotFoundError
+from personalize.io import refused_global
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _refused_pickle(path: Path) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        return next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
+        return refused_global(e)
     except Exception:  # unreadable for another reason: not a refusal
         return None
     return None

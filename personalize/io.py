@@ -149,3 +149,34 @@ def atomic_save_webui_pt(obj, path: str | Path) -> Path:
     with atomic_write(path) as tmp:
         torch.save(obj, tmp, _use_new_zipfile_serialization=False)
     return path
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def refused_global(error: BaseException | None) -> str | None:
+    """torch's reason when a `torch.load(weights_only=True)` in `error`'s chain refused a
+    pickle for a global (code it would have to run), or None."""
+    import pickle
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, pickle.UnpicklingError):
+            for line in str(error).splitlines():
+                if "Unsupported global" in line:
+                    return line.strip()
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def torch_load_reason(error: BaseException) -> str:
+    """The one line of torch's page-long load error that is news: the refused global, else
+    the first line after "WeightsUnpickler error:", else the first line."""
+    marker = "WeightsUnpickler error:"
+    refused = refused_global(error)
+    if refused:
+        return refused.split(marker, 1)[-1].strip()
+    text = str(error).split(marker, 1)[-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from personalize.errors import ConfigError
 from personalize.models import SDParts, tokenize
+from personalize.precision import canonical_precision, precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def teacher_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
     where half-precision kernels are slow or missing."""
     if device.type == "cpu":
         return torch.float32
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return precision_dtype("bf16" if canonical_precision(mixed_precision) == "bf16" else "fp16")
 
 
 class DistillationPrior:

@@ -30,7 +30,7 @@ from personalize.adapters.embeddings import (
     webui_name,
 )
 from personalize.config import PersonalizeConfig
-from personalize.errors import ConfigError
+from personalize.errors import ConfigError, need
 from personalize.methods.base import Method
 from personalize.models import SDParts
 
@@ -93,9 +93,7 @@ STYLE_TEMPLATES = [
 _RESERVED_STEMS = ("learned_embeds",)
 
 
-def _need(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
+_need = need  # the shared validator (personalize.errors.need)
 
 
 class TextualInversion(Method):

@@ -115,7 +115,7 @@ GENERATION = {"steps": 20, "guidance_scale": 5.0}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    from personalize.config import _merge as merge
+    from personalize.config import merge_dicts as merge
 
     return merge(a, b)
 

@@ -19,6 +19,7 @@ from personalize.adapters.hypernetwork.network import (
     HypernetworkOptions,
 )
 from personalize.errors import ArtifactError, ArtifactNotFoundError, HypernetworkError
+from personalize.io import torch_load_reason
 
 FORMAT_VERSION = "1"
 # safetensors key: "<width>.<k|v>.<key of that module's state dict>", e.g. "768.k.linear.0.weight"
@@ -69,11 +70,7 @@ def _torch_load(path: Path, peek: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # torch puts the reason on the lines after "WeightsUnpickler error:", when it has one.
-        text = str(e).split("WeightsUnpickler error:", 1)[-1]
-        detail = next(
-            (line.strip() for line in text.splitlines() if line.strip()), type(e).__name__
-        )[:200]
+        detail = torch_load_reason(e)[:200]
         if not re.search(r"global|reduce|build|new object", detail, re.IGNORECASE):
             raise ArtifactError(
                 f"{path}: not a readable PyTorch file (damaged, or not "
