@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from personalize.config import ConfigError, PersonalizeConfig, load_config
+from personalize.config import PersonalizeConfig, load_config
+from personalize.errors import ConfigError, PersonalizeError
 from personalize.logs import install_noise_filters
 
 install_noise_filters()  # drops a few exact no-information messages of other libraries
@@ -17,7 +18,7 @@ install_noise_filters()  # drops a few exact no-information messages of other li
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["ConfigError", "PersonalizeConfig", "load", "load_config", "train"]
+__all__ = ["ConfigError", "PersonalizeConfig", "PersonalizeError", "load", "load_config", "train"]
 __version__ = "0.1.0"
 
 

@@ -370,32 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         return _start_cpu_ranks(ranks, argv)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from personalize.config import ConfigError
-    from personalize.data import DataError
-    from personalize.inference import ArtifactError
-    from personalize.models import ModelLoadError
-    from personalize.training.checkpoint import CheckpointError
-    from personalize.training.loop import TrainingError
-    from personalize.training.signals import TrainingInterrupted
+    from personalize.errors import PersonalizeError
 
     try:
         # Log lines printed while a progress bar is on screen go above it, not onto its line.
         with logging_redirect_tqdm():
             return args.func(args)
-    except (
-        ConfigError,
-        DataError,
-        ModelLoadError,
-        ArtifactError,
-        FileExistsError,
-        FileNotFoundError,
-        PermissionError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
+    except PersonalizeError as e:
+        # Every error the package raises for the user: one line, no traceback.
+        print(f"{e.prefix}: {e}", file=sys.stderr)
         return e.exit_code
-    except (TrainingError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1

@@ -21,9 +21,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the dotted key and what would be valid."""
+from personalize.errors import ConfigError
 
 
 @dataclass
@@ -580,7 +578,7 @@ def _validate_held_out(cfg: PersonalizeConfig) -> None:
 
 
 def _validate_hypernetwork(hn: HypernetworkConfig) -> None:
-    from personalize.adapters.hypernetwork import HypernetworkOptions
+    from personalize.hypernetwork_options import HypernetworkOptions
 
     if hn.dropout_structure is not None and any(hn.dropout_structure) and not hn.use_dropout:
         raise ConfigError(
@@ -683,3 +681,8 @@ def _validate_dreambooth(cfg: PersonalizeConfig) -> None:
             if getattr(db, key) != getattr(defaults, key):
                 hint = f"; for LoRA use {instead}" if instead else ""
                 raise ConfigError(f"db.{key} is read by method dreambooth only{hint}")
+
+
+# Public names for the modules that build configs of their own (evaluation, the benchmark).
+merge_dicts = _merge
+build_dataclass = _build

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from personalize.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 WORLDS = ("toy", "tiny")
@@ -53,7 +55,7 @@ def demo_config(
 ) -> dict[str, Any]:
     """The demo's config: common settings, then the method's `demo_overrides()`, then (on
     the toy world) what depends on the world: its model, subject, class and widths."""
-    from personalize.config import _merge
+    from personalize.config import merge_dicts as _merge
 
     base = {
         "method": method,
@@ -127,7 +129,7 @@ def run_demo(
     subject: str = DEFAULT_SUBJECT,
 ) -> dict[str, Any]:
     if world not in WORLDS:
-        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
+        raise ConfigError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if world == "tiny":

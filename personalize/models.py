@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 
+from personalize.errors import ModelLoadError
+from personalize.io import refused_global
+
 logger = logging.getLogger(__name__)
-
-
-class ModelLoadError(ValueError):
-    """The model path is missing, not a Stable Diffusion model, or unreadable."""
 
 
 @dataclass
@@ -94,22 +93,6 @@ def _check_components(folder: Path) -> None:
         )
 
 
-def _refused_pickle(error: BaseException) -> str | None:
-    """torch's reason when a weights_only load in `error`'s chain refused a pickle for a
-    global (code it would have to run), or None."""
-    import pickle
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, pickle.UnpicklingError):
-            for line in str(error).splitlines():
-                if "Unsupported global" in line:
-                    return line.strip()
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def load_pipeline(
     path: str,
     revision: str | None = None,
@@ -131,7 +114,7 @@ def load_pipeline(
                 path, revision=revision, variant=variant, **kwargs
             )
     except (OSError, ValueError, KeyError) as e:
-        refused = _refused_pickle(e)
+        refused = refused_global(e)
         if refused:
             # Old .ckpt files often pickle training objects (e.g. pytorch_lightning callbacks).
             raise ModelLoadError(
@@ -190,3 +173,14 @@ def pipeline_from_parts(parts: SDParts, scheduler: Any = None):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded (and cut) to the text encoder's length, as training feeds it."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from personalize.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Canonical names: "no" (full precision, fp32), "fp16", "bf16".
@@ -33,7 +35,7 @@ def canonical_precision(value: Any) -> str:
             return "no"
         if name in _HALF:
             return _HALF[name]
-    raise ValueError(f"must be no (or fp32), fp16 or bf16, got {value!r}")
+    raise ConfigError(f"must be no (or fp32), fp16 or bf16, got {value!r}")
 
 
 def precision_dtype(value: Any) -> torch.dtype:

@@ -27,6 +27,7 @@ import pytest
 import torch
 import yaml
 from conftest import base_config
+from helpers import ROOT
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -37,7 +38,6 @@ from personalize.inference import ArtifactError
 from personalize.models import ModelLoadError, load_pipeline
 from personalize.training.loop import TrainingError
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 514  # personalize.testing's byte-level tokenizer: 512 byte tokens + 2 specials
 
 

@@ -7,7 +7,6 @@ import filecmp
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,18 @@ import torch
 import yaml
 from conftest import base_config
 from diffusers import StableDiffusionPipeline
+from helpers import ROOT, launch_two_processes
 
 from personalize import load, train
 from personalize.config import ConfigError, from_dict
 from personalize.inference import generate
+from personalize.methods import prior
 from personalize.methods.dreambooth import DreamBooth
+from personalize.methods.regularizers import L2SP, LoRAL2SP
 from personalize.models import load_parts, load_pipeline
 from personalize.testing import write_synthetic_images
-from personalize.training import prior
 from personalize.training.loop import Trainer
-from personalize.training.regularizers import L2SP, LoRAL2SP
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of sks disc"
 CLASS_PROMPT = "a photo of a disc"
 
@@ -253,26 +252,7 @@ def test_two_process_run_splits_class_generation_without_duplicates(
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29533",
-            "-m",
-            "personalize",
-            "train",
-            str(cfg_path),
-        ],
+        launch_two_processes("personalize", "train", str(cfg_path), multi_gpu=True),
         env=env,
         capture_output=True,
         text=True,

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import base_config
+from helpers import ROOT
 from PIL import Image
 
 from personalize import train
@@ -34,7 +35,6 @@ from personalize.inference import generate
 from personalize.models import load_pipeline
 from personalize.testing import save_tiny_pipeline, tiny_tokenizer, write_synthetic_images
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [3, 7]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, free_port
 
 from personalize.cli import main
 from personalize.config import METHODS, ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem in METHODS)
 ON_CPU = not torch.cuda.is_available()
 
@@ -69,12 +68,6 @@ def test_shipped_config_trains_on_cpu_as_shipped(
     print(f"{config.stem}: {seconds:.1f} s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU fallback")
 @pytest.mark.parametrize("method", ["lora", "dreambooth"])
 def test_shipped_config_trains_through_cpu_2proc(method, tiny_model_dir, instance_dir, tmp_path):
@@ -85,7 +78,7 @@ def test_shipped_config_trains_through_cpu_2proc(method, tiny_model_dir, instanc
         os.environ,
         PYTHONPATH=str(ROOT),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         OMP_NUM_THREADS="1",
     )
     cmd = [

@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import base_config
 from diffusers import StableDiffusionPipeline
+from helpers import ROOT, launch_two_processes
 
 from personalize import load, train
 from personalize.adapters import hypernetwork as H
@@ -24,7 +25,6 @@ from personalize.methods.hypernetwork import HypernetworkMethod
 from personalize.models import load_parts
 from personalize.testing import tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of sks disc"
 TINY_SIZES = [32, 64]  # tiny model: text context 32, self-attention 32 and 64
 NAME = "sks_style"
@@ -784,26 +784,7 @@ def test_two_process_cpu_run(tiny_model_dir, instance_dir, tmp_path):
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29561",
-            "-m",
-            "personalize",
-            "train",
-            str(cfg_path),
-        ],
+        launch_two_processes("personalize", "train", str(cfg_path), multi_gpu=True),
         env=env,
         capture_output=True,
         text=True,

@@ -19,11 +19,11 @@ import pytest
 import torch
 import yaml
 from conftest import base_config
+from helpers import ROOT
 from safetensors.torch import load_file
 
 from personalize.training import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 12
 
 # Per method: config sections for a fast run, and the artifact file whose tensors we compare.

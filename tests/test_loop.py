@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import base_config
+from helpers import ROOT, launch_two_processes
 from safetensors.torch import load_file
 
 from personalize import train
@@ -19,8 +19,6 @@ from personalize.config import ConfigError, from_dict, load_config
 from personalize.methods.lora import LORA_WEIGHTS
 from personalize.training import checkpoint as ckpt
 from personalize.training.loop import Trainer, TrainingError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lora(out: Path) -> dict[str, torch.Tensor]:
@@ -210,26 +208,7 @@ def test_two_process_cpu_run_saves_once(tiny_model_dir, instance_dir, tmp_path):
     # our CLI recognizes that and starts the 2 gloo ranks asked for (cli._cpu_ranks_to_start).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29517",
-            "-m",
-            "personalize",
-            "train",
-            str(cfg_path),
-        ],
+        launch_two_processes("personalize", "train", str(cfg_path)),
         env=env,
         capture_output=True,
         text=True,

@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import base_config
+from helpers import ROOT
 
 from personalize import train
 from personalize.config import ConfigError, from_dict
 from personalize.data import DataError
+from personalize.signals import TrainingInterrupted
 from personalize.testing import save_tiny_pipeline, write_synthetic_images
 from personalize.training import checkpoint as ckpt
 from personalize.training import loop
 from personalize.training.loop import Trainer
-from personalize.training.signals import TrainingInterrupted
 
-ROOT = Path(__file__).resolve().parents[1]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import base_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, launch_two_processes
 
 FOREIGN = (
     "requires torchvision",  # transformers, when diffusers imports the pipelines
@@ -58,12 +56,6 @@ def _run(args: list[str]) -> str:
     return output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, instance_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quiet1")
@@ -76,10 +68,7 @@ def two_processes(tiny_model_dir, instance_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quiet2")
     cfg = _config(tmp, tiny_model_dir, instance_dir, "run")
     # What launch/cpu_2proc.sh runs: the CLI then starts the two gloo ranks itself.
-    launcher = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--main_process_port", str(_free_port())]
-    return _run([*launcher, "-m", "personalize", "train", str(cfg)])
+    return _run(launch_two_processes("personalize", "train", str(cfg))[1:])
 
 
 def test_a_run_prints_no_foreign_lines(one_process):
@@ -168,7 +157,7 @@ def test_process_rank_reads_the_launchers_variables():
 
 
 def test_class_image_indices_are_summarized():
-    from personalize.training.prior import _short_list
+    from personalize.methods.prior import _short_list
 
     assert _short_list([0, 2, 4]) == "[0, 2, 4]"
     assert _short_list(list(range(0, 200, 2))) == "[0, 2, 4, 6, 8, 10, 12, ..., 198]"

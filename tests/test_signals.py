@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import base_config
+from helpers import ROOT, launch_two_processes
 
 from personalize import train
 from personalize.config import from_dict
 from personalize.training import checkpoint as ckpt
 from personalize.training.checkpoint import CheckpointError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _logged_step(out: Path) -> int:
@@ -92,26 +91,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tiny_model_dir, instan
 def test_two_processes_stop_together_on_a_group_signal(tiny_model_dir, instance_dir, tmp_path):
     cfg, out = _config(tmp_path, tiny_model_dir, instance_dir)
     proc = _start(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29533",
-            "-m",
-            "personalize",
-            "train",
-            str(cfg),
-        ],
+        launch_two_processes("personalize", "train", str(cfg)),
         out,
     )
     _wait_for_step(proc, out, 3)
@@ -172,26 +152,7 @@ def test_one_failing_rank_does_not_hang_the_other(tiny_model_dir, instance_dir, 
     )
     started = time.monotonic()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29541",
-            "-m",
-            "personalize",
-            "train",
-            str(cfg),
-        ],
+        launch_two_processes("personalize", "train", str(cfg)),
         env=env,
         capture_output=True,
         text=True,

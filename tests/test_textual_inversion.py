@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 import yaml
 from conftest import base_config
 from diffusers import StableDiffusionPipeline
+from helpers import ROOT, launch_two_processes
 from safetensors.torch import load_file, save_file
 
 from personalize import load, train
@@ -33,7 +32,6 @@ from personalize.models import load_parts
 from personalize.training import checkpoint as ckpt
 from personalize.training.loop import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "<sks-disc>"
 PROMPT = f"a photo of {TOKEN}"
 OTHER = "a photo of a dog"
@@ -434,26 +432,7 @@ def test_two_process_cpu_run(tiny_model_dir, instance_dir, tmp_path):
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29533",
-            "-m",
-            "personalize",
-            "train",
-            str(cfg_path),
-        ],
+        launch_two_processes("personalize", "train", str(cfg_path)),
         env=env,
         capture_output=True,
         text=True,

@@ -4,13 +4,11 @@ and that both trainers get the same settings (ours through a config that must pa
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from personalize.config import from_dict
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from personalize.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # ComfyUI's hypernetwork loader (comfy_extras/nodes_hypernetwork.py) knows these names only.
@@ -50,7 +52,7 @@ def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
             f"models/hypernetworks; {name}.safetensors is for personalize.load only (UIs "
             "do not read it)"
         )
-    raise ValueError(f"no client guide for method {method!r}")
+    raise ConfigError(f"no client guide for method {method!r}")
 
 
 def log_client_guide(method: str, out_dir: Path, **files: Path | None) -> None:

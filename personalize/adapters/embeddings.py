@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
-from personalize.inference import ArtifactError
+from personalize.errors import ArtifactNotFoundError, EmbeddingError
+from personalize.io import atomic_save_safetensors, atomic_save_webui_pt, torch_load_reason
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ KNOWN_WIDTHS = {
     1024: "SD 2.x (OpenCLIP ViT-H)",
     1280: "SDXL's second text encoder (OpenCLIP ViT-bigG)",
 }
-
-
-class EmbeddingError(ArtifactError):
-    """An embedding file we cannot read, or one that does not fit the pipeline."""
 
 
 @dataclass
@@ -164,7 +160,7 @@ def read_embedding(path: str | Path) -> Embedding:
             raise EmbeddingError(f"{path} holds no {DIFFUSERS_FILE}")
         path = path / DIFFUSERS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"embedding {path} does not exist")
+        raise ArtifactNotFoundError(f"embedding {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -179,12 +175,7 @@ def read_embedding(path: str | Path) -> Embedding:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            # torch's message is a page long; the line naming the refused class is the news.
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            why = next(
-                (ln for ln in lines if "Unsupported global" in ln),
-                lines[0] if lines else type(e).__name__,
-            )
+            why = torch_load_reason(e)  # torch's message is a page long
             raise EmbeddingError(
                 f"{path} cannot be loaded safely (only tensors, numbers and strings are "
                 f"unpickled): {why}. If you trust the file, re-save it as safetensors; see "

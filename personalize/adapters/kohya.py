@@ -23,6 +23,8 @@ import re
 
 import torch
 
+from personalize.errors import KohyaExportError
+
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 # The CLIP layers the tools address (ComfyUI's LORA_CLIP_MAP; sd-scripts' CLIPAttention/CLIPMLP).
@@ -36,10 +38,6 @@ TEXT_ENCODER_LAYERS = (
 )
 _TE_PATH = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.(.+)$")
 _PEFT_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-
-
-class KohyaExportError(ValueError):
-    """These adapters cannot be written in the kohya layout; the message says why."""
 
 
 def text_encoder_module_name(path: str) -> str:
@@ -61,6 +59,18 @@ def text_encoder_module_name(path: str) -> str:
 def unet_module_name(path: str) -> str:
     """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
     return UNET_PREFIX + path.replace(".", "_")
+
+
+def kohya_name(peft_key: str) -> str:
+    """A peft-style key `unet.<module>` / `text_encoder.<module>` -> its kohya base name
+    (`lora_unet_...`, `lora_te_text_model_...`): the one naming of the package, also used by
+    the LoRA tools."""
+    component, _, module = peft_key.partition(".")
+    if component == "unet":
+        return unet_module_name(module)
+    if component == "text_encoder":
+        return text_encoder_module_name(module)
+    raise KohyaExportError(f"{peft_key!r}: expected a unet.* or text_encoder.* module path")
 
 
 def _modules(layers: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:

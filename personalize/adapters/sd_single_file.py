@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from personalize.errors import ConversionError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
@@ -44,10 +46,6 @@ _VAE_ATTENTION = {
     "to_v.": "v.",
     "to_out.0.": "proj_out.",
 }
-
-
-class ConversionError(ValueError):
-    """The weights do not fit the original SD 1.x layout; the message says which."""
 
 
 def _has_prefix(state: dict[str, Any], prefix: str) -> bool:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from personalize.data.transforms import to_tensor
+from personalize.errors import ConfigError
 
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -34,9 +35,9 @@ def make_buckets(resolution: int, min_size: int, max_size: int, step: int) -> li
     """Bucket sizes: each side a multiple of `step` in [min_size, max_size], area at most
     resolution**2 and as large as the step allows. Always holds the square bucket."""
     if step <= 0 or step % 8:
-        raise ValueError(f"data.bucket_step must be a positive multiple of 8, got {step}")
+        raise ConfigError(f"data.bucket_step must be a positive multiple of 8, got {step}")
     if not min_size <= resolution <= max_size:
-        raise ValueError(
+        raise ConfigError(
             f"data.bucket_min_size ({min_size}) <= train.resolution ({resolution})"
             f" <= data.bucket_max_size ({max_size}) must hold"
         )
@@ -137,7 +138,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self, bucket_of: Sequence[Size], batch_size: int, seed: int, num_processes: int = 1
     ):
         if batch_size < 1 or num_processes < 1:
-            raise ValueError("batch_size and num_processes must be >= 1")
+            raise ConfigError("batch_size and num_processes must be >= 1")
         self.batch_size = batch_size
         self.drop_last = False
         self.seed = seed

@@ -44,7 +44,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from personalize.adapters.formats import atomic_save_safetensors
+from personalize.errors import ConfigError
+from personalize.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def latent_views(dataset) -> list[tuple[int, bool]]:
 def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str]]:
     """Every view of `dataset` and its cache key."""
     if not dataset.center_crop:
-        raise ValueError("latents can only be cached with center crops (data.center_crop=true)")
+        raise ConfigError("latents can only be cached with center crops (data.center_crop=true)")
     views = latent_views(dataset)
     vae_id = module_fingerprint(vae)
     digests = [content_digest(r) for r in dataset.records]

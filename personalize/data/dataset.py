@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from personalize.data.records import DataError, Record, no_caption_message, read_image
+from personalize.data.records import Record, no_caption_message, read_image
 from personalize.data.transforms import prepare_image
+from personalize.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class ImageCaptionDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise DataError(f"epoch must be >= 0, got {epoch}")
         self._epoch.fill_(int(epoch))
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from personalize.data.transforms import check_pixel_count, load_image
+from personalize.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _VERIFY_DRAFT_SIZE = 64  # JPEGs are checked at reduced scale: whole stream, fraction of the cost
 _VERIFY_CHUNK = 64  # bounds how many datasets rows' bytes sit in memory during the check
-
-
-class DataError(ValueError):
-    """A problem with the user's data. The message names the file at fault and the fix."""
 
 
 @dataclass(frozen=True)

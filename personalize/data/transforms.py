@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
+from personalize.errors import DataError
+
 ImageSource = str | Path | bytes | BinaryIO
 
 # Greyscale modes wider than 8 bits. PIL cannot convert them to RGB faithfully on its
@@ -157,7 +159,7 @@ def crop_offsets(
     """(left, top) of a `size` square inside a width x height image: centered, or
     uniformly random when `rng` is given."""
     if width < size or height < size:
-        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
+        raise DataError(f"cannot crop {size}x{size} from a {width}x{height} image")
     if rng is None:
         return (width - size) // 2, (height - size) // 2
     return int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))

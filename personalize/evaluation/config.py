@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalize.config import ConfigError, _build, _merge, parse_overrides, read_yaml_mapping
+from personalize.config import build_dataclass, merge_dicts, parse_overrides, read_yaml_mapping
+from personalize.errors import need
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _normalize_artifacts(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluation_from_dict(data: dict[str, Any]) -> EvaluationConfig:
-    cfg = _build(EvaluationConfig, _normalize_artifacts(data))
+    cfg = build_dataclass(EvaluationConfig, _normalize_artifacts(data))
     validate(cfg)
     return cfg
 
@@ -121,16 +122,12 @@ def load_evaluation_config(
 ) -> EvaluationConfig:
     """YAML file (optional), then dotted overrides, then `extra` (the CLI flags) on top."""
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
-    data = _merge(data, parse_overrides(overrides or []))
-    data = _merge(data, extra or {})
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, extra or {})
     return evaluation_from_dict(data)
 
 
 def validate(cfg: EvaluationConfig) -> None:
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
-
     need(bool(cfg.model), "model", "set the base model (a diffusers folder or .safetensors)")
     for i, a in enumerate(cfg.artifacts):
         need(bool(a.path), f"artifacts[{i}].path", "is empty")

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from personalize.evaluation.runner import (
     default_device,
     generate_all,
 )
+from personalize.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,6 @@ def build_prompts(cfg: EvaluationConfig) -> list[Prompt]:
         logger.warning("prompts.class_name is not set: no class prompts, so PRES is skipped")
         class_prompts = []
     return prompts + [Prompt(t, is_class_prompt=True) for t in class_prompts]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _load(path: Path) -> Image.Image:
@@ -256,13 +250,13 @@ def _instance_images(cfg: EvaluationConfig) -> list[Image.Image]:
 
 
 def write_metrics(out: Path, rows: list[dict], extra: dict[str, Any]) -> None:
-    _write_atomic(out / "metrics.json", json.dumps({**extra, "columns": rows}, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps({**extra, "columns": rows}, indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    _write_atomic(out / "metrics.csv", buf.getvalue())
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
 def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
@@ -340,7 +334,7 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
         run_info=run_info,
         embed_images=cfg.report.embed_images,
     )
-    _write_atomic(out / "report.html", page)
+    atomic_write_text(out / "report.html", page)
     logger.info("evaluation written to %s (%s)", out, seconds)
     return {
         "output_dir": str(out),

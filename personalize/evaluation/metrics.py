@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from personalize.config import ConfigError
+from personalize.errors import EvaluationError
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,16 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def mean_similarity(generated: torch.Tensor, reference: torch.Tensor) -> float:
     """CLIP-I / DINO / PRES: the mean cosine over every (generated, reference) pair."""
     if len(generated) == 0 or len(reference) == 0:
-        raise ValueError("mean_similarity needs at least one generated and one reference image")
+        raise EvaluationError(
+            "mean_similarity needs at least one generated and one reference image"
+        )
     return float(cosine_matrix(generated, reference).mean())
 
 
 def paired_similarity(text: torch.Tensor, images: torch.Tensor) -> float:
     """CLIP-T: mean of cos(text[i], images[i]); row i of `text` is image i's prompt."""
     if text.shape[0] != images.shape[0] or len(images) == 0:
-        raise ValueError(
+        raise EvaluationError(
             f"paired_similarity needs equally many texts and images, "
             f"got {text.shape[0]} and {images.shape[0]}"
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from personalize.config import ConfigError
+from personalize.errors import PromptError
 
 # The 25 DreamBench prompts for objects (backpack, can, sneaker, ...).
 OBJECT_TEMPLATES = [
@@ -67,10 +67,6 @@ LIVE_TEMPLATES = [
 TEMPLATE_SETS = {"object": OBJECT_TEMPLATES, "live": LIVE_TEMPLATES}
 
 DEFAULT_CLASS_PROMPTS = ["a photo of a {class_name}"]
-
-
-class PromptError(ConfigError):
-    """The prompt file or template set cannot be used; the message says how to fix it."""
 
 
 def fill(template: str, token: str, class_name: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from personalize.errors import EvaluationError
+
 ROW_LABEL_WIDTH = 240
 HEADER_HEIGHT = 56  # room for three lines of column title
 _PAD = 6
@@ -66,7 +68,7 @@ def comparison_grid(
     Small images are scaled up with NEAREST so pixels stay visible, not blurred."""
     n_rows, n_cols = len(rows), len(col_labels)
     if any(len(r) != n_cols for r in rows) or len(row_labels) != n_rows:
-        raise ValueError("comparison_grid: every row needs one image per column label")
+        raise EvaluationError("comparison_grid: every row needs one image per column label")
     grid = Image.new("RGB", grid_size(n_rows, n_cols, cell), "white")
     draw = ImageDraw.Draw(grid)
     f, f_bold = font(13), font(14)
@@ -109,7 +111,7 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not a JSON line: {e}") from e
+            raise EvaluationError(f"{path}:{n} is not a JSON line: {e}") from e
     return rows
 
 

@@ -13,7 +13,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from personalize.config import ConfigError
 from personalize.evaluation.config import EvaluationConfig
 from personalize.evaluation.prompts import Prompt
+from personalize.io import atomic_save_png
 from personalize.precision import precision_dtype
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def column_record(column: Column) -> dict[str, Any]:
 def check_and_record_state(cfg: EvaluationConfig, columns: list[Column], out: Path) -> None:
     """Refuse to mix images made with other settings or another version of an artifact
     (unless overwrite, which regenerates them), then record the current state."""
-    from personalize.training.checkpoint import write_json_atomic
+    from personalize.io import atomic_write_json
 
     file = out / STATE_FILE
     settings = generation_settings(cfg)
@@ -199,7 +199,7 @@ def check_and_record_state(cfg: EvaluationConfig, columns: list[Column], out: Pa
                 )
     for column in columns:
         recorded[column.label] = column_record(column)
-    write_json_atomic(file, {"settings": settings, "columns": recorded})
+    atomic_write_json(file, {"settings": settings, "columns": recorded})
 
 
 def default_device() -> str:
@@ -271,13 +271,6 @@ def load_column_pipeline(cfg: EvaluationConfig, column: Column, device: str):
             )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def save_png_atomic(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -366,7 +359,7 @@ def generate_all(
             )
             for image, (_, _, path) in zip(images, chunk):
                 if cfg.overwrite or not path.is_file():
-                    save_png_atomic(image, path)
+                    atomic_save_png(image, path)
                     bar.update(1)
         del pipe
         gc.collect()

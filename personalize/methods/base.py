@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from personalize.config import PersonalizeConfig
+from personalize.errors import ConfigError
 from personalize.models import SDParts
 
 
@@ -95,7 +96,7 @@ class Method:
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(
+            raise ConfigError(
                 "checkpoint does not match this run's trainable weights "
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
                 "was it written by another method or config?"
@@ -106,7 +107,7 @@ class Method:
             if state[k].shape != v.shape
         ]
         if wrong:  # e.g. another lora.rank: copy_ would only say "size of tensor a (8) ..."
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint weights have other shapes than this run's ({wrong[:3]}); was it "
                 "written with another config (e.g. lora.rank) or base model?"
             )
@@ -132,4 +133,4 @@ def get_method(name: str) -> type[Method]:
     for obj in vars(module).values():
         if isinstance(obj, type) and issubclass(obj, Method) and obj.name == name:
             return obj
-    raise ValueError(f"no Method named {name!r} in personalize.methods.{name}")
+    raise ConfigError(f"no Method named {name!r} in personalize.methods.{name}")

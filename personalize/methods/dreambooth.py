@@ -4,34 +4,32 @@ subject bound to a rare identifier ("a photo of sks dog"), Ruiz et al. 2023.
 What trains: the whole UNet, or only the blocks named in `db.train_unet_blocks` (the
 shallow ones stay as pretrained: "weight fixing"), plus the text encoder with its own LR
 until `db.stop_text_encoder_training`. What joins the loss: prior preservation with class
-images (training/prior.py: `instance + prior_loss_weight * class`), or a distillation prior
+images (methods/prior.py: `instance + prior_loss_weight * class`), or a distillation prior
 from a frozen copy of the original UNet, and optionally the L2-SP pull toward the
-pretrained weights (training/regularizers.py). What is saved: a complete diffusers
+pretrained weights (methods/regularizers.py). What is saved: a complete diffusers
 pipeline in output_dir (`StableDiffusionPipeline.from_pretrained(output_dir)` loads it),
 optionally one original-layout .safetensors file for webui/ComfyUI.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from personalize.adapters.pipeline import save_pipeline, save_single_file
+from personalize.errors import ConfigError
+from personalize.io import atomic_write_json
+from personalize.methods import prior
 from personalize.methods.base import Method
+from personalize.methods.regularizers import Regularizers, build_regularizers
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
-from personalize.training import prior
-from personalize.training.checkpoint import write_json_atomic
-from personalize.training.regularizers import Regularizers, build_regularizers
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_INDEX = "model_index.json"
 _TE_STATE_KEY = "_dreambooth.text_encoder_training"
 
 
@@ -56,7 +54,7 @@ def select_unet_params(unet: torch.nn.Module, blocks: list[str] | None) -> list[
     named = list(unet.named_parameters())
     for block in blocks:
         if not any(n == block or n.startswith(block + ".") for n, _ in named):
-            raise ValueError(
+            raise ConfigError(
                 f"db.train_unet_blocks: {block!r} names no part of this UNet; "
                 f"its blocks are {', '.join(unet_blocks(unet))} (a dotted "
                 "sub-path like up_blocks.1.attentions works too)"
@@ -154,7 +152,7 @@ class DreamBooth(Method):
         params = self._trainable_params(parts)
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            raise ValueError(
+            raise ConfigError(
                 "checkpoint does not match this run's trainable weights "
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); was it written with "
                 "other db.train_unet_blocks / db.train_text_encoder settings?"
@@ -179,7 +177,7 @@ class DreamBooth(Method):
             dtype=dtype,
             copy_untouched=self.cfg.model.variant is None,
         )
-        write_json_atomic(
+        atomic_write_json(
             out_dir / "dreambooth.json",
             {
                 "step": step,
@@ -213,174 +211,3 @@ class DreamBooth(Method):
                 "sample_batch_size": 4,
             },
         }
-
-
-# ------------------------------------------------------------------------------ saving
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    from personalize.io import make_readable
-
-    make_readable(tmp)  # diffusers' safetensors files are 0600; a UI may run as another user
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _tmp_dir(out_dir: Path, name: str) -> Path:
-    tmp = out_dir / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _local_pipeline_dir(source: str) -> Path | None:
-    path = Path(source) if source else None
-    return path if path is not None and (path / PIPELINE_INDEX).is_file() else None
-
-
-def _module_state(
-    module: torch.nn.Module, subfolder: str, source: Path | None, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """The module's weights in `dtype`. Frozen weights that training held in a lower
-    precision (train_unet_blocks with mixed precision) are taken from the original files
-    instead, so the saved model does not carry the rounding of its untouched blocks."""
-    state = {k: v.detach() for k, v in module.state_dict().items()}
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-    rounded = [k for k in frozen if state[k].dtype not in (torch.float32, torch.float64)]
-    if rounded and source is not None:
-        original = type(module).from_pretrained(source, subfolder=subfolder).state_dict()
-        for k in rounded:
-            state[k] = original[k]
-    elif rounded:
-        logger.warning(
-            "%s: %d frozen tensors were held in %s during training and are saved "
-            "from there (the base model is not a local folder to copy them from)",
-            subfolder,
-            len(rounded),
-            state[rounded[0]].dtype,
-        )
-    return {
-        k: (v.to(dtype) if v.is_floating_point() else v).cpu().contiguous()
-        for k, v in state.items()
-    }
-
-
-def _save_model(module: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Config + one safetensors file, the names `from_pretrained` looks for."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    if hasattr(module, "save_config"):  # diffusers
-        module.save_config(folder)
-        weights = "diffusion_pytorch_model.safetensors"
-    else:  # transformers
-        module.config.save_pretrained(folder)
-        weights = "model.safetensors"
-    save_file(state, str(folder / weights), metadata={"format": "pt"})
-
-
-def _inference_scheduler(parts: SDParts, source: Path | None):
-    """The base model's own sampling scheduler when it is a local folder, else DDIM."""
-    import diffusers
-
-    config_file = source / "scheduler" / "scheduler_config.json" if source else None
-    if config_file is not None and config_file.is_file():
-        name = json.loads(config_file.read_text()).get("_class_name", "")
-        cls = getattr(diffusers, name, None)
-        if cls is not None:
-            return cls.from_pretrained(source, subfolder="scheduler")
-    return diffusers.DDIMScheduler.from_config(parts.noise_scheduler.config)
-
-
-def save_pipeline(
-    out_dir: Path,
-    parts: SDParts,
-    *,
-    trained: set[str],
-    dtype: torch.dtype,
-    copy_untouched: bool = True,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Write a complete diffusers pipeline into `out_dir`; return the saved weights.
-
-    Each component is written under a temporary name and renamed into place, and
-    model_index.json (what marks a folder as a pipeline) is removed first and written last:
-    a run killed mid-save never leaves a folder that looks complete. Components that did not
-    train are copied byte for byte from a local base model (their original precision)."""
-    from diffusers import StableDiffusionPipeline
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / PIPELINE_INDEX).unlink(missing_ok=True)
-    source = _local_pipeline_dir(parts.source)
-    scheduler = _inference_scheduler(parts, source)
-    states: dict[str, dict[str, torch.Tensor]] = {}
-    for name in ("unet", "text_encoder", "vae"):
-        module = getattr(parts, name)
-        tmp = _tmp_dir(out_dir, name)
-        if (
-            name not in trained
-            and copy_untouched
-            and source is not None
-            and (source / name).is_dir()
-        ):
-            shutil.copytree(source / name, tmp)
-        else:
-            states[name] = _module_state(module, name, source, dtype)
-            _save_model(module, states[name], tmp)
-        _replace_dir(tmp, out_dir / name)
-    for name, component in (("tokenizer", parts.tokenizer), ("scheduler", scheduler)):
-        tmp = _tmp_dir(out_dir, name)
-        component.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir / name)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    tmp = _tmp_dir(out_dir, "index")
-    pipe.save_config(tmp)
-    os.replace(tmp / PIPELINE_INDEX, out_dir / PIPELINE_INDEX)
-    shutil.rmtree(tmp)
-    logger.info(
-        "saved the fine-tuned pipeline in %s (trained: %s)", out_dir, ", ".join(sorted(trained))
-    )
-    return states
-
-
-def save_single_file(
-    path: Path,
-    pipeline_dir: Path,
-    parts: SDParts,
-    states: dict[str, dict[str, torch.Tensor]],
-    dtype: torch.dtype,
-    step: int,
-) -> Path:
-    """The saved pipeline as one original-layout (SD 1.x) .safetensors checkpoint."""
-    from personalize.adapters.formats import atomic_save_safetensors
-    from personalize.adapters.sd_single_file import to_original_sd
-
-    states = dict(states)
-    for name in ("unet", "vae", "text_encoder"):
-        if name not in states:
-            # Copied from the base model: read back what the pipeline folder holds.
-            module = type(getattr(parts, name)).from_pretrained(pipeline_dir / name)
-            states[name] = module.state_dict()
-            del module
-    tensors = to_original_sd(
-        parts.unet.config, parts.vae.config, parts.text_encoder.config, states, dtype
-    )
-    metadata = {
-        "format": "pt",
-        "personalize_method": "dreambooth",
-        "personalize_step": str(step),
-        "personalize_base_model": parts.source,
-    }
-    atomic_save_safetensors(tensors, path, metadata)
-    logger.info("saved the single-file checkpoint %s", path)
-    return path

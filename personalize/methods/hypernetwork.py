@@ -26,6 +26,7 @@ from personalize.adapters.hypernetwork import (
     save_hypernetwork,
 )
 from personalize.config import ConfigError
+from personalize.errors import TrainingError
 from personalize.methods.base import Method, StepOutputs
 from personalize.models import SDParts
 
@@ -90,7 +91,7 @@ class HypernetworkMethod(Method):
                 and not isinstance(m.processor, HypernetworkAttnProcessor)
             ]
             if replaced:
-                raise RuntimeError(
+                raise TrainingError(
                     f"the hypernetwork's attention processors were replaced on {replaced[:3]} "
                     "after Method.setup; set attention processors (xformers, ...) before the "
                     "method's setup, which wraps whatever is there"

@@ -29,7 +29,8 @@ from personalize.adapters.embeddings import (
     save_webui_pt,
     webui_name,
 )
-from personalize.config import ConfigError, PersonalizeConfig
+from personalize.config import PersonalizeConfig
+from personalize.errors import ConfigError, need
 from personalize.methods.base import Method
 from personalize.models import SDParts
 
@@ -92,9 +93,7 @@ STYLE_TEMPLATES = [
 _RESERVED_STEMS = ("learned_embeds",)
 
 
-def _need(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
+_need = need  # the shared validator (personalize.errors.need)
 
 
 class TextualInversion(Method):
@@ -395,7 +394,7 @@ class TextualInversion(Method):
             weight.shape[1],
         ):
             shapes = {k: list(v.shape) for k, v in state.items()}
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint does not hold this run's placeholder vectors: found {shapes}, "
                 f"expected {STATE_KEY} of shape [{len(self.ids)}, {weight.shape[1]}]; was it "
                 "written by another method, ti.num_vectors or base model?"

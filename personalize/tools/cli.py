@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-
-def _fail(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from personalize.tools.lora_merge import merge, parse_load
 
-    try:
-        loads = [parse_load(s) for s in args.load]
-        out = merge(args.model, loads, args.out, args.single_file, args.dtype)
-    except ValueError as e:
-        return _fail(e)
+    # A PersonalizeError goes up to personalize.cli.main, which prints it as one line.
+    loads = [parse_load(s) for s in args.load]
+    out = merge(args.model, loads, args.out, args.single_file, args.dtype)
     print(f"merged pipeline saved in {out}")
     return 0
 
@@ -32,10 +24,7 @@ def _print_summary(written, summary) -> None:
 def _cmd_resize(args: argparse.Namespace) -> int:
     from personalize.tools.lora_resize import resize_file
 
-    try:
-        written, summary = resize_file(args.input, args.out, args.rank, args.energy)
-    except ValueError as e:
-        return _fail(e)
+    written, summary = resize_file(args.input, args.out, args.rank, args.energy)
     _print_summary(written, summary)
     return 0
 
@@ -43,18 +32,15 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from personalize.tools.lora_extract import extract
 
-    try:
-        written, summary = extract(
-            args.base,
-            args.tuned,
-            args.out,
-            args.rank,
-            args.energy,
-            all_layers=args.all_layers,
-            device=args.device,
-        )
-    except ValueError as e:
-        return _fail(e)
+    written, summary = extract(
+        args.base,
+        args.tuned,
+        args.out,
+        args.rank,
+        args.energy,
+        all_layers=args.all_layers,
+        device=args.device,
+    )
     _print_summary(written, summary)
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from personalize.errors import ArtifactError, ModelLoadError
 from personalize.tools.lora_layers import LoraLayer, factor, write_kohya, write_peft
 from personalize.tools.lora_resize import RankSummary, check_target
 
@@ -53,7 +54,7 @@ def extract_module(
             continue
         other = tuned_modules.get(name)
         if other is None or other.weight.shape != module.weight.shape:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{component}.{name}: the tuned model's layer does not match the base "
                 "(another architecture?); extract needs the base the model was tuned from"
             )
@@ -105,7 +106,7 @@ def extract(
 ) -> tuple[list[Path], RankSummary]:
     """Write `out/pytorch_lora_weights.safetensors` and its kohya copy; return the files
     and the summary."""
-    from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
     from personalize.models import load_pipeline
 
     check_target(rank, energy)
@@ -126,7 +127,7 @@ def extract(
         lost += missed
     _keep_text_encoder_loadable(layers, tuned.text_encoder)
     if not layers:
-        raise ValueError(
+        raise ArtifactError(
             f"{tuned_path} has the same Linear/Conv weights as {base_path}: nothing to extract"
         )
     if lost:

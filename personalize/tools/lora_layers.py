@@ -23,17 +23,14 @@ from pathlib import Path
 
 import torch
 
-from personalize.adapters.formats import atomic_save_safetensors
+from personalize.adapters.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from personalize.errors import ArtifactNotFoundError, LoraFileError
+from personalize.io import atomic_save_safetensors
 
 PEFT = "peft"
 KOHYA = "kohya"
 COMPONENTS = ("unet", "text_encoder")
-_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 _METADATA_KEY = "lora_adapter_metadata"
-
-
-class LoraFileError(ValueError):
-    """The file is not a plain LoRA this tool can read; the message says why."""
 
 
 @dataclass
@@ -71,7 +68,7 @@ class LoraFile:
 
 def find_lora_file(path: str | Path) -> Path:
     """The LoRA file of `path`: the file itself, or our file in a training output folder."""
-    from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
 
     path = Path(path)
     if path.is_dir():
@@ -80,7 +77,7 @@ def find_lora_file(path: str | Path) -> Path:
                 return path / name
         raise LoraFileError(f"{path} holds no {LORA_WEIGHTS} or {KOHYA_WEIGHTS}")
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA {path} does not exist")
+        raise ArtifactNotFoundError(f"LoRA {path} does not exist")
     if path.suffix != ".safetensors":
         raise LoraFileError(f"{path}: LoRA tools read .safetensors files only")
     return path
@@ -169,16 +166,6 @@ def _read_peft(
 # ------------------------------------------------------------------------------ writing
 
 
-def kohya_name(peft_key: str) -> str:
-    """`unet.down_blocks.0...to_q` -> `lora_unet_down_blocks_0_..._to_q` (and lora_te_)."""
-    component, _, module = peft_key.partition(".")
-    if component == "text_encoder" and not module.startswith("text_model."):
-        # transformers 5 flattened CLIPTextModel (encoder.layers.N); the clients' names
-        # still follow the original CLIPTextModel.text_model.encoder.layers.N.
-        module = "text_model." + module
-    return _KOHYA_PREFIX[component] + module.replace(".", "_")
-
-
 def _with_scale(
     layer: LoraLayer, scale: float, dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +197,7 @@ def write_kohya(
     alpha = _most_common([layer.rank for layer in layers.values()])
     tensors = {}
     for key, layer in layers.items():
-        name = key if key.startswith(("lora_unet_", "lora_te")) else kohya_name(key)
+        name = key if key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) else kohya_name(key)
         down, up = _with_scale(layer, alpha / layer.rank, dtype)
         tensors[f"{name}.lora_down.weight"] = down
         tensors[f"{name}.lora_up.weight"] = up

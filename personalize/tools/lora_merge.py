@@ -10,9 +10,10 @@ layers, leaving a plain pipeline to save. Optionally also one original-layout (S
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
+
+from personalize.errors import ConfigError, OutputExistsError
+from personalize.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def parse_load(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 def merge(
@@ -40,18 +41,19 @@ def merge(
 ) -> Path:
     """Bake `loads` [(LoRA path, strength)] into `model`; save the pipeline in `out`, cast
     to `dtype` (fp32/fp16/bf16) when given; the fusing is done as loaded (float32)."""
-    import torch
 
-    from personalize.inference import ArtifactError, detect_artifact, load
+    from personalize.errors import ArtifactError
+    from personalize.inference import detect_artifact, load
     from personalize.models import load_pipeline
+    from personalize.precision import precision_dtype
 
     if not loads:
-        raise ValueError("give at least one --load PATH[:STRENGTH]")
+        raise ConfigError("give at least one --load PATH[:STRENGTH]")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+        raise OutputExistsError(f"{out} exists and is not empty; choose another --out")
     for path, _ in loads:  # all inputs checked before the model loads
         kind = detect_artifact(path)
         if kind != "lora":
@@ -63,14 +65,10 @@ def merge(
     pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()
     if dtype is not None:
-        pipe.to(getattr(torch, DTYPES[dtype]))
+        pipe.to(precision_dtype(dtype))
     # Written next to `out`, renamed into place: a killed merge leaves no half pipeline.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     logger.info("merged %d LoRA(s) into %s: %s", len(loads), model, out)
     if single_file:
         write_single_file(pipe, out / f"{out.name}.safetensors", model, loads)
@@ -78,8 +76,8 @@ def merge(
 
 
 def write_single_file(pipe, path: Path, model: str, loads: list[tuple[str, float]]) -> Path:
-    from personalize.adapters.formats import atomic_save_safetensors
     from personalize.adapters.sd_single_file import to_original_sd
+    from personalize.io import atomic_save_safetensors
 
     states = {name: getattr(pipe, name).state_dict() for name in ("unet", "vae", "text_encoder")}
     tensors = to_original_sd(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from personalize.errors import ConfigError
 from personalize.tools.lora_layers import (
     KOHYA,
     LoraFile,
@@ -63,11 +64,11 @@ class RankSummary:
 
 def check_target(rank: int | None, energy: float | None) -> None:
     if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of --rank R or --energy E")
+        raise ConfigError("give exactly one of --rank R or --energy E")
     if rank is not None and rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {rank}")
+        raise ConfigError(f"--rank must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"--energy must be in (0, 1], got {energy}")
+        raise ConfigError(f"--energy must be in (0, 1], got {energy}")
 
 
 def resize_layer(
@@ -101,7 +102,7 @@ def resize_file(
 ) -> tuple[list[Path], RankSummary]:
     """Resize `src`; a kohya file is written as a kohya file at `out`, ours as a folder `out`
     holding our file and its kohya copy. Returns the files written and the summary."""
-    from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
     from personalize.tools.lora_layers import find_lora_file
 
     src_file = find_lora_file(src)

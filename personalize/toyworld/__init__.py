@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from personalize.errors import ModelLoadError
+
 # PERSONALIZE_TOYWORLD_WEIGHTS points at another weights folder (e.g. a fresh
 # `pretrain.py --out DIR`) without touching the shipped one.
 WEIGHTS_DIR = Path(
@@ -35,7 +37,7 @@ _MISSING = (
 def base_model_path() -> Path:
     """The shipped diffusers folder of the toy world's base model (for `model.path`)."""
     if not (PIPELINE_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise ModelLoadError(
             _MISSING.format(what="pipeline", path=PIPELINE_DIR, weights=WEIGHTS_DIR)
         )
     return PIPELINE_DIR
@@ -53,7 +55,7 @@ def load_classifier():
     from personalize.toyworld.classifier import CLASSIFIER_CONFIG, ToyClassifier
 
     if not (CLASSIFIER_DIR / CLASSIFIER_CONFIG).is_file():
-        raise FileNotFoundError(
+        raise ModelLoadError(
             _MISSING.format(what="classifier", path=CLASSIFIER_DIR, weights=WEIGHTS_DIR)
         )
     return ToyClassifier.load(CLASSIFIER_DIR)

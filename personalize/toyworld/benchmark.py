@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from personalize.errors import ConfigError, EvaluationError, TrainingError
+
 logger = logging.getLogger(__name__)
 
 IDENTIFIER = "sks"
@@ -113,7 +115,7 @@ GENERATION = {"steps": 20, "guidance_scale": 5.0}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    from personalize.config import _merge as merge
+    from personalize.config import merge_dicts as merge
 
     return merge(a, b)
 
@@ -250,7 +252,7 @@ def train_variant(cfg_dict: dict[str, Any], work: Path, isolated: bool) -> dict[
     )
     (work / "train.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not result_file.is_file():
-        raise RuntimeError(
+        raise TrainingError(
             f"training {cfg_dict['method']} failed (exit {proc.returncode}); "
             f"log: {work / 'train.log'}\n{proc.stderr[-2000:]}"
         )
@@ -364,7 +366,7 @@ def run(
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(ALL_RECIPES))
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(ALL_RECIPES)}")
+        raise ConfigError(f"unknown variant(s) {unknown}; known: {', '.join(ALL_RECIPES)}")
     model = base_model_path()
     classifier = load_classifier()
     seed_list = list(range(seeds))
@@ -484,9 +486,9 @@ def _grid(rows: dict[str, list], subject, bgs: list[str]):
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    from personalize.io import atomic_write_json
+
+    atomic_write_json(path, data)
 
 
 QUALITY_KEYS = (
@@ -535,7 +537,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for other in parts[1:]:
         differ = [k for k in keys if other["settings"].get(k) != first["settings"].get(k)]
         if differ:
-            raise ValueError(f"cannot merge benchmark results with other settings: {differ}")
+            raise EvaluationError(f"cannot merge benchmark results with other settings: {differ}")
     settings = dict(first["settings"])
     settings["train_seeds"] = sorted({s for p in parts for s in p["settings"]["train_seeds"]})
     settings["variants"] = list(dict.fromkeys(v for p in parts for v in p["settings"]["variants"]))
@@ -545,7 +547,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     seen = [(r["variant"], r["subject"], r.get("train_seed")) for r in runs]
     if len(set(seen)) != len(seen):
-        raise ValueError("the results to merge share a variant and training seed")
+        raise EvaluationError("the results to merge share a variant and training seed")
     return {"settings": settings, "runs": runs, "summary": summarize(runs)}
 
 

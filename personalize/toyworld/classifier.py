@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from personalize.errors import ModelLoadError
 from personalize.toyworld.world import COLOR_NAMES, PATTERNS, SHAPES, SIZES, Scene
 
 HEADS: dict[str, tuple[str, ...]] = {
@@ -110,7 +111,7 @@ class ToyClassifier(nn.Module):
     # ------------------------------------------------------------------ files
 
     def save(self, folder: str | Path) -> None:
-        from personalize.adapters.formats import atomic_save_safetensors
+        from personalize.io import atomic_save_safetensors
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -127,14 +128,14 @@ class ToyClassifier(nn.Module):
         folder = Path(folder)
         cfg_file, weights = folder / CLASSIFIER_CONFIG, folder / CLASSIFIER_WEIGHTS
         if not cfg_file.is_file() or not weights.is_file():
-            raise FileNotFoundError(
+            raise ModelLoadError(
                 f"{folder} holds no toy-world classifier ({CLASSIFIER_CONFIG} + "
                 f"{CLASSIFIER_WEIGHTS}); run benchmarks/toyworld/pretrain.py to train one"
             )
         cfg = json.loads(cfg_file.read_text())
         saved_heads = {k: tuple(v) for k, v in cfg.pop("heads").items()}
         if saved_heads != HEADS:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{cfg_file}: the classifier was trained for other classes "
                 f"({saved_heads}); retrain it with benchmarks/toyworld/pretrain.py"
             )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from personalize.errors import EvaluationError
 from personalize.toyworld.subjects import Subject
 
 
@@ -56,5 +57,5 @@ def diversity(classifier, groups: list) -> float:
         sim = f @ f.T
         per_group.append(float((1 - sim[~torch.eye(n, dtype=torch.bool)]).mean()))
     if not per_group:
-        raise ValueError("diversity needs at least one prompt with two or more images")
+        raise EvaluationError("diversity needs at least one prompt with two or more images")
     return float(np.mean(per_group))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from personalize.errors import ConfigError
 from personalize.toyworld.world import COLOR_NAMES, SIZE_RADIUS, Scene, render
 
 
@@ -74,7 +75,7 @@ SUBJECTS: dict[str, Subject] = {
 
 def get_subject(name: str) -> Subject:
     if name not in SUBJECTS:
-        raise ValueError(f"unknown toy-world subject {name!r}; known: {', '.join(SUBJECTS)}")
+        raise ConfigError(f"unknown toy-world subject {name!r}; known: {', '.join(SUBJECTS)}")
     return SUBJECTS[name]
 
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from personalize.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle", "heart", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -167,7 +169,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
             hy = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
             pts.append((cx + hx * r / 16, cy - hy * r / 16 - 0.1 * r))
         return pts
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    raise ConfigError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
 def shape_mask(scene: Scene, size: int) -> np.ndarray:
@@ -209,7 +211,7 @@ def _pattern_mask(scene: Scene, size: int) -> np.ndarray:
         gy = (dy / step) - np.round(dy / step)
         m = (gx**2 + gy**2 < 0.28**2).astype(np.float32)
     else:
-        raise ValueError(f"unknown pattern {scene.pattern!r}; known: {', '.join(PATTERNS)}")
+        raise ConfigError(f"unknown pattern {scene.pattern!r}; known: {', '.join(PATTERNS)}")
     return _downsample(m)
 
 
@@ -226,7 +228,7 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     fill = np.broadcast_to(np.array(COLORS[scene.color], np.float32), (size, size, 3))
     if scene.pattern != "solid":
         if scene.color2 is None:
-            raise ValueError(f"a {scene.pattern} scene needs color2")
+            raise ConfigError(f"a {scene.pattern} scene needs color2")
         p = _pattern_mask(scene, size)[..., None]
         fill = fill * (1 - p) + np.array(COLORS[scene.color2], np.float32) * p
     mask = shape_mask(scene, size)[..., None]

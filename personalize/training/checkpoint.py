@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from personalize.errors import CheckpointError, CheckpointNotFoundError
+from personalize.io import atomic_write_json, atomic_write_text
 from personalize.logs import quieted
 from personalize.training import faults
 
@@ -26,10 +28,6 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; earlier checkpoints are untouched."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -64,7 +62,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE}); "
             f"use 'latest' or one of {[str(p) for p in complete_checkpoints(output_dir)]}"
         )
@@ -75,10 +73,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+write_json_atomic = atomic_write_json  # the name loop.py uses
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:
@@ -93,9 +88,7 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def save_checkpoint(

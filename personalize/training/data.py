@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from personalize.models import tokenize  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 
@@ -106,16 +108,6 @@ def build_dataloader(
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed), **kwargs
     )
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def warn_long_captions(tokenizer, captions: dict[str, str]) -> int:

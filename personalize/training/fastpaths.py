@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from personalize.config import PersonalizeConfig
+from personalize.errors import ConfigError, FastPathError
 from personalize.models import SDParts
 from personalize.training.optimizers import EXTRA_OPTIMIZERS, make_extra_optimizer
 
@@ -23,10 +24,6 @@ _STOCK_PROCESSORS = {
     "XFormersAttnProcessor",
     "FusedAttnProcessor2_0",
 }
-
-
-class FastPathError(RuntimeError):
-    pass
 
 
 def apply_fast_paths(
@@ -83,7 +80,7 @@ def make_optimizer(
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise ImportError(
+            raise ConfigError(
                 "train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes"
             ) from e
         return bnb.optim.AdamW8bit(param_groups, **kwargs)

@@ -28,11 +28,9 @@ from typing import Any
 
 import torch
 
+from personalize.errors import NonFiniteError
+
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 class NonFiniteGuard:

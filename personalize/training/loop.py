@@ -32,9 +32,12 @@ from tqdm.auto import tqdm
 
 from personalize.config import PersonalizeConfig
 from personalize.data import ImageCaptionDataset, load_records, split_records
+from personalize.errors import TrainingError
 from personalize.logs import quieted
 from personalize.methods.base import Method, StepOutputs, get_method
+from personalize.methods.prior import class_data_dir, uses_class_images
 from personalize.models import SDParts, load_parts
+from personalize.signals import StopRequest, TrainingInterrupted
 from personalize.training import checkpoint as ckpt
 from personalize.training import faults
 from personalize.training.accelerator import cast_for_training, make_accelerator, weight_dtype
@@ -50,15 +53,9 @@ from personalize.training.noise import (
 )
 from personalize.training.optimizers import check_available, eval_weights
 from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_dir
-from personalize.training.prior import class_data_dir, uses_class_images
-from personalize.training.signals import StopRequest, TrainingInterrupted
 from personalize.training.validation import ValidationLoss, save_validation_samples
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
 
 
 class Trainer(EncoderInputs):
@@ -366,7 +363,7 @@ class Trainer(EncoderInputs):
             return self._run()
 
     def _stop_requested(self, at_sync_point: bool) -> int | None:
-        """The signal to stop on, agreed by all processes (see training/signals.py)."""
+        """The signal to stop on, agreed by all processes (see personalize/signals.py)."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return self.stop_request.signum

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers.training_utils import compute_snr
 
+from personalize.errors import ConfigError
+
 
 def sample_noise(
     latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float = 0.0
@@ -42,7 +44,7 @@ def training_target(
         return noise
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {kind!r} (use epsilon or v_prediction)")
+    raise ConfigError(f"unsupported prediction type {kind!r} (use epsilon or v_prediction)")
 
 
 def per_example_loss(

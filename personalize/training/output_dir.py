@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from personalize.config import ConfigError, PersonalizeConfig
+from personalize.errors import OutputExistsError, OutputPermissionError
 from personalize.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _move_aside(out: Path, in_use: list[Path]) -> None:
                 continue
             os.replace(entry, aside / entry.name)
     except OSError as e:
-        raise PermissionError(
+        raise OutputPermissionError(
             f"overwrite=true: could not move the previous run in {out} aside to {aside} "
             f"({e}); move or delete it yourself, or choose another output_dir"
         ) from e
@@ -109,7 +110,7 @@ def prepare_output_dir(cfg: PersonalizeConfig) -> None:
     holds_run = (out / RUN_FILE).exists() or ckpt.checkpoint_root(out).exists()
     work = work_in(out) if holds_run else []
     if work and not cfg.resume and not cfg.overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output_dir {out} already holds a run. Set resume=latest to continue it, "
             "overwrite=true to write over it, or choose another output_dir."
         )
@@ -132,6 +133,6 @@ def prepare_output_dir(cfg: PersonalizeConfig) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(
+        raise OutputPermissionError(
             f"output_dir {out} cannot be created or written ({e}); choose another output_dir"
         ) from e

@@ -18,7 +18,8 @@ from personalize.adapters.hypernetwork.network import (
     HypernetworkModule,
     HypernetworkOptions,
 )
-from personalize.inference import ArtifactError
+from personalize.errors import ArtifactError, ArtifactNotFoundError, HypernetworkError
+from personalize.io import torch_load_reason
 
 FORMAT_VERSION = "1"
 # safetensors key: "<width>.<k|v>.<key of that module's state dict>", e.g. "768.k.linear.0.weight"
@@ -34,7 +35,7 @@ _LEGACY_KEYS = {
 
 def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
     """Write `hn` as a webui `.pt` or as `.safetensors`, chosen by the suffix (atomically)."""
-    from personalize.adapters.formats import atomic_save_safetensors, atomic_save_webui_pt
+    from personalize.io import atomic_save_safetensors, atomic_save_webui_pt
 
     path = Path(path)
     if path.suffix == ".pt":
@@ -59,7 +60,7 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> Path:
             "hypernetwork_widths": json.dumps(hn.widths),
         }
         return atomic_save_safetensors(tensors, path, metadata)
-    raise ValueError(f"{path}: a hypernetwork is saved as .pt (webui) or .safetensors")
+    raise HypernetworkError(f"{path}: a hypernetwork is saved as .pt (webui) or .safetensors")
 
 
 def _torch_load(path: Path, peek: bool = False) -> Any:
@@ -69,11 +70,7 @@ def _torch_load(path: Path, peek: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # torch puts the reason on the lines after "WeightsUnpickler error:", when it has one.
-        text = str(e).split("WeightsUnpickler error:", 1)[-1]
-        detail = next(
-            (line.strip() for line in text.splitlines() if line.strip()), type(e).__name__
-        )[:200]
+        detail = torch_load_reason(e)[:200]
         if not re.search(r"global|reduce|build|new object", detail, re.IGNORECASE):
             raise ArtifactError(
                 f"{path}: not a readable PyTorch file (damaged, or not "
@@ -242,7 +239,7 @@ def read_hypernetwork(path: str | Path) -> Hypernetwork:
     """Load a webui `.pt` or our `.safetensors` (or the one in a training output folder)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"hypernetwork file {path} does not exist")
+        raise ArtifactNotFoundError(f"hypernetwork file {path} does not exist")
     file = find_hypernetwork_file(path)
     if file is None:
         raise ArtifactError(

@@ -19,7 +19,7 @@ from personalize.adapters.hypernetwork.network import (
     HypernetworkModule,
     HypernetworkPair,
 )
-from personalize.inference import ArtifactError
+from personalize.errors import ArtifactError, HypernetworkError
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def set_strength(unet: nn.Module, strength: float, name: str | None = None) -> N
     """Change the strength of one hypernetwork (by name) or of all of them."""
     stack = getattr(unet, STACK_ATTR, None)
     if stack is None:
-        raise ValueError("this UNet has no hypernetwork loaded")
+        raise HypernetworkError("this UNet has no hypernetwork loaded")
     for key in stack.strengths:
         if name is None or key == name:
             stack.strengths[key] = float(strength)
@@ -263,7 +263,7 @@ def load_into_pipeline(
     """Read a hypernetwork file and apply it to `pipe.unet` (or a bare UNet) at `strength`."""
     unet = getattr(pipe, "unet", pipe)
     if not math.isfinite(strength):
-        raise ValueError(f"strength must be a finite number, got {strength}")
+        raise HypernetworkError(f"strength must be a finite number, got {strength}")
     hn = read_hypernetwork(path)
     check_widths(hn.widths, unet, str(path), strict=strict)
     hn.requires_grad_(False).eval()

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from personalize.models import SDParts
+from personalize.errors import ConfigError
+from personalize.models import SDParts, tokenize
+from personalize.precision import canonical_precision, precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class AnchorStore:
 
     def __init__(self, params: list[torch.nn.Parameter], mode: str):
         if mode not in ("auto", "device", "cpu"):
-            raise ValueError(
+            raise ConfigError(
                 f"db.weight_constraint_anchor must be auto, device or cpu, got {mode!r}"
             )
         self.mode = mode
@@ -152,7 +154,7 @@ class L2SP:
 
     def __init__(self, params: list[torch.nn.Parameter], lam: float, anchor: str = "auto"):
         if not params:
-            raise ValueError("L2-SP: no trained parameters to constrain")
+            raise ConfigError("L2-SP: no trained parameters to constrain")
         self.params = params
         self.lam = float(lam)
         self.store = AnchorStore(params, anchor)
@@ -185,7 +187,7 @@ class LoRAL2SP:
                 if not isinstance(layer, LoraLayer):
                     continue
                 if any(layer.use_dora.get(a, False) for a in layer.active_adapters):
-                    raise ValueError(
+                    raise ConfigError(
                         "db.weight_constraint=l2sp is not defined for DoRA adapters "
                         "(lora.use_dora): their magnitude vector rescales W* itself. "
                         "Turn one of them off."
@@ -193,13 +195,13 @@ class LoRAL2SP:
                 if getattr(layer, "lora_embedding_A", None) and any(
                     a in layer.lora_embedding_A for a in layer.active_adapters
                 ):
-                    raise ValueError(
+                    raise ConfigError(
                         f"db.weight_constraint=l2sp: embedding adapter {name} "
                         "is not supported; target Linear/Conv layers only"
                     )
                 self.layers.append(layer)
         if not self.layers:
-            raise ValueError("db.weight_constraint=l2sp: the model has no LoRA layers")
+            raise ConfigError("db.weight_constraint=l2sp: the model has no LoRA layers")
         logger.info(
             "L2-SP on LoRA: lambda=%g over %d adapted layers (no anchor copy)",
             self.lam,
@@ -227,7 +229,7 @@ def teacher_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
     where half-precision kernels are slow or missing."""
     if device.type == "cpu":
         return torch.float32
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return precision_dtype("bf16" if canonical_precision(mixed_precision) == "bf16" else "fp16")
 
 
 class DistillationPrior:
@@ -259,7 +261,7 @@ class DistillationPrior:
             if te_trains:
                 self.teacher_text_encoder = _frozen_copy(parts.text_encoder)
         elif not (has_adapters(parts.unet) and (not te_trains or has_adapters(parts.text_encoder))):
-            raise ValueError(
+            raise ConfigError(
                 "distillation with a shared teacher needs adapters on every "
                 "trained module (the teacher is the model with them disabled)"
             )
@@ -281,8 +283,6 @@ class DistillationPrior:
 
     def _class_ids(self, parts: SDParts, device: torch.device) -> torch.Tensor:
         if self._ids is None or self._ids.device != device:
-            from personalize.training.data import tokenize
-
             self._ids = tokenize(parts.tokenizer, [self.class_prompt]).to(device)
         return self._ids
 

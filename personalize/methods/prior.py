@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from personalize.data import DataError, ImageCaptionDataset, load_records
+from personalize.data import ImageCaptionDataset, load_records
 from personalize.data.records import IMAGE_EXTENSIONS
+from personalize.errors import DataError, TrainingInterrupted
+from personalize.io import atomic_save_png, atomic_write_json
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
-from personalize.training.signals import StopRequest, TrainingInterrupted
+from personalize.signals import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +163,7 @@ def check_class_folder(folder: Path, prompt: str, model: dict | None, have: int)
 
 def _write_manifest(folder: Path, prompt: str, model: dict | None) -> None:
     data = {"prompt": prompt, "model": model}
-    tmp = folder / f".{MANIFEST}{_TMP_MARK}{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_json(folder / MANIFEST, data)  # its temporary name holds _TMP_MARK
 
 
 # ------------------------------------------------------------------------------ generation
@@ -184,12 +183,6 @@ def _process_state(state):
     from accelerate import PartialState
 
     return PartialState()
-
-
-def _save_png_atomic(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def ensure_class_images(
@@ -277,7 +270,7 @@ def ensure_class_images(
                         width=resolution,
                     ).images
                 for index, image in zip(chunk, images):
-                    _save_png_atomic(image, folder / class_image_name(prompt, seed, index))
+                    atomic_save_png(image, folder / class_image_name(prompt, seed, index))
         del pipe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -407,7 +400,7 @@ def wrap_with_prior(
     missing ones with the base model (adapters off), then pair them with the instances."""
     if not uses_class_images(cfg):
         return dataset
-    from personalize.training.regularizers import adapters_disabled
+    from personalize.methods.regularizers import adapters_disabled
 
     db = cfg.db
     folder = class_data_dir(cfg)

@@ -16,18 +16,12 @@ import signal
 import threading
 import time
 
+from personalize.errors import TrainingInterrupted  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 DUPLICATE_WINDOW_SECONDS = 3.0
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after saving a checkpoint; `exit_code` is 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class StopRequest:

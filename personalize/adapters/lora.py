@@ -1,0 +1,231 @@
+"""LoRA files: save (diffusers/peft layout and kohya layout), detect and load.
+
+What `method: lora` writes in its output folder: `pytorch_lora_weights.safetensors`, peft's
+own key names (`...lora_A.weight`), which diffusers' `load_lora_weights` reads, and
+`lora_kohya.safetensors` (`lora_unet_*`/`lora_te_*` with `.alpha`, adapters/kohya.py) that
+ComfyUI, the webui and kohya's sd-scripts load. `load_lora` reads ours and kohya/webui ones
+into a diffusers pipeline; several stack under their own adapter names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from personalize.errors import ArtifactError, KohyaExportError
+from personalize.io import atomic_save_safetensors, atomic_write
+from personalize.logs import dropping
+from personalize.models import SDParts
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """What the saved file records about the adapters (peft's LoraConfig fields)."""
+
+    rank: int
+    alpha: float
+    unet_targets: list[str]
+    text_encoder_targets: list[str] | None  # None: the text encoder has no adapters
+    use_dora: bool = False
+
+
+# ------------------------------------------------------------------------------ save
+
+
+def peft_layers(parts: SDParts, text_encoder: bool) -> tuple[dict, dict | None]:
+    """The adapters' weights under peft's own names (lora_A/lora_B), which diffusers loads
+    as they are. Not through convert_state_dict_to_diffusers as the diffusers scripts do: it
+    renames attention layers only (to the old lora.down/up names), and a file mixing both
+    namings loses every other adapted layer (ff, proj_in, resnet convs) on load."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet = get_peft_model_state_dict(parts.unet)
+    te = get_peft_model_state_dict(parts.text_encoder) if text_encoder else None
+    return unet, te
+
+
+def save_lora(
+    out_dir: str | Path, parts: SDParts, shape: LoraShape, step: int
+) -> tuple[Path, Path | None]:
+    """Write both files into `out_dir`; return (the diffusers file, the kohya file or None)."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet_layers, te_layers = peft_layers(parts, shape.text_encoder_targets is not None)
+    unet_layers = {k: v.float().contiguous() for k, v in unet_layers.items()}
+    te_layers = {k: v.float().contiguous() for k, v in (te_layers or {}).items()} or None
+    meta = {
+        "r": shape.rank,
+        "lora_alpha": shape.alpha,
+        "target_modules": shape.unet_targets,
+        "use_dora": shape.use_dora,
+    }
+    te_meta = dict(meta, target_modules=shape.text_encoder_targets) if te_layers else None
+    # diffusers writes in place with safetensors (mode 0600): write it in a scratch
+    # folder, then rename it into place with the umask's mode.
+    with atomic_write(out_dir / LORA_WEIGHTS) as tmp:
+        scratch = tmp.with_name(tmp.name + ".d")
+        try:
+            StableDiffusionPipeline.save_lora_weights(
+                scratch,
+                unet_lora_layers=unet_layers,
+                text_encoder_lora_layers=te_layers,
+                safe_serialization=True,
+                unet_lora_adapter_metadata=meta,
+                text_encoder_lora_adapter_metadata=te_meta,
+            )
+            os.replace(scratch / LORA_WEIGHTS, tmp)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    kohya = save_kohya(out_dir, unet_layers, te_layers, shape, step, parts)
+    return out_dir / LORA_WEIGHTS, kohya
+
+
+def save_kohya(
+    out_dir: Path,
+    unet_layers: dict,
+    te_layers: dict | None,
+    shape: LoraShape,
+    step: int,
+    parts: SDParts,
+) -> Path | None:
+    """The kohya layout (lora_unet_*, lora_te_*, .alpha) that ComfyUI, the webui and
+    sd-scripts load (adapters/kohya.py); None, with a warning, when the adapters have
+    no such form (DoRA)."""
+    from personalize.adapters.kohya import kohya_metadata, peft_to_kohya
+
+    try:
+        kohya = peft_to_kohya(unet_layers, te_layers, shape.alpha)
+    except KohyaExportError as e:
+        logger.warning("no %s written: %s", KOHYA_WEIGHTS, e)
+        stale = out_dir / KOHYA_WEIGHTS
+        if stale.exists():  # a file from an earlier run would pass for this one
+            stale.unlink()
+        return None
+    width = parts.unet.config.cross_attention_dim
+    metadata = kohya_metadata(shape.rank, shape.alpha, width, step)
+    metadata.update(
+        personalize_base_model=parts.source,
+        personalize_cross_attention_dim=str(width),
+    )
+    return atomic_save_safetensors(kohya, out_dir / KOHYA_WEIGHTS, metadata)
+
+
+# ------------------------------------------------------------------------------ detect, load
+
+
+def detect_lora(path: Path) -> Path | None:
+    """Our output folder's file, or a .safetensors whose keys are a LoRA's."""
+    if path.is_dir() and (path / LORA_WEIGHTS).is_file():
+        return path / LORA_WEIGHTS
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise ArtifactError(
+                f"{path} is not a readable .safetensors file (damaged, or an "
+                f"incomplete download): {e}. Get the file again."
+            ) from e
+        if any(".lora" in k or "lora_" in k for k in keys):
+            return path
+    return None
+
+
+def _loaded_adapters(pipe) -> set[str]:
+    return {n for names in pipe.get_list_adapters().values() for n in names}
+
+
+def _lora_adapter_name(pipe, file: Path, adapter_name: str | None) -> str:
+    """The adapter name for `file`: the one asked for; else the name this very file was
+    loaded under before (loading it again, e.g. a re-run notebook cell, replaces it);
+    else the first free `personalize_<n>`, so that different files stack."""
+    if adapter_name is not None:
+        return adapter_name
+    sources: dict[str, str] = getattr(pipe, "_personalize_lora_sources", {})
+    again = [name for name, source in sources.items() if source == str(file.resolve())]
+    if again:
+        return again[0]
+    taken = _loaded_adapters(pipe)
+    return next(
+        f"personalize_{n}" for n in range(len(taken) + 1) if f"personalize_{n}" not in taken
+    )
+
+
+def _has_text_encoder_keys(file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return any(k.startswith(("text_encoder", "lora_te")) for k in f.keys())
+
+
+def load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
+    file = detect_lora(path)
+    # Several LoRAs can be stacked; remember each one's strength and file on the pipeline.
+    weights: dict[str, float] = getattr(pipe, "_personalize_lora_strengths", {})
+    sources: dict[str, str] = getattr(pipe, "_personalize_lora_sources", {})
+    name = _lora_adapter_name(pipe, file, adapter_name)
+    if name in _loaded_adapters(pipe):
+        # Loading on top would stack a second copy (double strength) or fail in peft.
+        logger.info("LoRA adapter_name=%r is loaded already: replacing it with %s", name, file)
+        pipe.delete_adapters(name)
+        weights.pop(name, None)
+        sources.pop(name, None)
+    n_before = sum(1 for k in pipe.unet.state_dict() if "lora" in k)
+    # A UNet-only LoRA makes diffusers warn that the text encoder got no keys; that is
+    # expected then, and only then worth a line.
+    quiet_te = (
+        dropping("diffusers.loaders.lora_base", "No LoRA keys associated to")
+        if not _has_text_encoder_keys(file)
+        else nullcontext()
+    )
+    try:
+        with quiet_te, warnings.catch_warnings():
+            # peft warns on every adapter after the first; stacking is what we do here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as e:
+        why = str(e).strip().rstrip(".")
+        raise ArtifactError(
+            f"{file} does not fit this pipeline's UNet/text encoder: {why}. It "
+            "was made for another base model; use a LoRA trained on this one."
+        ) from e
+    if sum(1 for k in pipe.unet.state_dict() if "lora" in k) == n_before:
+        raise ArtifactError(
+            f"{file}: no LoRA key matched this pipeline's UNet modules; it was "
+            "made for another base model (e.g. SDXL) or only for modules this "
+            "model lacks. Use a LoRA trained on this base model."
+        )
+    weights[name] = strength
+    sources[name] = str(file.resolve())
+    pipe._personalize_lora_strengths = weights
+    pipe._personalize_lora_sources = sources
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+
+
+def effective_scale(path: str | Path) -> dict[str, Any]:
+    """alpha / rank as saved, so "my LoRA has no effect" can be answered from the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    info = json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
+    if "unet.r" in info:
+        rank, alpha = info["unet.r"], info["unet.lora_alpha"]
+        return {"rank": rank, "alpha": alpha, "scale": alpha / rank}
+    return {}
