@@ -16,6 +16,7 @@ from personalize.config.load import (
     from_dict,
     load_config,
     merge,
+    merge_layers,
     parse_overrides,
     read_yaml_mapping,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "merge",
+    "merge_layers",
     "method_names",
     "need",
     "new_key",

@@ -172,18 +172,10 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> PersonalizeConfig:
-    """Load YAML (optional), apply `base` defaults underneath and dotted overrides on top.
-    Each layer's old keys are moved to their new names before the layers merge, so an
-    override spelled either way replaces the YAML's value; the renames are logged once."""
-    layers = [base or {}]
-    if path is not None:
-        layers.append(read_yaml_mapping(path))
-    layers.append(parse_overrides(overrides or []))
+def merge_layers(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Config mappings merged in order, later ones on top. Each layer's old keys are moved
+    to their new names first, so a layer spelled either way replaces an earlier one's
+    value; the renames are logged once."""
     data: dict[str, Any] = {}
     renames: list[tuple[str, str]] = []
     for layer in layers:
@@ -191,7 +183,20 @@ def load_config(
         renames += used
         data = merge(data, layer)
     log_renames(renames)
-    return from_dict(data)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> PersonalizeConfig:
+    """Load YAML (optional), apply `base` defaults underneath and dotted overrides on top."""
+    layers = [base or {}]
+    if path is not None:
+        layers.append(read_yaml_mapping(path))
+    layers.append(parse_overrides(overrides or []))
+    return from_dict(merge_layers(*layers))
 
 
 # The names other modules imported before they were public.

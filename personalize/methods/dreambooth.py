@@ -214,6 +214,13 @@ class DreamBooth(Method):
             },
         }
 
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        recipe = super().toy_world_recipe(identifier, class_word, unet_config)
+        recipe["steps"] = 400  # full fine-tuning shows the subject sooner
+        recipe["config"]["prior"] = {"class_prompt": f"a {class_word}"}  # when prior is on
+        return recipe
+
 
 # ------------------------------------------------------------------------------ saving
 

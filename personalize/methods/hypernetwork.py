@@ -126,3 +126,11 @@ class HypernetworkMethod(Method):
         # The tiny model's widths: text context 32, self-attention 32 and 64. Its MLPs start
         # near zero (Normal init), so the demo needs a higher LR than SD's 5e-6..5e-5.
         return {"train": {"lr": 1e-3}, "hn": {"enable_sizes": [32, 64]}}
+
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        recipe = super().toy_world_recipe(identifier, class_word, unet_config)
+        # One MLP pair per attention context width: the text's and each level's.
+        widths = {unet_config["cross_attention_dim"], *unet_config["block_out_channels"]}
+        recipe["config"]["hypernetwork"] = {"enable_sizes": sorted(widths)}
+        return recipe

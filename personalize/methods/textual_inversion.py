@@ -422,6 +422,17 @@ class TextualInversion(Method):
             },
         }
 
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        token = f"<{identifier}-{class_word}>"
+        return {
+            "steps": 600,
+            "config": {
+                "data": {"prompt": f"a {token}"},
+                "textual_inversion": {"placeholder_token": token, "initializer_token": class_word},
+            },
+        }
+
 
 class TemplateCaptions(torch.utils.data.Dataset):
     """The training dataset with each caption replaced by a template drawn from

@@ -34,9 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from personalize.config import merge_layers
+from personalize.toyworld.recipes import IDENTIFIER, subject_phrase, toy_recipe
+
 logger = logging.getLogger(__name__)
 
-IDENTIFIER = "sks"
 SUBJECT_NAMES = ("striped_heart", "two_color_star", "spotted_circle")
 
 # One recipe per variant: method, optimizer steps, and config sections. Batch 4, 32 px,
@@ -113,7 +115,7 @@ GENERATION = {"steps": 20, "guidance_scale": 5.0}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    from personalize.config import _merge as merge
+    from personalize.config import merge
 
     return merge(a, b)
 
@@ -149,50 +151,20 @@ def variant_config(
     steps: int | None = None,
     train_seed: int = 0,
 ) -> dict[str, Any]:
-    """The full training config of one variant on one subject."""
+    """The full training config of one variant on one subject: the common settings, the
+    recipe's, then how the method names the subject (`Method.toy_world_recipe`)."""
     recipe = ALL_RECIPES[variant]
     method = recipe["method"]
-    cfg = _merge(COMMON, copy.deepcopy(recipe["config"]))
-    cfg = _merge(
-        cfg,
-        {
-            "method": method,
-            "seed": train_seed,
-            "output_dir": str(out_dir),
-            "model": {"path": str(model_path)},
-            "data": {"path": str(data_dir), "prompt": f"a {IDENTIFIER} {subject.class_word}"},
-            "train": {"max_steps": steps or recipe["steps"]},
-        },
-    )
-    if method == "textual_inversion":
-        token = f"<{IDENTIFIER}-{subject.class_word}>"
-        cfg = _merge(
-            cfg,
-            {
-                "data": {"prompt": f"a {token}"},
-                "ti": {"placeholder_token": token, "initializer_token": subject.class_word},
-            },
-        )
-    if method == "dreambooth" and cfg.get("db", {}).get("with_prior_preservation"):
-        cfg["db"]["class_prompt"] = f"a {subject.class_word}"
-    if method == "hypernetwork":
-        unet_cfg = json.loads((Path(model_path) / "unet" / "config.json").read_text())
-        cfg = _merge(
-            cfg,
-            {
-                "hn": {
-                    "enable_sizes": sorted(
-                        {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]}
-                    )
-                }
-            },
-        )
-    return cfg
-
-
-def subject_phrase(cfg: dict[str, Any]) -> str:
-    prompt = cfg["data"]["prompt"]
-    return prompt[2:] if prompt.startswith("a ") else prompt
+    toy = toy_recipe(method, subject, model_path)
+    run = {
+        "method": method,
+        "seed": train_seed,
+        "output_dir": str(out_dir),
+        "model": {"path": str(model_path)},
+        "data": {"path": str(data_dir)},
+        "train": {"max_steps": steps or recipe.get("steps") or toy["steps"]},
+    }
+    return merge_layers(COMMON, copy.deepcopy(recipe["config"]), run, toy["config"])
 
 
 # ------------------------------------------------------------------------------ training
@@ -425,7 +397,7 @@ def run(
                 t = time.perf_counter()
                 pipe = load(load_pipeline(str(model)), trained["run_dir"])
                 metrics, images = score_pipeline(
-                    pipe, classifier, subject, subject_phrase(cfg), instances, seed_list, bgs
+                    pipe, classifier, subject, _phrase(cfg), instances, seed_list, bgs
                 )
                 row = {
                     "variant": variant,
@@ -440,7 +412,7 @@ def run(
                 }
                 results["runs"].append(row)
                 if train_seed == train_seeds[0]:
-                    grid_rows[variant] = _grid_row(images, subject, subject_phrase(cfg), bgs)
+                    grid_rows[variant] = _grid_row(images, subject, _phrase(cfg), bgs)
                 logger.info("%s %s: %s", subject.name, name, row)
                 _write_json(out / "results.json", results)  # progress survives a stop
         grid = _grid(grid_rows, subject, bgs)
@@ -449,6 +421,10 @@ def run(
     _write_json(out / "results.json", results)
     (out / "table.md").write_text(markdown_table(results))
     return results
+
+
+def _phrase(cfg: dict[str, Any]) -> str:
+    return subject_phrase(cfg["data"]["prompt"])
 
 
 def _portable(path: Path) -> str:
