@@ -1,5 +1,8 @@
 """Config sections by concept (prior, regularization, one per method), the old db/ti/hn keys
-still accepted with one deprecation line, and the method list read from personalize/methods."""
+still accepted with one deprecation line, and the method list read from personalize/methods.
+
+rename_config: keep old keys (the deprecation path is tested here on purpose)
+"""
 
 from __future__ import annotations
 
