@@ -164,7 +164,11 @@ def variant_config(
         "data": {"path": str(data_dir)},
         "train": {"max_steps": steps or recipe.get("steps") or toy["steps"]},
     }
-    return merge_layers(COMMON, copy.deepcopy(recipe["config"]), run, toy["config"])
+    cfg = merge_layers(COMMON, copy.deepcopy(recipe["config"]), run, toy["config"])
+    prior = cfg.get("prior", {})
+    if not prior.get("enabled"):
+        prior.pop("class_prompt", None)  # the recipe's class prompt is for a prior only
+    return cfg
 
 
 # ------------------------------------------------------------------------------ training
