@@ -28,11 +28,10 @@ logger = logging.getLogger(__name__)
 WORLDS = ("toy", "tiny")
 DEMO_PROMPT = "a photo of sks disc"  # the tiny world's subject
 DEFAULT_SUBJECT = "striped_heart"
-IDENTIFIER = "sks"
-# Steps after which the subject shows in the samples (DreamBooth: clearly; LoRA and the
-# hypernetwork: its colors and dot, blurred; TI: its colors only, since the base model cannot
-# draw stripes). 20-60 s of training on an idle 2-core CPU, a few minutes on a busy one.
-TOY_STEPS = {"lora": 600, "dreambooth": 400, "textual_inversion": 600, "hypernetwork": 600}
+# On the toy world each method's `toy_world_recipe` gives the steps after which the subject
+# shows in the samples (DreamBooth: clearly; LoRA and the hypernetwork: its colors and dot,
+# blurred; TI: its colors only, since the base model cannot draw stripes): 20-60 s of
+# training on an idle 2-core CPU, a few minutes on a busy one.
 TINY_STEPS = 60
 
 
@@ -55,7 +54,7 @@ def demo_config(
 ) -> dict[str, Any]:
     """The demo's config: common settings, then the method's `demo_overrides()`, then (on
     the toy world) what depends on the world: its model, subject, class and widths."""
-    from personalize.config import merge_dicts as _merge
+    from personalize.config import merge_layers
 
     base = {
         "method": method,
@@ -74,20 +73,20 @@ def demo_config(
             "lr_warmup_steps": 5,
         },
     }
-    cfg = _merge(base, _method_overrides(method))
-    if world == "toy":
-        cfg = _merge(cfg, toy_overrides(method, subject, out))
-    return cfg
+    toy = [toy_overrides(method, subject, out)] if world == "toy" else []
+    return merge_layers(base, _method_overrides(method), *toy)
 
 
 def toy_overrides(method: str, subject_name: str, out: Path) -> dict[str, Any]:
-    """Settings tied to the toy world, applied over the method's own demo overrides."""
+    """Settings tied to the toy world, applied over the method's own demo overrides: its
+    model and data, then how the method names the subject (`Method.toy_world_recipe`)."""
+    from personalize.config import merge_layers
     from personalize.toyworld import base_model_path
+    from personalize.toyworld.recipes import IDENTIFIER, toy_recipe
     from personalize.toyworld.subjects import get_subject
 
     subject = get_subject(subject_name)
     model = base_model_path()
-    unet_cfg = json.loads((model / "unet" / "config.json").read_text())
     cfg: dict[str, Any] = {
         "model": {"path": str(model)},
         "data": {
@@ -98,26 +97,16 @@ def toy_overrides(method: str, subject_name: str, out: Path) -> dict[str, Any]:
         },
         "train": {"batch_size": 4},
     }
-    if method == "textual_inversion":
-        token = f"<{IDENTIFIER}-{subject.class_word}>"
-        cfg["data"]["prompt"] = f"a {token}"
-        cfg["ti"] = {"placeholder_token": token, "initializer_token": subject.class_word}
-    elif method == "dreambooth":
-        cfg["db"] = {"class_prompt": f"a {subject.class_word}"}
-    elif method == "hypernetwork":
-        # One MLP pair per attention context width: the text's and each level's.
-        cfg["hn"] = {
-            "enable_sizes": sorted(
-                {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]}
-            )
-        }
-    return cfg
+    return merge_layers(cfg, toy_recipe(method, subject, model)["config"])
 
 
-def subject_phrase(cfg) -> str:
-    """How prompts name the learned subject: TI's token, or "sks heart"."""
-    prompt = cfg.data.prompt
-    return prompt[2:] if prompt.startswith("a ") else prompt
+def toy_steps(method: str) -> int:
+    """The optimizer steps after which the toy world's subject shows, for `method`."""
+    from personalize.toyworld import base_model_path
+    from personalize.toyworld.recipes import toy_recipe
+    from personalize.toyworld.subjects import get_subject
+
+    return toy_recipe(method, get_subject(DEFAULT_SUBJECT), base_model_path())["steps"]
 
 
 def run_demo(
@@ -134,9 +123,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if world == "tiny":
         return _run_tiny(method, out, TINY_STEPS if steps is None else steps, seeds)
-    return _run_toy(
-        method, out, TOY_STEPS.get(method, 200) if steps is None else steps, seeds, subject
-    )
+    return _run_toy(method, out, toy_steps(method) if steps is None else steps, seeds, subject)
 
 
 def _change(a, b) -> float:
@@ -165,6 +152,7 @@ def _run_toy(
     from personalize.inference import generate, make_grid
     from personalize.models import load_pipeline
     from personalize.toyworld import load_classifier
+    from personalize.toyworld.recipes import subject_phrase
     from personalize.toyworld.scoring import (
         background_rate,
         feature_similarity,
@@ -178,7 +166,7 @@ def _run_toy(
     _clear_previous_demo(cfg.output_dir)
     run_dir = train(cfg)
 
-    phrase = subject_phrase(cfg)
+    phrase = subject_phrase(cfg.data.prompt)
     background = next(c for c in ("green", "blue", "black") if c not in subject.colors)
     subject_prompt = f"a {phrase}"
     recontext_prompt = f"a {phrase} on a {background} background"

@@ -599,7 +599,7 @@ case(
     "unknown-section",
     "a `lora2:` section",
     raises=ConfigError,
-    message=r"unknown config key\(s\): lora2\. Valid keys: data, db, hn, lora",
+    message=r"unknown config key\(s\): lora2\. Valid keys: data, dreambooth, hypernetwork, lora",
 )(_cfg(lora2={"rank": 4}))
 case(
     "section-not-mapping",
@@ -677,7 +677,7 @@ case(
     "unknown-method",
     "`method: lorra`",
     raises=ConfigError,
-    message=r"method: must be one of lora, textual_inversion, dreambooth, hypernetwork, "
+    message=r"method: must be one of dreambooth, hypernetwork, lora, textual_inversion, "
     r"got 'lorra'",
 )(_cfg(method="lorra"))
 

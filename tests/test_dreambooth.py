@@ -591,7 +591,9 @@ def test_train_unet_blocks_freezes_the_rest(tiny_model_dir, instance_dir, tmp_pa
             tiny_model_dir, instance_dir, tmp_path / "bad", db={"train_unet_blocks": ["up_block"]}
         )
     )
-    with pytest.raises(ValueError, match=r"db\.train_unet_blocks.*up_blocks\.0, up_blocks\.1"):
+    with pytest.raises(
+        ValueError, match=r"dreambooth\.train_unet_blocks.*up_blocks\.0, up_blocks\.1"
+    ):
         train(bad)
 
 
@@ -670,15 +672,17 @@ def test_text_encoder_trains_until_its_stop_step_also_across_resume(
 
 
 def test_config_errors_name_the_db_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"db\.class_prompt"):
+    with pytest.raises(ConfigError, match=r"prior\.class_prompt"):
         from_dict({"method": "dreambooth", "db": {"with_prior_preservation": True}})
-    with pytest.raises(ConfigError, match=r"db\.prior.*with_prior_preservation"):
+    with pytest.raises(ConfigError, match=r"prior\.kind.*prior preservation"):
         from_dict(
             {"method": "dreambooth", "db": {"prior": "distillation", "class_prompt": "a dog"}}
         )
-    with pytest.raises(ConfigError, match=r"db\.train_text_encoder.*lora\.train_text_encoder"):
+    with pytest.raises(
+        ConfigError, match=r"dreambooth\.train_text_encoder.*lora\.train_text_encoder"
+    ):
         from_dict({"method": "lora", "db": {"train_text_encoder": True}})
-    with pytest.raises(ConfigError, match=r"db\.weight_constraint_anchor"):
+    with pytest.raises(ConfigError, match=r"regularization\.weight_constraint_anchor"):
         from_dict({"method": "dreambooth", "db": {"weight_constraint_anchor": "gpu"}})
 
 
@@ -686,7 +690,7 @@ def test_example_config_parses():
     from personalize.config import load_config
 
     cfg = load_config(ROOT / "configs" / "dreambooth.yaml")
-    assert cfg.method == "dreambooth" and cfg.db.with_prior_preservation
+    assert cfg.method == "dreambooth" and cfg.prior.enabled
 
 
 def test_demo_runs_with_dreambooth(tmp_path):

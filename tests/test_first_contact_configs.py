@@ -33,14 +33,16 @@ def _overrides(config: Path, model: Path, data: Path, out: Path) -> list[str]:
     ]
     if config.stem == "dreambooth":
         args += [
-            f"db.class_data_dir={out.parent / 'class_images'}",
-            "db.num_class_images=2",
-            "db.class_num_inference_steps=2",
+            f"prior.class_data_dir={out.parent / 'class_images'}",
+            "prior.num_class_images=2",
+            "prior.generation_steps=2",
         ]
     if config.stem == "textual_inversion":
-        args.append("ti.initializer_token=null")  # "cat" is 3 tokens in the tiny vocabulary
+        args.append(
+            "textual_inversion.initializer_token=null"
+        )  # "cat" is 3 tokens in the tiny vocabulary
     if config.stem == "hypernetwork":
-        args.append("hn.enable_sizes=[32, 64]")  # the tiny UNet's attention widths
+        args.append("hypernetwork.enable_sizes=[32, 64]")  # the tiny UNet's attention widths
     return args
 
 
@@ -123,7 +125,7 @@ def test_precision_spellings_in_the_db_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method: dreambooth\ndb:\n  class_precision: no\n  save_precision: no\n")
     cfg = load_config(path)
-    assert cfg.db.class_precision == "no" and cfg.db.save_precision == "fp32"
+    assert cfg.prior.generation_precision == "no" and cfg.dreambooth.save_precision == "fp32"
     assert load_config(None, ["train.mixed_precision=BF16"]).train.mixed_precision == "bf16"
 
 

@@ -716,18 +716,18 @@ def test_config_errors_name_the_hn_key(tiny_model_dir, instance_dir, tmp_path):
             tiny_model_dir, instance_dir, tmp_path / "run", method="hypernetwork", hn=hn
         )
 
-    with pytest.raises(ConfigError, match=r"hn\.activation: unknown 'wiggle'"):
+    with pytest.raises(ConfigError, match=r"hypernetwork\.activation: unknown 'wiggle'"):
         from_dict(cfg(activation="wiggle"))
-    with pytest.raises(ConfigError, match=r"hn\.use_dropout"):
+    with pytest.raises(ConfigError, match=r"hypernetwork\.use_dropout"):
         from_dict(cfg(dropout_structure=[0, 0.2, 0]))
-    with pytest.raises(ConfigError, match=r"hn\.layer_structure"):
+    with pytest.raises(ConfigError, match=r"hypernetwork\.layer_structure"):
         from_dict(cfg(layer_structure=[1, 2]))
     # The default SD1 widths do not exist in the tiny model: said before anything trains.
     method = HypernetworkMethod(from_dict(cfg()))
     parts = load_parts(str(tiny_model_dir))
     with pytest.raises(
         ConfigError,
-        match=r"hn\.enable_sizes: widths \[320, 640, 768, 1280\]"
+        match=r"hypernetwork\.enable_sizes: widths \[320, 640, 768, 1280\]"
         r".*\[32, 64\]",
     ):
         method.setup(parts)
@@ -757,7 +757,7 @@ def test_example_config_parses():
     from personalize.config import load_config
 
     cfg = load_config(ROOT / "configs" / "hypernetwork.yaml")
-    assert cfg.method == "hypernetwork" and cfg.hn.enable_sizes == [768, 320, 640, 1280]
+    assert cfg.method == "hypernetwork" and cfg.hypernetwork.enable_sizes == [768, 320, 640, 1280]
     assert 5e-6 <= cfg.train.lr <= 5e-5
 
 

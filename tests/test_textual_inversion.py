@@ -115,7 +115,8 @@ def test_saved_files_hold_the_trained_rows(ti_run):
     assert webui["string_to_token"] == {"*": 265}
     assert torch.equal(webui["string_to_param"]["*"], trained)
     assert torch.equal(load_file(out / "sks-disc.safetensors")["emb_params"], trained)
-    # Intermediate embeddings every ti.save_every steps; the last equals the final one.
+    # Intermediate embeddings every textual_inversion.save_every steps; the last equals the final
+    # one.
     step2 = load_file(out / "learned_embeds-steps-2.safetensors")[TOKEN]
     assert not torch.equal(step2, trained)
     assert torch.equal(load_file(out / "learned_embeds-steps-4.safetensors")[TOKEN], trained)
@@ -271,9 +272,11 @@ def _setup(tiny_model_dir, instance_dir, tmp_path, **ti):
 
 def test_placeholder_already_in_vocabulary(tiny_model_dir, instance_dir, tmp_path):
     for taken in ("x", "<|endoftext|>"):
-        with pytest.raises(ConfigError, match=r"ti\.placeholder_token.*already in the token"):
+        with pytest.raises(
+            ConfigError, match=r"textual_inversion\.placeholder_token.*already in the token"
+        ):
             _setup(tiny_model_dir, instance_dir, tmp_path, placeholder_token=taken)
-    with pytest.raises(ConfigError, match=r"ti\.placeholder_token.*without spaces"):
+    with pytest.raises(ConfigError, match=r"textual_inversion\.placeholder_token.*without spaces"):
         _setup(tiny_model_dir, instance_dir, tmp_path, placeholder_token="my cat")
 
 
@@ -281,8 +284,8 @@ def test_initializer_of_several_tokens(tiny_model_dir, instance_dir, tmp_path):
     # "cat" is three tokens for the byte-level tokenizer (c, a, t</w>).
     with pytest.raises(
         ConfigError,
-        match=r"ti\.initializer_token: 'cat' is 3 tokens.*"
-        r"ti\.num_vectors=3",
+        match=r"textual_inversion\.initializer_token: 'cat' is 3 tokens.*"
+        r"textual_inversion\.num_vectors=3",
     ):
         _setup(tiny_model_dir, instance_dir, tmp_path, initializer_token="cat", num_vectors=2)
     # ... which is fine when every vector gets one piece (the webui's rule).
@@ -292,12 +295,12 @@ def test_initializer_of_several_tokens(tiny_model_dir, instance_dir, tmp_path):
     table = groups[0]["params"][0]
     pieces = parts.tokenizer.encode("cat", add_special_tokens=False)
     assert torch.equal(table[method.ids], table[pieces])
-    with pytest.raises(ConfigError, match=r"ti\.initializer_token.*empty"):
+    with pytest.raises(ConfigError, match=r"textual_inversion\.initializer_token.*empty"):
         _setup(tiny_model_dir, instance_dir, tmp_path, initializer_token=" ")
 
 
 def test_missing_token_in_templates_and_captions(tiny_model_dir, instance_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"ti\.templates\[1\].*no \{\}"):
+    with pytest.raises(ConfigError, match=r"textual_inversion\.templates\[1\].*no \{\}"):
         _cfg(
             tiny_model_dir,
             instance_dir,

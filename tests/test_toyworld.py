@@ -316,7 +316,7 @@ def test_textual_inversion_learns_what_the_model_can_draw(tmp_path):
     cfg = variant_config(
         "textual_inversion", red_heart, base_model_path(), data, tmp_path / "run", steps=150
     )
-    cfg["ti"]["initializer_token"] = "star"
+    cfg["textual_inversion"]["initializer_token"] = "star"
     run_dir = train_variant(cfg, tmp_path / "log", isolated=False)["run_dir"]
     classifier, seeds = load_classifier(), list(range(8))
 

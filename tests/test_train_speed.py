@@ -92,6 +92,9 @@ def test_both_trainers_get_the_same_settings(speed, method, tmp_path):
     assert "--gradient_checkpointing" in command
     if method == "textual_inversion":
         # textual_inversion.py flips half the images: ours must flip too.
-        assert parsed.data.random_flip and parsed.ti.placeholder_token == speed.PLACEHOLDER
+        assert (
+            parsed.data.random_flip
+            and parsed.textual_inversion.placeholder_token == speed.PLACEHOLDER
+        )
     if method == "lora":
         assert flags["--rank"] == str(parsed.lora.rank)

@@ -180,7 +180,7 @@ def convert_text_encoder(te_state: dict[str, torch.Tensor], config: Any) -> dict
         raise ConversionError(
             "this text encoder is OpenCLIP-style (SD 2.x); its original layout is not "
             "written here. Use the diffusers folder (webui/ComfyUI load those too) or set "
-            "db.save_single_file: false"
+            "dreambooth.save_single_file: false"
         )
     # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); the original
     # layout (and every reader of it) has that level.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalize.config import build_dataclass, merge_dicts, parse_overrides, read_yaml_mapping
+from personalize.config import build, merge, parse_overrides, read_yaml_mapping
 from personalize.errors import need
 
 
@@ -110,7 +110,7 @@ def _normalize_artifacts(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluation_from_dict(data: dict[str, Any]) -> EvaluationConfig:
-    cfg = build_dataclass(EvaluationConfig, _normalize_artifacts(data))
+    cfg = build(EvaluationConfig, _normalize_artifacts(data))
     validate(cfg)
     return cfg
 
@@ -122,8 +122,8 @@ def load_evaluation_config(
 ) -> EvaluationConfig:
     """YAML file (optional), then dotted overrides, then `extra` (the CLI flags) on top."""
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
-    data = merge_dicts(data, parse_overrides(overrides or []))
-    data = merge_dicts(data, extra or {})
+    data = merge(data, parse_overrides(overrides or []))
+    data = merge(data, extra or {})
     return evaluation_from_dict(data)
 
 

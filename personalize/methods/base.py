@@ -124,6 +124,16 @@ class Method:
         """Config values that make `personalize demo --method NAME` learn in ~a minute on CPU."""
         return {}
 
+    @classmethod
+    def toy_world_recipe(
+        cls, identifier: str, class_word: str, unet_config: dict[str, Any]
+    ) -> dict[str, Any]:
+        """This method on the toy world (personalize.toyworld), for `personalize demo` and
+        the quality benchmark: `{"steps": N, "config": {...}}`, the optimizer steps after
+        which the subject shows in the samples, and the config that names the subject this
+        method's way ("a sks heart" by default). `unet_config`: the toy model's UNet config."""
+        return {"steps": 600, "config": {"data": {"prompt": f"a {identifier} {class_word}"}}}
+
 
 def get_method(name: str) -> type[Method]:
     """The Method class for `name`, imported lazily so one method's deps don't load the rest."""

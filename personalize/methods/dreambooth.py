@@ -1,9 +1,9 @@
 """DreamBooth: fine-tune the UNet (and optionally the text encoder) on a few images of a
 subject bound to a rare identifier ("a photo of sks dog"), Ruiz et al. 2023.
 
-What trains: the whole UNet, or only the blocks named in `db.train_unet_blocks` (the
+What trains: the whole UNet, or only the blocks named in `dreambooth.train_unet_blocks` (the
 shallow ones stay as pretrained: "weight fixing"), plus the text encoder with its own LR
-until `db.stop_text_encoder_training`. What joins the loss: prior preservation with class
+until `dreambooth.stop_text_encoder_training`. What joins the loss: prior preservation with class
 images (methods/prior.py: `instance + prior_loss_weight * class`), or a distillation prior
 from a frozen copy of the original UNet, and optionally the L2-SP pull toward the
 pretrained weights (methods/regularizers.py). What is saved: a complete diffusers
@@ -34,7 +34,7 @@ _TE_STATE_KEY = "_dreambooth.text_encoder_training"
 
 
 def unet_blocks(unet: torch.nn.Module) -> list[str]:
-    """The UNet's top-level blocks as `db.train_unet_blocks` names them."""
+    """The UNet's top-level blocks as `dreambooth.train_unet_blocks` names them."""
     names = []
     for name, child in unet.named_children():
         if isinstance(child, torch.nn.ModuleList):
@@ -55,7 +55,7 @@ def select_unet_params(unet: torch.nn.Module, blocks: list[str] | None) -> list[
     for block in blocks:
         if not any(n == block or n.startswith(block + ".") for n, _ in named):
             raise ConfigError(
-                f"db.train_unet_blocks: {block!r} names no part of this UNet; "
+                f"dreambooth.train_unet_blocks: {block!r} names no part of this UNet; "
                 f"its blocks are {', '.join(unet_blocks(unet))} (a dotted "
                 "sub-path like up_blocks.1.attentions works too)"
             )
@@ -77,8 +77,7 @@ class DreamBooth(Method):
     # --- what is trainable -------------------------------------------------------------
 
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
-        db = self.cfg.db
-        unet_params = select_unet_params(parts.unet, db.train_unet_blocks)
+        unet_params = select_unet_params(parts.unet, self.cfg.dreambooth.train_unet_blocks)
         groups = [{"params": unet_params}]
         trained = sum(p.numel() for p in unet_params)
         total = sum(p.numel() for p in parts.unet.parameters())
@@ -86,14 +85,16 @@ class DreamBooth(Method):
             "DreamBooth: training %.1fM of %.1fM UNet weights%s",
             trained / 1e6,
             total / 1e6,
-            f" ({', '.join(db.train_unet_blocks)})" if db.train_unet_blocks else "",
+            f" ({', '.join(self.cfg.dreambooth.train_unet_blocks)})"
+            if self.cfg.dreambooth.train_unet_blocks
+            else "",
         )
-        if db.train_text_encoder:
+        if self.cfg.dreambooth.train_text_encoder:
             parts.text_encoder.requires_grad_(True)
             groups.append(
                 {
                     "params": list(parts.text_encoder.parameters()),
-                    "lr": db.text_encoder_lr or self.cfg.train.lr,
+                    "lr": self.cfg.dreambooth.text_encoder_lr or self.cfg.train.lr,
                 }
             )
         self.regularizers = build_regularizers(self.cfg, parts, adapters=False)
@@ -105,17 +106,18 @@ class DreamBooth(Method):
     # --- what is added to the loss -----------------------------------------------------
 
     def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return prior.prior_preservation_loss(per_example, batch, self.cfg.db.prior_loss_weight)
+        return prior.prior_preservation_loss(per_example, batch, self.cfg.prior.loss_weight)
 
     def extra_loss(self, batch, outputs, parts: SDParts) -> torch.Tensor | None:
         return self.regularizers(batch, outputs, parts) if self.regularizers else None
 
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
-        stop = self.cfg.db.stop_text_encoder_training
+        stop = self.cfg.dreambooth.stop_text_encoder_training
         if stop is not None and step + 1 >= stop and self._text_encoder_training(parts):
             self._freeze_text_encoder(parts)
             logger.info(
-                "text encoder frozen after %d steps (db.stop_text_encoder_training)", step + 1
+                "text encoder frozen after %d steps (dreambooth.stop_text_encoder_training)",
+                step + 1,
             )
 
     def _text_encoder_training(self, parts: SDParts) -> bool:
@@ -132,7 +134,7 @@ class DreamBooth(Method):
         """The trained weights, by name; the text encoder's also after it was frozen."""
         out = {}
         for module_name, module in (("unet", parts.unet), ("text_encoder", parts.text_encoder)):
-            everything = module_name == "text_encoder" and self.cfg.db.train_text_encoder
+            everything = module_name == "text_encoder" and self.cfg.dreambooth.train_text_encoder
             for name, p in module.named_parameters():
                 if p.requires_grad or everything:
                     out[f"{module_name}.{name}"] = p
@@ -140,7 +142,7 @@ class DreamBooth(Method):
 
     def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:
         state = {k: p.detach().contiguous() for k, p in self._trainable_params(parts).items()}
-        if self.cfg.db.train_text_encoder:
+        if self.cfg.dreambooth.train_text_encoder:
             # Whether the text encoder still trains is state too: a run resumed after
             # stop_text_encoder_training must not train it for one more step.
             state[_TE_STATE_KEY] = torch.tensor(float(self._text_encoder_training(parts)))
@@ -155,7 +157,7 @@ class DreamBooth(Method):
             raise ConfigError(
                 "checkpoint does not match this run's trainable weights "
                 f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); was it written with "
-                "other db.train_unet_blocks / db.train_text_encoder settings?"
+                "other dreambooth.train_unet_blocks / dreambooth.train_text_encoder settings?"
             )
         with torch.no_grad():
             for key, value in state.items():
@@ -167,9 +169,8 @@ class DreamBooth(Method):
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         out_dir = Path(out_dir)
-        db = self.cfg.db
-        trained = {"unet"} | ({"text_encoder"} if db.train_text_encoder else set())
-        dtype = precision_dtype(db.save_precision)
+        trained = {"unet"} | ({"text_encoder"} if self.cfg.dreambooth.train_text_encoder else set())
+        dtype = precision_dtype(self.cfg.dreambooth.save_precision)
         states = save_pipeline(
             out_dir,
             parts,
@@ -183,12 +184,12 @@ class DreamBooth(Method):
                 "step": step,
                 "base_model": parts.source,
                 "instance_prompt": self.cfg.data.prompt,
-                "class_prompt": db.class_prompt,
+                "class_prompt": self.cfg.prior.class_prompt,
                 "trained": sorted(trained),
-                "train_unet_blocks": db.train_unet_blocks,
+                "train_unet_blocks": self.cfg.dreambooth.train_unet_blocks,
             },
         )
-        if db.save_single_file:
+        if self.cfg.dreambooth.save_single_file:
             save_single_file(
                 out_dir / f"{Path(self.cfg.output_dir).name}.safetensors",
                 out_dir,
@@ -203,11 +204,18 @@ class DreamBooth(Method):
     def demo_overrides(cls) -> dict[str, Any]:
         return {
             "train": {"lr": 2e-4},
-            "db": {
-                "with_prior_preservation": True,
+            "prior": {
+                "enabled": True,
                 "class_prompt": "a photo of a disc",
                 "num_class_images": 8,
-                "class_num_inference_steps": 10,
-                "sample_batch_size": 4,
+                "generation_steps": 10,
+                "generation_batch_size": 4,
             },
         }
+
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        recipe = super().toy_world_recipe(identifier, class_word, unet_config)
+        recipe["steps"] = 400  # full fine-tuning shows the subject sooner
+        recipe["config"]["prior"] = {"class_prompt": f"a {class_word}"}  # when prior is on
+        return recipe

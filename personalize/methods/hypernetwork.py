@@ -1,7 +1,7 @@
 """Hypernetwork: small residual MLPs on the attention keys/values, the webui's way.
 
 Every pretrained weight stays frozen; the trainable part is one (k, v) pair of MLPs per
-attention context width (`hn.enable_sizes`), applied through attention processors (see
+attention context width (`hypernetwork.enable_sizes`), applied through attention processors (see
 personalize/adapters/hypernetwork/). Saved as a webui `.pt` (drop it into the webui's
 models/hypernetworks folder) and as `.safetensors`, both loadable with `personalize.load`.
 """
@@ -43,15 +43,16 @@ class HypernetworkMethod(Method):
         self._checked_processors = False
 
     def _file_name(self) -> str:
-        return self.cfg.hn.name or Path(self.cfg.output_dir).name or "hypernetwork"
+        return self.cfg.hypernetwork.name or Path(self.cfg.output_dir).name or "hypernetwork"
 
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
-        c = self.cfg.hn
+        c = self.cfg.hypernetwork
         have = attention_widths(parts.unet)
         missing = sorted(set(c.enable_sizes) - set(have))
         if missing:
             raise ConfigError(
-                f"hn.enable_sizes: widths {missing} have no attention layer in this UNet; its "
+                f"hypernetwork.enable_sizes: widths {missing} have no attention layer in this "
+                "UNet; its "
                 f"attention context widths are {sorted(have)} (text context width "
                 f"{parts.unet.config.cross_attention_dim}). SD1 uses [768, 320, 640, 1280], "
                 "SD2 [1024, 320, 640, 1280]."
@@ -126,4 +127,12 @@ class HypernetworkMethod(Method):
     def demo_overrides(cls) -> dict[str, Any]:
         # The tiny model's widths: text context 32, self-attention 32 and 64. Its MLPs start
         # near zero (Normal init), so the demo needs a higher LR than SD's 5e-6..5e-5.
-        return {"train": {"lr": 1e-3}, "hn": {"enable_sizes": [32, 64]}}
+        return {"train": {"lr": 1e-3}, "hypernetwork": {"enable_sizes": [32, 64]}}
+
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        recipe = super().toy_world_recipe(identifier, class_word, unet_config)
+        # One MLP pair per attention context width: the text's and each level's.
+        widths = {unet_config["cross_attention_dim"], *unet_config["block_out_channels"]}
+        recipe["config"]["hypernetwork"] = {"enable_sizes": sorted(widths)}
+        return recipe

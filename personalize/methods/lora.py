@@ -96,7 +96,7 @@ class LoRA(Method):
     def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         if not prior.uses_class_images(self.cfg):
             return super().reduce_loss(per_example, batch)
-        return prior.prior_preservation_loss(per_example, batch, self.cfg.db.prior_loss_weight)
+        return prior.prior_preservation_loss(per_example, batch, self.cfg.prior.loss_weight)
 
     def extra_loss(self, batch, outputs, parts: SDParts) -> torch.Tensor | None:
         regularizers = getattr(self, "regularizers", None)

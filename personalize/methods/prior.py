@@ -68,8 +68,8 @@ def class_image_seed(prompt: str, seed: int, index: int) -> int:
 
 
 def class_data_dir(cfg) -> Path:
-    """db.class_data_dir, or output_dir/class_images when unset."""
-    return Path(cfg.db.class_data_dir or Path(cfg.output_dir) / CLASS_IMAGES_DIR)
+    """prior.class_data_dir, or output_dir/class_images when unset."""
+    return Path(cfg.prior.class_data_dir or Path(cfg.output_dir) / CLASS_IMAGES_DIR)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -144,18 +144,18 @@ def check_class_folder(folder: Path, prompt: str, model: dict | None, have: int)
             )
         return
     hint = (
-        f"Give each class prompt and model its own db.class_data_dir, or empty {folder} "
+        f"Give each class prompt and model its own prior.class_data_dir, or empty {folder} "
         "to generate new ones."
     )
     if manifest["prompt"] != prompt:
         raise DataError(
-            f"db.class_data_dir {folder} holds class images generated for "
+            f"prior.class_data_dir {folder} holds class images generated for "
             f"{manifest['prompt']!r}, not for this run's class_prompt {prompt!r}. {hint}"
         )
     made_with = manifest.get("model") or {}
     if model and made_with and made_with.get("fingerprint") != model["fingerprint"]:
         raise DataError(
-            f"db.class_data_dir {folder} holds class images generated with another model "
+            f"prior.class_data_dir {folder} holds class images generated with another model "
             f"({made_with.get('path')}), not this run's model.path {model['path']}; prior "
             f"preservation keeps the prior of the model being trained. {hint}"
         )
@@ -384,13 +384,13 @@ def _fit(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _autocast_dtype(cfg) -> torch.dtype | None:
-    precision = cfg.db.class_precision or cfg.train.mixed_precision
+    precision = cfg.prior.generation_precision or cfg.train.mixed_precision
     dtype = precision_dtype(precision)
     return None if dtype == torch.float32 else dtype
 
 
 def uses_class_images(cfg) -> bool:
-    return cfg.db.with_prior_preservation and cfg.db.prior == "class_images"
+    return cfg.prior.enabled and cfg.prior.kind == "class_images"
 
 
 def wrap_with_prior(
@@ -402,19 +402,18 @@ def wrap_with_prior(
         return dataset
     from personalize.methods.regularizers import adapters_disabled
 
-    db = cfg.db
     folder = class_data_dir(cfg)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     with adapters_disabled(parts.unet, parts.text_encoder):
         ensure_class_images(
             folder,
-            db.class_prompt,
-            db.num_class_images,
+            cfg.prior.class_prompt,
+            cfg.prior.num_class_images,
             lambda: _generation_pipeline(parts, device),
             seed=cfg.seed,
-            batch_size=db.sample_batch_size,
-            num_inference_steps=db.class_num_inference_steps,
-            guidance_scale=db.class_guidance_scale,
+            batch_size=cfg.prior.generation_batch_size,
+            num_inference_steps=cfg.prior.generation_steps,
+            guidance_scale=cfg.prior.generation_guidance_scale,
             resolution=cfg.train.resolution,
             autocast_dtype=_autocast_dtype(cfg),
             state=accelerator,
@@ -422,13 +421,13 @@ def wrap_with_prior(
         )
     d = cfg.data
     records = load_records(folder, caption_extension=d.caption_extension, strict=d.strict)
-    records = records[: db.num_class_images]
+    records = records[: cfg.prior.num_class_images]
     prior = ImageCaptionDataset(
         records,
         resolution=cfg.train.resolution,
         center_crop=True,
         random_flip=d.random_flip,
-        instance_prompt=db.class_prompt,
+        instance_prompt=cfg.prior.class_prompt,
         seed=cfg.seed + 1,
     )
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -436,7 +435,7 @@ def wrap_with_prior(
         "prior preservation: %d class images from %s, prior_loss_weight %g",
         len(records),
         folder,
-        db.prior_loss_weight,
+        cfg.prior.loss_weight,
     )
     return PriorPairedDataset(dataset, prior, vae_scale)
 

@@ -5,7 +5,7 @@ Shared by `method: dreambooth` (the whole UNet, optionally the text encoder, tra
 
 - **L2-SP** (Li et al., 2018, "Explicit inductive bias for transfer learning"):
   lambda * sum (theta - theta*)^2 pulls the trained weights toward the pretrained ones.
-  Full fine-tuning keeps theta* (the "anchor") per `db.weight_constraint_anchor`; LoRA
+  Full fine-tuning keeps theta* (the "anchor") per `regularization.weight_constraint_anchor`; LoRA
   needs no anchor at all, because its effective weight change is exactly s * B @ A.
 - **Distillation prior**: a frozen teacher (the original model) predicts the noise for the
   class prompt on the step's noisy latents and the student is pulled to match it, so the
@@ -94,7 +94,7 @@ class AnchorStore:
     def __init__(self, params: list[torch.nn.Parameter], mode: str):
         if mode not in ("auto", "device", "cpu"):
             raise ConfigError(
-                f"db.weight_constraint_anchor must be auto, device or cpu, got {mode!r}"
+                f"regularization.weight_constraint_anchor must be auto, device or cpu, got {mode!r}"
             )
         self.mode = mode
         self._host = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
@@ -188,7 +188,7 @@ class LoRAL2SP:
                     continue
                 if any(layer.use_dora.get(a, False) for a in layer.active_adapters):
                     raise ConfigError(
-                        "db.weight_constraint=l2sp is not defined for DoRA adapters "
+                        "regularization.weight_constraint=l2sp is not defined for DoRA adapters "
                         "(lora.use_dora): their magnitude vector rescales W* itself. "
                         "Turn one of them off."
                     )
@@ -196,12 +196,12 @@ class LoRAL2SP:
                     a in layer.lora_embedding_A for a in layer.active_adapters
                 ):
                     raise ConfigError(
-                        f"db.weight_constraint=l2sp: embedding adapter {name} "
+                        f"regularization.weight_constraint=l2sp: embedding adapter {name} "
                         "is not supported; target Linear/Conv layers only"
                     )
                 self.layers.append(layer)
         if not self.layers:
-            raise ConfigError("db.weight_constraint=l2sp: the model has no LoRA layers")
+            raise ConfigError("regularization.weight_constraint=l2sp: the model has no LoRA layers")
         logger.info(
             "L2-SP on LoRA: lambda=%g over %d adapted layers (no anchor copy)",
             self.lam,
@@ -366,16 +366,17 @@ def build_regularizers(cfg, parts: SDParts, *, adapters: bool) -> Regularizers:
     """The db section's regularizers for a model whose trainable parameters are already
     marked (call at the end of `Method.setup`). `adapters`: the trained weights are LoRA
     adapters on frozen base weights (method lora)."""
-    db = cfg.db
     terms: dict[str, Term] = {}
-    if db.weight_constraint == "l2sp":
-        if db.weight_constraint_lambda == 0:
+    if cfg.regularization.weight_constraint == "l2sp":
+        if cfg.regularization.weight_constraint_lambda == 0:
             logger.warning(
-                "db.weight_constraint=l2sp with weight_constraint_lambda=0 has no "
+                "regularization.weight_constraint=l2sp with weight_constraint_lambda=0 has no "
                 "effect; set a positive lambda"
             )
         if adapters:
-            terms["l2sp"] = LoRAL2SP([parts.unet, parts.text_encoder], db.weight_constraint_lambda)
+            terms["l2sp"] = LoRAL2SP(
+                [parts.unet, parts.text_encoder], cfg.regularization.weight_constraint_lambda
+            )
         else:
             params = [
                 p
@@ -383,12 +384,16 @@ def build_regularizers(cfg, parts: SDParts, *, adapters: bool) -> Regularizers:
                 for p in m.parameters()
                 if p.requires_grad
             ]
-            terms["l2sp"] = L2SP(params, db.weight_constraint_lambda, db.weight_constraint_anchor)
-    if db.with_prior_preservation and db.prior == "distillation":
+            terms["l2sp"] = L2SP(
+                params,
+                cfg.regularization.weight_constraint_lambda,
+                cfg.regularization.weight_constraint_anchor,
+            )
+    if cfg.prior.enabled and cfg.prior.kind == "distillation":
         terms["distillation"] = DistillationPrior(
             parts,
-            db.class_prompt,
-            db.distillation_weight,
+            cfg.prior.class_prompt,
+            cfg.prior.distillation_weight,
             copy_teacher=not adapters,
             mixed_precision=cfg.train.mixed_precision,
         )

@@ -101,17 +101,17 @@ class TextualInversion(Method):
 
     def __init__(self, cfg: PersonalizeConfig):
         super().__init__(cfg)
-        c = cfg.ti
+        c = cfg.textual_inversion
         token = c.placeholder_token
         _need(
             bool(token) and not any(ch.isspace() for ch in token),
-            "ti.placeholder_token",
+            "textual_inversion.placeholder_token",
             f"must be one word without spaces, e.g. <my-cat>; got {token!r}",
         )
-        _need("{}" not in token, "ti.placeholder_token", "must not contain {}")
+        _need("{}" not in token, "textual_inversion.placeholder_token", "must not contain {}")
         _need(
             webui_name(token) not in _RESERVED_STEMS,
-            "ti.placeholder_token",
+            "textual_inversion.placeholder_token",
             f"{token!r} would overwrite {DIFFUSERS_FILE}; choose another name",
         )
         self.placeholder = token
@@ -143,7 +143,7 @@ class TextualInversion(Method):
         )
         _need(
             got[-len(self.ids) :] == self.ids,
-            "ti.placeholder_token",
+            "textual_inversion.placeholder_token",
             f"the tokenizer splits {self.placeholder!r} instead of reading it as the new "
             f"token ({got} vs {self.ids}); use lower case letters, digits, - and <>",
         )
@@ -195,7 +195,7 @@ class TextualInversion(Method):
         ]
         _need(
             not taken,
-            "ti.placeholder_token",
+            "textual_inversion.placeholder_token",
             f"{taken} already in the tokenizer's vocabulary, so training would change "
             "an existing word; choose a new string such as <my-cat>",
         )
@@ -203,20 +203,22 @@ class TextualInversion(Method):
     def _initial_vectors(self, tokenizer, table: torch.Tensor) -> torch.Tensor:
         """Starting vectors: one initializer token for every vector, or one piece per vector
         when the initializer is exactly num_vectors tokens (the webui's rule)."""
-        n, init = len(self.tokens), self.cfg.ti.initializer_token
+        n, init = len(self.tokens), self.cfg.textual_inversion.initializer_token
         if init is None:
-            logger.info("ti.initializer_token is not set: starting from the mean embedding")
+            logger.info(
+                "textual_inversion.initializer_token is not set: starting from the mean embedding"
+            )
             return table.float().mean(0, keepdim=True).repeat(n, 1)
         ids = tokenizer.encode(init, add_special_tokens=False)
         _need(
             bool(init.strip()) and bool(ids),
-            "ti.initializer_token",
+            "textual_inversion.initializer_token",
             "is empty; use a word close to the concept (e.g. cat), or null for the mean",
         )
         unk = getattr(tokenizer, "unk_token_id", None)
         _need(
             unk is None or unk not in ids or init.strip() == tokenizer.unk_token,
-            "ti.initializer_token",
+            "textual_inversion.initializer_token",
             f"{init!r} holds characters the tokenizer does not know",
         )
         if len(ids) == 1:
@@ -224,9 +226,10 @@ class TextualInversion(Method):
         pieces = tokenizer.convert_ids_to_tokens(ids)
         _need(
             len(ids) == n,
-            "ti.initializer_token",
+            "textual_inversion.initializer_token",
             f"{init!r} is {len(ids)} tokens for this tokenizer ({pieces}); use a word that "
-            f"is a single token, or set ti.num_vectors={len(ids)} so that each vector "
+            f"is a single token, or set textual_inversion.num_vectors={len(ids)} so that each "
+            "vector "
             "starts from one piece",
         )
         return table[ids].float()
@@ -269,7 +272,7 @@ class TextualInversion(Method):
 
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
         self._restore_other_rows(self._weight(parts))
-        every = self.cfg.ti.save_every
+        every = self.cfg.textual_inversion.save_every
         done = step + 1  # the loop passes the step count before this step
         if every and done % every == 0:
             from accelerate import PartialState
@@ -288,7 +291,7 @@ class TextualInversion(Method):
         first template."""
         d, v = self.cfg.data, self.cfg.validation
         first = self.templates[0].format(self.placeholder)
-        if self.cfg.ti.learnable_property != "caption" and not d.prompt:
+        if self.cfg.textual_inversion.learnable_property != "caption" and not d.prompt:
             d.prompt = first  # only satisfies the dataset: templates replace it per example
         v.prompts = [p.replace("{}", self.placeholder) for p in v.prompts]
         if v.every_steps and not v.prompts:
@@ -308,7 +311,8 @@ class TextualInversion(Method):
 
             raise DataError(
                 f"caption {caption!r} does not contain the placeholder {self.placeholder} "
-                "(ti.learnable_property=caption trains on your captions): put the token or {} "
+                "(textual_inversion.learnable_property=caption trains on your captions): put the "
+                "token or {} "
                 "in every caption and in data.prompt, or use learnable_property object/style"
             )
         return expand_prompt(caption, self.placeholder, len(self.tokens))
@@ -319,14 +323,14 @@ class TextualInversion(Method):
         )
 
     def caption_fn(self) -> Callable[[str], str]:
-        if self.cfg.ti.learnable_property == "caption":
+        if self.cfg.textual_inversion.learnable_property == "caption":
             return self._caption_with_placeholder
         # Object/style: the first template, so held-out (validation loss) examples are read
         # with one fixed prompt; training draws a template per example in TemplateCaptions.
         return lambda caption: self._template_caption(0) if caption else caption
 
     def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
-        if self.cfg.ti.learnable_property == "caption":
+        if self.cfg.textual_inversion.learnable_property == "caption":
             self._check_captions(dataset)
             return dataset
         return TemplateCaptions(dataset, self._template_caption, len(self.templates), self.cfg.seed)
@@ -348,7 +352,8 @@ class TextualInversion(Method):
 
             raise DataError(
                 f"{len(bad)} caption(s) do not contain the placeholder {self.placeholder} or "
-                f"{{}} (e.g. {', '.join(bad[:5])}); with ti.learnable_property=caption every "
+                f"{{}} (e.g. {', '.join(bad[:5])}); with "
+                "textual_inversion.learnable_property=caption every "
                 "caption (and data.prompt for images without one) must name the token"
             )
 
@@ -359,7 +364,7 @@ class TextualInversion(Method):
             "personalize_method": self.name,
             "personalize_placeholder_token": self.placeholder,
             "personalize_num_vectors": str(len(self.tokens)),
-            "personalize_initializer_token": str(self.cfg.ti.initializer_token),
+            "personalize_initializer_token": str(self.cfg.textual_inversion.initializer_token),
             "personalize_text_width": str(self._weight(parts).shape[1]),
             "personalize_base_model": parts.source,
             "personalize_step": str(step),
@@ -397,7 +402,7 @@ class TextualInversion(Method):
             raise ConfigError(
                 f"checkpoint does not hold this run's placeholder vectors: found {shapes}, "
                 f"expected {STATE_KEY} of shape [{len(self.ids)}, {weight.shape[1]}]; was it "
-                "written by another method, ti.num_vectors or base model?"
+                "written by another method, textual_inversion.num_vectors or base model?"
             )
         with torch.no_grad():
             weight[self.ids] = state[STATE_KEY].to(weight.device, weight.dtype)
@@ -413,11 +418,22 @@ class TextualInversion(Method):
         return {
             "data": {"prompt": "a photo of <sks-disc>"},
             "train": {"lr": 5e-3},
-            "ti": {
+            "textual_inversion": {
                 "placeholder_token": "<sks-disc>",
                 "initializer_token": "o",
                 "num_vectors": 2,
                 "learnable_property": "caption",
+            },
+        }
+
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        token = f"<{identifier}-{class_word}>"
+        return {
+            "steps": 600,
+            "config": {
+                "data": {"prompt": f"a {token}"},
+                "textual_inversion": {"placeholder_token": token, "initializer_token": class_word},
             },
         }
 

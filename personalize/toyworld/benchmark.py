@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from personalize.config import merge_layers
 from personalize.errors import ConfigError, EvaluationError, TrainingError
+from personalize.toyworld.recipes import IDENTIFIER, subject_phrase, toy_recipe
 
 logger = logging.getLogger(__name__)
 
-IDENTIFIER = "sks"
 SUBJECT_NAMES = ("striped_heart", "two_color_star", "spotted_circle")
 
 # One recipe per variant: method, optimizer steps, and config sections. Batch 4, 32 px,
@@ -69,7 +70,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "textual_inversion": {
         "method": "textual_inversion",
         "steps": 600,
-        "config": {"train": {"lr": 5e-3}, "ti": {"num_vectors": 1}},
+        "config": {"train": {"lr": 5e-3}, "textual_inversion": {"num_vectors": 1}},
     },
     "dreambooth": {"method": "dreambooth", "steps": 400, "config": _DB},
     "dreambooth_prior": {
@@ -77,28 +78,31 @@ RECIPES: dict[str, dict[str, Any]] = {
         "steps": 400,
         "config": {
             **_DB,
-            "db": {
-                "with_prior_preservation": True,
+            "prior": {
+                "enabled": True,
                 "num_class_images": 20,
-                "prior_loss_weight": 1.0,
-                "class_num_inference_steps": 20,
-                "class_guidance_scale": 5.0,
+                "loss_weight": 1.0,
+                "generation_steps": 20,
+                "generation_guidance_scale": 5.0,
             },
         },
     },
     "dreambooth_l2sp": {
         "method": "dreambooth",
         "steps": 400,
-        "config": {**_DB, "db": {"weight_constraint": "l2sp", "weight_constraint_lambda": 2e-3}},
+        "config": {
+            **_DB,
+            "regularization": {"weight_constraint": "l2sp", "weight_constraint_lambda": 2e-3},
+        },
     },
     "dreambooth_distill": {
         "method": "dreambooth",
         "steps": 400,
         "config": {
             **_DB,
-            "db": {
-                "with_prior_preservation": True,
-                "prior": "distillation",
+            "prior": {
+                "enabled": True,
+                "kind": "distillation",
                 "distillation_weight": 1.0,
             },
         },
@@ -115,7 +119,7 @@ GENERATION = {"steps": 20, "guidance_scale": 5.0}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    from personalize.config import merge_dicts as merge
+    from personalize.config import merge
 
     return merge(a, b)
 
@@ -131,12 +135,13 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     # Does prior preservation fail because 20 class images are memorized? (100: the
     # config default and the diffusers example's.)
     "dreambooth_prior_100": _merge(
-        copy.deepcopy(RECIPES["dreambooth_prior"]), {"config": {"db": {"num_class_images": 100}}}
+        copy.deepcopy(RECIPES["dreambooth_prior"]), {"config": {"prior": {"num_class_images": 100}}}
     ),
     # ... or because a frozen text encoder barely tells "a sks heart" from "a heart"? (The
     # paper fine-tunes the text encoder too.)
     "dreambooth_prior_te": _merge(
-        copy.deepcopy(RECIPES["dreambooth_prior"]), {"config": {"db": {"train_text_encoder": True}}}
+        copy.deepcopy(RECIPES["dreambooth_prior"]),
+        {"config": {"dreambooth": {"train_text_encoder": True}}},
     ),
 }
 ALL_RECIPES = {**RECIPES, **DIAGNOSTICS}
@@ -151,50 +156,24 @@ def variant_config(
     steps: int | None = None,
     train_seed: int = 0,
 ) -> dict[str, Any]:
-    """The full training config of one variant on one subject."""
+    """The full training config of one variant on one subject: the common settings, the
+    recipe's, then how the method names the subject (`Method.toy_world_recipe`)."""
     recipe = ALL_RECIPES[variant]
     method = recipe["method"]
-    cfg = _merge(COMMON, copy.deepcopy(recipe["config"]))
-    cfg = _merge(
-        cfg,
-        {
-            "method": method,
-            "seed": train_seed,
-            "output_dir": str(out_dir),
-            "model": {"path": str(model_path)},
-            "data": {"path": str(data_dir), "prompt": f"a {IDENTIFIER} {subject.class_word}"},
-            "train": {"max_steps": steps or recipe["steps"]},
-        },
-    )
-    if method == "textual_inversion":
-        token = f"<{IDENTIFIER}-{subject.class_word}>"
-        cfg = _merge(
-            cfg,
-            {
-                "data": {"prompt": f"a {token}"},
-                "ti": {"placeholder_token": token, "initializer_token": subject.class_word},
-            },
-        )
-    if method == "dreambooth" and cfg.get("db", {}).get("with_prior_preservation"):
-        cfg["db"]["class_prompt"] = f"a {subject.class_word}"
-    if method == "hypernetwork":
-        unet_cfg = json.loads((Path(model_path) / "unet" / "config.json").read_text())
-        cfg = _merge(
-            cfg,
-            {
-                "hn": {
-                    "enable_sizes": sorted(
-                        {unet_cfg["cross_attention_dim"], *unet_cfg["block_out_channels"]}
-                    )
-                }
-            },
-        )
+    toy = toy_recipe(method, subject, model_path)
+    run = {
+        "method": method,
+        "seed": train_seed,
+        "output_dir": str(out_dir),
+        "model": {"path": str(model_path)},
+        "data": {"path": str(data_dir)},
+        "train": {"max_steps": steps or recipe.get("steps") or toy["steps"]},
+    }
+    cfg = merge_layers(COMMON, copy.deepcopy(recipe["config"]), run, toy["config"])
+    prior = cfg.get("prior", {})
+    if not prior.get("enabled"):
+        prior.pop("class_prompt", None)  # the recipe's class prompt is for a prior only
     return cfg
-
-
-def subject_phrase(cfg: dict[str, Any]) -> str:
-    prompt = cfg["data"]["prompt"]
-    return prompt[2:] if prompt.startswith("a ") else prompt
 
 
 # ------------------------------------------------------------------------------ training
@@ -427,7 +406,7 @@ def run(
                 t = time.perf_counter()
                 pipe = load(load_pipeline(str(model)), trained["run_dir"])
                 metrics, images = score_pipeline(
-                    pipe, classifier, subject, subject_phrase(cfg), instances, seed_list, bgs
+                    pipe, classifier, subject, _phrase(cfg), instances, seed_list, bgs
                 )
                 row = {
                     "variant": variant,
@@ -442,7 +421,7 @@ def run(
                 }
                 results["runs"].append(row)
                 if train_seed == train_seeds[0]:
-                    grid_rows[variant] = _grid_row(images, subject, subject_phrase(cfg), bgs)
+                    grid_rows[variant] = _grid_row(images, subject, _phrase(cfg), bgs)
                 logger.info("%s %s: %s", subject.name, name, row)
                 _write_json(out / "results.json", results)  # progress survives a stop
         grid = _grid(grid_rows, subject, bgs)
@@ -451,6 +430,10 @@ def run(
     _write_json(out / "results.json", results)
     (out / "table.md").write_text(markdown_table(results))
     return results
+
+
+def _phrase(cfg: dict[str, Any]) -> str:
+    return subject_phrase(cfg["data"]["prompt"])
 
 
 def _portable(path: Path) -> str:

@@ -112,8 +112,8 @@ class EncoderInputs:
             captions |= {r.caption or d.prompt or "" for r in self.val_dataset.records}
         if d.caption_dropout > 0:
             captions.add("")
-        if self.cfg.db.class_prompt:  # class images' captions, if the method uses them
-            captions.add(self.cfg.db.class_prompt)
+        if self.cfg.prior.class_prompt:  # class images' captions, if the method uses them
+            captions.add(self.cfg.prior.class_prompt)
         return sorted(captions)
 
     def _offload(self, name: str) -> None:

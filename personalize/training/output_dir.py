@@ -117,7 +117,7 @@ def prepare_output_dir(cfg: PersonalizeConfig) -> None:
     if work and cfg.overwrite and not cfg.resume:
         # Folders the new run reads (its model, data, class images) stay where they are.
         d = cfg.data
-        reads = [cfg.model.path, d.path, d.validation_path, d.cache_dir, cfg.db.class_data_dir]
+        reads = [cfg.model.path, d.path, d.validation_path, d.cache_dir, cfg.prior.class_data_dir]
         _move_aside(out, [Path(p).expanduser().resolve() for p in reads if p])
     elif holds_run and not work:
         # Rows of a run that saved nothing would mix with this run's steps.
