@@ -16,7 +16,6 @@ from personalize import train
 from personalize.config import ConfigError, from_dict
 from personalize.methods.lora import LORA_WEIGHTS
 from personalize.training import checkpoint as ckpt
-from personalize.training import optimizers
 from personalize.training.loop import Trainer
 
 # (train.optimizer, module it needs, class name, lr that trains the tiny LoRA)
@@ -93,7 +92,7 @@ def test_missing_package_is_one_line_before_the_model_loads(
 ):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        optimizers.importlib.util,
+        importlib.util,
         "find_spec",
         lambda mod, *a: None if mod == package else real(mod, *a),
     )
@@ -102,14 +101,13 @@ def test_missing_package_is_one_line_before_the_model_loads(
         raise AssertionError("the model was loaded before the optimizer check")
 
     monkeypatch.setattr("personalize.training.loop.load_parts", no_model)
-    cfg = from_dict(
-        base_config(tiny_model_dir, instance_dir, tmp_path / "run", train={"optimizer": name})
-    )
     with pytest.raises(ConfigError) as e:
+        cfg = from_dict(
+            base_config(tiny_model_dir, instance_dir, tmp_path / "run", train={"optimizer": name})
+        )
         Trainer(cfg)
     assert str(e.value) == (
-        f"train.optimizer={name} needs the {package} package, which is not installed: "
-        f"pip install {package}"
+        f"train.optimizer: {name} needs {package}, which is not installed: pip install {package}"
     )
 
 

@@ -35,6 +35,29 @@ def method_names() -> tuple[str, ...]:
     return tuple(names)
 
 
+# train.optimizer -> (module to import, package to install); None = always there (torch).
+OPTIMIZER_PACKAGES: dict[str, tuple[str, str] | None] = {
+    "adamw": None,
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "adamw_schedulefree": ("schedulefree", "schedulefree"),
+    "adafactor": ("transformers", "transformers"),
+}
+
+
+def check_optimizer_package(name: str) -> None:
+    """A one-line error naming the package when `train.optimizer` needs one that is missing:
+    at config load, before minutes of model loading."""
+    needs = OPTIMIZER_PACKAGES.get(name)
+    if needs is not None:
+        module, package = needs
+        need(
+            importlib.util.find_spec(module) is not None,
+            "train.optimizer",
+            f"{name} needs {package}, which is not installed: pip install {package}",
+        )
+
+
 def validate(cfg: PersonalizeConfig) -> None:
     """Range checks that types alone cannot express."""
 
@@ -68,17 +91,12 @@ def validate(cfg: PersonalizeConfig) -> None:
         f"must be no (or fp32), fp16 or bf16, got {t.mixed_precision!r}",
     )
     need(
-        t.optimizer in ("adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "adafactor"),
+        t.optimizer in OPTIMIZER_PACKAGES,
         "train.optimizer",
         "must be adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt), adamw_schedulefree "
         f"(schedulefree) or adafactor, got {t.optimizer!r}",
     )
-    need(
-        t.optimizer != "adamw8bit" or importlib.util.find_spec("bitsandbytes") is not None,
-        "train.optimizer",
-        "adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
-        "(or train.optimizer=adamw)",
-    )
+    check_optimizer_package(t.optimizer)
     _validate_lr_scheduler(t.lr_scheduler)
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)")

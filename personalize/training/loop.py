@@ -51,7 +51,7 @@ from personalize.training.noise import (
     sample_timesteps,
     training_target,
 )
-from personalize.training.optimizers import check_available, eval_weights
+from personalize.training.optimizers import eval_weights
 from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_dir
 from personalize.training.validation import ValidationLoss, save_validation_samples
 
@@ -72,7 +72,6 @@ class Trainer(EncoderInputs):
             prepare_output_dir(cfg)
         # A resume path that is not a checkpoint fails here, before minutes of model loading.
         self.resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume)
-        check_available(cfg.train.optimizer)  # a missing optional package: one line, now
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             # Every rank would repeat each line; the main process speaks for all of them.

@@ -3,7 +3,7 @@ for 8-bit AdamW's package).
 
 Each lives in its own package, installed only by those who use it, so a missing one is
 reported in one line naming the package, before minutes of model loading
-(`check_available`, called first thing by the Trainer).
+(`config.checks.check_optimizer_package`, at config load).
 
 Schedule-free AdamW trains on one sequence of weights (y) and evaluates on another (x, the
 average). `eval_weights` switches the model to x for validation, samples and saving, and back
@@ -13,44 +13,23 @@ exactly the state an uninterrupted one had.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from personalize.config import ConfigError, PersonalizeConfig
+from personalize.config.checks import check_optimizer_package
 
 logger = logging.getLogger(__name__)
 
-# train.optimizer -> (module to import, package to install); None = always there (torch).
-OPTIMIZER_PACKAGES: dict[str, tuple[str, str] | None] = {
-    "adamw": None,
-    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
-    "prodigy": ("prodigyopt", "prodigyopt"),
-    "adamw_schedulefree": ("schedulefree", "schedulefree"),
-    "adafactor": ("transformers", "transformers"),
-}
 EXTRA_OPTIMIZERS = ("prodigy", "adamw_schedulefree", "adafactor")
-
-
-def check_available(name: str) -> None:
-    """A one-line error naming the package when `train.optimizer` needs one that is missing."""
-    needs = OPTIMIZER_PACKAGES.get(name)
-    if needs is None:
-        return
-    module, package = needs
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(
-            f"train.optimizer={name} needs the {package} package, which is not installed: "
-            f"pip install {package}"
-        )
 
 
 def make_extra_optimizer(cfg: PersonalizeConfig, param_groups: list[dict[str, Any]]):
     """The optimizer named by `train.optimizer`, one of EXTRA_OPTIMIZERS."""
     t = cfg.train
-    check_available(t.optimizer)
+    check_optimizer_package(t.optimizer)
     betas = (t.adam_beta1, t.adam_beta2)
     if t.optimizer == "prodigy":
         from prodigyopt import Prodigy
