@@ -161,7 +161,6 @@ class TextualInversion(Method):
         weight.register_hook(self._mask_grad)
         te.get_input_embeddings().register_forward_pre_hook(self._exact_before_first_forward)
         self._compute_in_frozen_dtype(te)
-        self._prepare_prompts()
         logger.info(
             "textual inversion: %d new token(s) %s (ids %s) in a table of %d rows",
             len(self.ids),
@@ -270,35 +269,28 @@ class TextualInversion(Method):
 
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
         self._restore_other_rows(self._weight(parts))
-        every = self.cfg.ti.save_every
-        done = step + 1  # the loop passes the step count before this step
-        if every and done % every == 0:
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                path = Path(self.cfg.output_dir) / f"learned_embeds-steps-{done}.safetensors"
-                save_diffusers(
-                    path, self.placeholder, self.vectors(parts), self._metadata(parts, done)
-                )
 
     # --- captions ----------------------------------------------------------------------
 
-    def _prepare_prompts(self) -> None:
-        """Defaults that let a TI config stay short: object/style runs need no data.prompt,
-        `{}` in validation prompts is the placeholder, and sampling without prompts uses the
+    def training_prompt(self, prompt: str | None) -> str | None:
+        """Object/style runs need no data.prompt: the first template only satisfies the
+        dataset, templates replace it per example."""
+        if self.cfg.ti.learnable_property != "caption" and not prompt:
+            return self.templates[0].format(self.placeholder)
+        return prompt
+
+    def validation_prompts(self, prompts: list[str]) -> list[str]:
+        """`{}` in validation prompts is the placeholder; sampling without prompts uses the
         first template."""
-        d, v = self.cfg.data, self.cfg.validation
-        first = self.templates[0].format(self.placeholder)
-        if self.cfg.ti.learnable_property != "caption" and not d.prompt:
-            d.prompt = first  # only satisfies the dataset: templates replace it per example
-        v.prompts = [p.replace("{}", self.placeholder) for p in v.prompts]
-        if v.every_steps and not v.prompts:
-            v.prompts = [first]
-        if v.prompts and not any(self.placeholder in p for p in v.prompts):
+        prompts = [p.replace("{}", self.placeholder) for p in prompts]
+        if self.cfg.validation.every_steps and not prompts:
+            prompts = [self.templates[0].format(self.placeholder)]
+        if prompts and not any(self.placeholder in p for p in prompts):
             logger.warning(
                 "no validation.prompts contains %s: the samples will not show what it learns",
                 self.placeholder,
             )
+        return prompts
 
     def _caption_with_placeholder(self, caption: str) -> str:
         if not caption:
@@ -365,6 +357,15 @@ class TextualInversion(Method):
             "personalize_base_model": parts.source,
             "personalize_step": str(step),
         }
+
+    def save_every(self) -> int:
+        return self.cfg.ti.save_every
+
+    def save_intermediate(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        path = Path(out_dir) / f"learned_embeds-steps-{step}.safetensors"
+        return save_diffusers(
+            path, self.placeholder, self.vectors(parts), self._metadata(parts, step)
+        )
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         out_dir = Path(out_dir)
