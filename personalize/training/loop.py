@@ -15,7 +15,6 @@ device and the host reads numbers only at log/check steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from personalize.config import PersonalizeConfig
 from personalize.methods.base import Method, StepOutputs, get_method
@@ -38,6 +36,7 @@ from personalize.training.guard import NonFiniteError, NonFiniteGuard
 from personalize.training.noise import add_training_noise, per_example_loss, training_target
 from personalize.training.optimizers import check_available, eval_weights, make_lr_scheduler
 from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_dir
+from personalize.training.progress import Progress
 from personalize.training.schedule import Due, Schedule
 from personalize.training.signals import StopRequest, TrainingInterrupted
 from personalize.training.timer import RunTimer, peak_memory
@@ -115,7 +114,7 @@ class Trainer:
         self.global_step = 0
         self.early = EarlyStopping(t.early_stopping_patience, self.out / "best")
         self.micro_loss = torch.zeros((), device=acc.device)  # summed over accumulation
-        self.bar = None
+        self.progress = Progress(acc, self.out / LOG_FILE)
         self.stop_request = StopRequest()
 
     # ------------------------------------------------------------------------ set up
@@ -238,7 +237,7 @@ class Trainer:
                     continue  # accumulating
                 self.global_step += 1
                 self.method.after_optimizer_step(self.parts, self.global_step)
-                self.bar.update(1)
+                self.progress.step_done()
                 faults.error_point(f"error-rank{self.accelerator.process_index}", self.global_step)
                 self.timer.step_done()
                 if self._after_step(self.schedule.at(self.global_step)):
@@ -315,17 +314,12 @@ class Trainer:
             ckpt.write_json_atomic(self.out / RUN_FILE, {"config": self.cfg.to_dict()})
             acc.init_trackers("personalize")
         self.guard.first_unchecked_step = self.global_step + 1
-        self.bar = tqdm(
-            total=self.cfg.train.max_steps,
-            initial=self.global_step,
-            desc=f"train {self.cfg.method}",
-            disable=not acc.is_local_main_process,
-        )
+        self.progress.start(self.cfg.train.max_steps, self.global_step, f"train {self.cfg.method}")
         self.timer.start(acc.device)
 
     def _finish(self, start_step: int) -> Path:
         acc = self.accelerator
-        self.bar.close()
+        self.progress.close()
         self.timer.stop()
         steps_done = self.global_step - start_step
         if self.cfg.train.checkpoint_every:
@@ -359,22 +353,7 @@ class Trainer:
                 f"checkpoint is kept in {ckpt.checkpoint_root(self.out)}."
             ) from None
         if log_now:
-            row = {
-                "step": step,
-                "loss": numbers["loss"],
-                "lr": self.lr_scheduler.get_last_lr()[0],
-                "grad_norm": numbers["grad_norm"],
-            }
-            if numbers["skipped"]:
-                row["skipped_steps"] = numbers["skipped"]
-            self._log(row)
-            self.bar.set_postfix(loss=f"{numbers['loss']:.4f}")
-
-    def _log(self, row: dict[str, Any]) -> None:
-        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-        if self.accelerator.is_main_process:
-            with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            self.progress.log_training(step, numbers, self.lr_scheduler.get_last_lr()[0])
 
     def _interrupt(self, signum: int) -> None:
         self._checkpoint()
@@ -389,7 +368,7 @@ class Trainer:
     def _validate(self) -> bool:
         """Held-out loss; keeps the best weights; returns True when early stopping says to stop."""
         val = self.validation_loss.compute(self.unet, self.conditioning, self.parts.noise_scheduler)
-        self._log({"step": self.global_step, "val_loss": val})
+        self.progress.log({"step": self.global_step, "val_loss": val})
         if self.early.record(val, self.global_step):
             self._save_artifact(self.out / "best")
             if self.accelerator.is_main_process:
