@@ -101,6 +101,11 @@ class CheckpointError(PersonalizeError, RuntimeError):
     exit_code = 1
 
 
+class CheckpointMismatch(CheckpointError, ValueError):
+    """A checkpoint's trainable weights do not fit this run (another method, rank or model);
+    the loop re-raises it as a TrainingError that says how to resume."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """`resume=` names a checkpoint that does not exist (bad input, so exit 2)."""
 

@@ -16,6 +16,8 @@ import signal
 import threading
 import time
 
+import torch
+
 from personalize.errors import TrainingInterrupted  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -58,3 +60,13 @@ class StopRequest:
             return
         self.signum, self._first_at = signum, now
         logger.warning("received %s: %s", signal.Signals(signum).name, self.then)
+
+    def agreed(self, accelerator, at_sync_point: bool) -> int | None:
+        """The signal to stop on, agreed by all processes: compared only where the ranks
+        sync anyway (a collective elsewhere would cost every step a wait)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        if not at_sync_point:
+            return None
+        flag = torch.tensor(float(self.signum or 0), device=accelerator.device)
+        return int(accelerator.reduce(flag, "max")) or None

@@ -26,17 +26,17 @@ def test_cached_training_matches_uncached(tiny_model_dir, instance_dir, tmp_path
     cached = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c", **common)))
     # LoRA leaves the text encoder frozen: its outputs are cached and it leaves the device;
     # the VAE stays until every view (both flips of 4 images) has been encoded once.
-    assert cached.offloaded == {"text_encoder"}
-    assert set(cached.text_cache) == {"a photo of sks disc"}
+    assert cached.conditioning.offloaded == {"text_encoder"}
+    assert set(cached.conditioning.text_cache) == {"a photo of sks disc"}
     assert len(cached.train_dataset.latents) == 2 * 4 and not cached.train_dataset.latents.entries
     cached.run()
     store = cached.train_dataset.latents
     assert 0 < len(store.entries) <= 8  # the views the 3 steps drew, encoded once each
-    assert ("vae" in cached.offloaded) == store.complete
+    assert ("vae" in cached.conditioning.offloaded) == store.complete
     plain_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "p", **common)
     plain_cfg["data"].update(cache_latents=False, cache_text_embeddings=False)
     plain = Trainer(from_dict(plain_cfg))
-    assert plain.text_cache is None and plain.train_dataset.latents is None
+    assert plain.conditioning.text_cache is None and plain.train_dataset.latents is None
     plain.run()
     a, b = load_file(tmp_path / "c" / LORA_WEIGHTS), load_file(tmp_path / "p" / LORA_WEIGHTS)
     # Same flips, same latent samples, same noise: only batched-vs-single float rounding.
@@ -62,11 +62,14 @@ def test_class_images_are_cached_too_and_train_the_same(tiny_model_dir, instance
         },
     )
     first = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c", **common)))
-    assert len(first.dataloader.dataset.prior.latents) == 3 and "vae" not in first.offloaded
+    assert (
+        len(first.dataloader.dataset.prior.latents) == 3
+        and "vae" not in first.conditioning.offloaded
+    )
     first.run()  # 4 instance + 3 class images, all drawn in the first epoch (2 steps)
-    assert first.dataloader.dataset.prior.latents.complete and "vae" in first.offloaded
+    assert first.dataloader.dataset.prior.latents.complete and "vae" in first.conditioning.offloaded
     again = Trainer(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "c2", **common)))
-    assert "vae" in again.offloaded  # everything was on disk already
+    assert "vae" in again.conditioning.offloaded  # everything was on disk already
     batch = next(iter(again.dataloader))
     assert "pixel_values" not in batch and len(batch["latent_dist"]) == 4
     plain_cfg = base_config(tiny_model_dir, instance_dir, tmp_path / "p", **common)
@@ -111,7 +114,7 @@ def test_class_images_stay_uncached_with_buckets(tiny_model_dir, instance_dir, t
     # Instance views go to the cache once encoded; class rows have no place there.
     assert [k is not None for k in batch["latent_keys"]] == [True, True, False, False]
     trainer.run()
-    assert trainer.train_dataset.latents.entries and "vae" not in trainer.offloaded
+    assert trainer.train_dataset.latents.entries and "vae" not in trainer.conditioning.offloaded
 
 
 def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(
@@ -127,17 +130,17 @@ def test_an_offloaded_encoder_comes_back_when_a_method_calls_it(
     Trainer(from_dict(cfg)).run()  # one epoch: every view encoded once, on disk
     cfg["overwrite"] = True
     trainer = Trainer(from_dict(cfg))
-    assert trainer.offloaded == {"vae", "text_encoder"}
+    assert trainer.conditioning.offloaded == {"vae", "text_encoder"}
     ids = torch.zeros(1, 77, dtype=torch.long)
     trainer.parts.text_encoder(ids)  # e.g. a distillation prior's class prompt
-    assert trainer.offloaded == {"vae"}
+    assert trainer.conditioning.offloaded == {"vae"}
     trainer.parts.vae.encode(torch.zeros(1, 3, 32, 32))
-    assert trainer.offloaded == set()
-    trainer._offload("vae")
-    with trainer._all_on_device():  # validation: a visit, not a return for good
-        assert trainer.offloaded == set()
+    assert trainer.conditioning.offloaded == set()
+    trainer.conditioning.offload("vae")
+    with trainer.conditioning.all_on_device():  # validation: a visit, not a return for good
+        assert trainer.conditioning.offloaded == set()
         trainer.parts.vae.encode(torch.zeros(1, 3, 32, 32))
-    assert trainer.offloaded == {"vae"}
+    assert trainer.conditioning.offloaded == {"vae"}
 
 
 def _vae(model_dir):
@@ -166,7 +169,7 @@ def _count_encodes(vae, monkeypatch):
 
 def _filled(dataset, vae, folder) -> LatentStore:
     """A latent store for `dataset`, its missing views encoded one at a time as the loop
-    does (training/encoders.py) and put into it."""
+    does (training/conditioning.py) and put into it."""
     store = latent_store(dataset, vae, folder)
     for view, key in store.keys.items():
         if store.get(view) is None:
@@ -234,7 +237,7 @@ def test_random_crops_are_not_cached(tiny_model_dir, instance_dir, tmp_path, cap
                 )
             )
         )
-    assert trainer.train_dataset.latents is None and "vae" not in trainer.offloaded
+    assert trainer.train_dataset.latents is None and "vae" not in trainer.conditioning.offloaded
     assert "random crops" in caplog.text
     with pytest.raises(ValueError, match="center crops"):
         latent_store(trainer.train_dataset, trainer.parts.vae, tmp_path / "c")
@@ -255,13 +258,16 @@ def test_text_embeddings_are_cached_only_when_fixed(
         from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "t", **sections))
     )
     if cached is None:
-        assert trainer.text_cache is None and "text_encoder" not in trainer.offloaded
+        assert (
+            trainer.conditioning.text_cache is None
+            and "text_encoder" not in trainer.conditioning.offloaded
+        )
     else:
-        assert set(trainer.text_cache) == cached
+        assert set(trainer.conditioning.text_cache) == cached
         # The cached embedding is the text encoder's output for that caption.
-        hidden = trainer._encode_text([""])
-        trainer.text_cache = None
-        torch.testing.assert_close(hidden, trainer._encode_text([""]))
+        hidden = trainer.conditioning.text([""]).hidden_states
+        trainer.conditioning.text_cache = None
+        torch.testing.assert_close(hidden, trainer.conditioning.text([""]).hidden_states)
 
 
 def test_mixed_batches_keep_example_order(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
@@ -270,14 +276,16 @@ def test_mixed_batches_keep_example_order(tiny_model_dir, instance_dir, tmp_path
     params = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)  # ~zero variance
     encoded = torch.cat([torch.full_like(mean, -1.0), torch.full_like(mean, -30.0)], dim=1)
     monkeypatch.setattr(
-        trainer, "_encode_params", lambda pixels: encoded.expand(len(pixels), -1, -1, -1)
+        trainer.conditioning,
+        "encode_pixels",
+        lambda pixels: encoded.expand(len(pixels), -1, -1, -1),
     )
     batch = {
         "latent_dist": params,
         "pixel_values": torch.zeros(2, 3, 32, 32),
         "cached": [False, True, False],
     }
-    latents = trainer._batch_latents(batch, torch.Generator().manual_seed(0))
+    latents = trainer.conditioning.latents(batch, torch.Generator().manual_seed(0))
     scale = trainer.parts.vae.config.scaling_factor
     torch.testing.assert_close(latents[0], torch.full((4, 16, 16), -scale), atol=1e-5, rtol=0)
     torch.testing.assert_close(latents[2], torch.full((4, 16, 16), -scale), atol=1e-5, rtol=0)

@@ -750,7 +750,30 @@ def test_replaced_processors_are_caught(tiny_model_dir, instance_dir, tmp_path):
     method.setup(parts)
     parts.unet.set_attn_processor(AttnProcessor2_0())
     with pytest.raises(RuntimeError, match="processors were replaced"):
-        method.extra_loss({}, None, parts)
+        method.check_before_training(parts)
+
+
+def test_the_loop_checks_the_processors_before_the_first_step(
+    tiny_model_dir, instance_dir, tmp_path
+):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from personalize.training.loop import Trainer
+
+    cfg = from_dict(
+        base_config(
+            tiny_model_dir,
+            instance_dir,
+            tmp_path / "run",
+            method="hypernetwork",
+            hn={"enable_sizes": TINY_SIZES},
+        )
+    )
+    trainer = Trainer(cfg)
+    trainer.parts.unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match="processors were replaced"):
+        trainer.run()
+    assert trainer.global_step == 0
 
 
 def test_example_config_parses():

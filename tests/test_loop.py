@@ -123,7 +123,8 @@ def test_validation_loss_is_deterministic(tiny_model_dir, tmp_path):
     )
     trainer = Trainer(cfg)
     vl = ValidationLoss(trainer.val_dataset, [100, 500], seed=0)
-    assert vl.compute(trainer) == vl.compute(trainer)
+    inputs = (trainer.unet, trainer.conditioning, trainer.parts.noise_scheduler)
+    assert vl.compute(*inputs) == vl.compute(*inputs)
 
 
 def test_validation_samples_are_written(tiny_model_dir, instance_dir, tmp_path):

@@ -121,7 +121,8 @@ def test_saved_files_hold_the_trained_rows(ti_run):
     assert not torch.equal(step2, trained)
     assert torch.equal(load_file(out / "learned_embeds-steps-4.safetensors")[TOKEN], trained)
     # Validation samples, with {} in the prompt standing for the token.
-    assert trainer.cfg.validation.prompts == [f"{TOKEN} on a table"]
+    assert trainer.validation_prompts == [f"{TOKEN} on a table"]
+    assert trainer.cfg.validation.prompts == ["{} on a table"]  # the config stays as given
     assert (out / "samples" / "step-000004.png").is_file()
 
 
@@ -332,8 +333,10 @@ def test_captions_templates_and_multi_vector_expansion(tiny_model_dir, instance_
         validation={"prompts": ["{} at night"], "every_steps": 5},
     )
     trainer = Trainer(cfg)
-    assert cfg.data.prompt == f"a painting in the style of {TOKEN}"  # filled in for the data
-    assert cfg.validation.prompts == [f"{TOKEN} at night"]
+    # Filled in for the data and the samples; the config itself stays as given.
+    assert trainer.train_dataset.instance_prompt == f"a painting in the style of {TOKEN}"
+    assert trainer.validation_prompts == [f"{TOKEN} at night"]
+    assert cfg.data.prompt is None and cfg.validation.prompts == ["{} at night"]
     ds = trainer.dataloader.dataset
     captions = [[ds[i]["caption"] for i in range(len(ds))] for _ in range(2)]
     assert captions[0] == captions[1]  # a function of (seed, epoch, index), not of RNG state

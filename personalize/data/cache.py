@@ -231,6 +231,47 @@ class LatentStore:
         return len(self.entries) == len(self.keys)
 
 
+class LatentCache:
+    """The latent stores of a run's datasets and their filling, in one place.
+
+    Each dataset gets its `LatentStore` as `dataset.latents`, so its items carry cached
+    distributions (or, for a view not encoded yet, pixels plus the view's key); `encode`
+    turns such keyed pixel rows into distributions and stores the new ones."""
+
+    def __init__(self, datasets, vae: torch.nn.Module, folder: str | Path):
+        self.stores: list[LatentStore] = []
+        for dataset in datasets:
+            dataset.latents = latent_store(dataset, vae, folder)
+            self.stores.append(dataset.latents)
+
+    @property
+    def complete(self) -> bool:
+        """Every view of every dataset is cached: the VAE is no longer needed."""
+        return all(store.complete for store in self.stores)
+
+    def encode(
+        self,
+        pixels: torch.Tensor,
+        keys: list[str | None],
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Distribution parameters of pixel rows. A row with a cache key is encoded alone
+        and stored, and reused if it was stored since its batch was built (the loader runs a
+        batch ahead): a view's cached value then never depends on which batch it first came
+        in, so a resumed run reads from disk exactly what it would encode."""
+        rows = []
+        for row, key in zip(pixels, keys):
+            store = next((s for s in self.stores if key in s.views_of), None)
+            params = store.get(store.views_of[key][0]) if store is not None else None
+            if params is None:
+                params = encode(row[None])[0]
+                if store is not None:
+                    store.put(key, params)
+            rows.append(params.to(device))
+        return torch.stack(rows)
+
+
 def latent_store(dataset, vae: torch.nn.Module, folder: str | Path) -> LatentStore:
     """A `LatentStore` for `dataset`'s views (center crops; both flips when it flips)."""
     views, keys = _latent_keys(dataset, vae)

@@ -61,6 +61,34 @@ class Method:
         `batch["is_prior"]`."""
         return dataset
 
+    def latent_datasets(self, dataset: torch.utils.data.Dataset) -> list[torch.utils.data.Dataset]:
+        """Datasets besides the training images whose examples `dataset` (what
+        `wrap_train_dataset` returned) shows, so the loop may cache their latents too
+        (prior preservation's class images)."""
+        return []
+
+    def output_folders(self) -> list[Path]:
+        """Folders the method writes besides output_dir (generated class images): never read
+        as training data, or a second run would train on the first one's images."""
+        return []
+
+    # --- captions and prompts ----------------------------------------------------------
+
+    def training_prompt(self, prompt: str | None) -> str | None:
+        """The instance prompt for images without a caption, given data.prompt (TI's object
+        and style runs need none: their templates replace every caption)."""
+        return prompt
+
+    def validation_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts sample grids are drawn with, given validation.prompts (TI: `{}` is
+        the placeholder)."""
+        return list(prompts)
+
+    def extra_captions(self) -> list[str]:
+        """Captions the method shows the text encoder besides the data's (prior
+        preservation's class prompt), so a text-embedding cache can hold them too."""
+        return []
+
     # --- what is added to the loss -----------------------------------------------------
 
     def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -73,14 +101,28 @@ class Method:
         """A regularizer added to the denoising loss (weight constraint, distillation), or None."""
         return None
 
+    def check_before_training(self, parts: SDParts) -> None:
+        """Raise if something since `setup` undid what it set up (the hypernetwork's
+        attention processors replaced); the loop calls it once, before the first step."""
+
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
-        """Runs after each optimizer step (e.g. TI restores every embedding row but its own)."""
+        """Runs after each optimizer step; `step` is the number of finished steps (1 after
+        the first). E.g. TI restores every embedding row but its own."""
 
     # --- what is saved -----------------------------------------------------------------
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         """Write the learned artifact where loaders expect it; return its path."""
         raise NotImplementedError
+
+    def save_every(self) -> int:
+        """Steps between intermediate artifacts the loop saves with `save_intermediate`
+        (0: only the final one)."""
+        return 0
+
+    def save_intermediate(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        """The artifact after `step` steps, kept beside the final one (main process only)."""
+        return self.save(Path(out_dir) / f"step-{step:06d}", parts, step)
 
     def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:
         """Everything a checkpoint must hold to resume: all parameters that require grad."""

@@ -103,6 +103,17 @@ class DreamBooth(Method):
     def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
         return prior.wrap_with_prior(self.cfg, dataset, parts, accelerator)
 
+    def latent_datasets(self, dataset) -> list:
+        # Prior preservation's class images, paired with the instances (training/prior.py).
+        class_images = getattr(dataset, "prior", None)
+        return [class_images] if class_images is not None else []
+
+    def output_folders(self) -> list[Path]:
+        return [prior.class_data_dir(self.cfg)] if prior.uses_class_images(self.cfg) else []
+
+    def extra_captions(self) -> list[str]:
+        return [self.cfg.prior.class_prompt] if self.cfg.prior.class_prompt else []
+
     # --- what is added to the loss -----------------------------------------------------
 
     def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -113,11 +124,10 @@ class DreamBooth(Method):
 
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
         stop = self.cfg.dreambooth.stop_text_encoder_training
-        if stop is not None and step + 1 >= stop and self._text_encoder_training(parts):
+        if stop is not None and step >= stop and self._text_encoder_training(parts):
             self._freeze_text_encoder(parts)
             logger.info(
-                "text encoder frozen after %d steps (dreambooth.stop_text_encoder_training)",
-                step + 1,
+                "text encoder frozen after %d steps (dreambooth.stop_text_encoder_training)", step
             )
 
     def _text_encoder_training(self, parts: SDParts) -> bool:

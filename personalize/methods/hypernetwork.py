@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers.models.attention_processor import Attention
 
 from personalize.adapters.clients import comfyui_hypernetwork_problems, log_client_guide
@@ -27,7 +26,7 @@ from personalize.adapters.hypernetwork import (
 )
 from personalize.config import ConfigError
 from personalize.errors import TrainingError
-from personalize.methods.base import Method, StepOutputs
+from personalize.methods.base import Method
 from personalize.models import SDParts
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ class HypernetworkMethod(Method):
         super().__init__(cfg)
         self.hypernetwork: Hypernetwork | None = None
         self._checkpoint_hash: str | None = None
-        self._checked_processors = False
 
     def _file_name(self) -> str:
         return self.cfg.hypernetwork.name or Path(self.cfg.output_dir).name or "hypernetwork"
@@ -79,26 +77,20 @@ class HypernetworkMethod(Method):
         attach(parts.unet, self.hypernetwork, strength=1.0)
         return [{"params": list(self.hypernetwork.parameters())}]
 
-    def extra_loss(
-        self, batch: dict[str, Any], outputs: StepOutputs, parts: SDParts
-    ) -> torch.Tensor | None:
-        if not self._checked_processors:
-            # Something that sets attention processors after setup (e.g. enabling xformers
-            # on the UNet) would drop ours, and the run would train nothing.
-            replaced = [
-                n
-                for n, m in parts.unet.named_modules()
-                if isinstance(m, Attention)
-                and not isinstance(m.processor, HypernetworkAttnProcessor)
-            ]
-            if replaced:
-                raise TrainingError(
-                    f"the hypernetwork's attention processors were replaced on {replaced[:3]} "
-                    "after Method.setup; set attention processors (xformers, ...) before the "
-                    "method's setup, which wraps whatever is there"
-                )
-            self._checked_processors = True
-        return None
+    def check_before_training(self, parts: SDParts) -> None:
+        # Something that sets attention processors after setup (e.g. enabling xformers on
+        # the UNet) would drop ours, and the run would train nothing.
+        replaced = [
+            n
+            for n, m in parts.unet.named_modules()
+            if isinstance(m, Attention) and not isinstance(m.processor, HypernetworkAttnProcessor)
+        ]
+        if replaced:
+            raise TrainingError(
+                f"the hypernetwork's attention processors were replaced on {replaced[:3]} "
+                "after Method.setup; set attention processors (xformers, ...) before the "
+                "method's setup, which wraps whatever is there"
+            )
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         hn = self.hypernetwork

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from personalize.adapters.clients import log_client_guide
@@ -30,6 +29,7 @@ from personalize.adapters.embeddings import (
     webui_name,
 )
 from personalize.config import PersonalizeConfig
+from personalize.data.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, TemplateCaptions
 from personalize.errors import ConfigError, need
 from personalize.methods.base import Method
 from personalize.models import SDParts
@@ -37,58 +37,6 @@ from personalize.models import SDParts
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "text_encoder.placeholder_vectors"
-
-# Prompts the placeholder is trained in, one drawn per example, so the token learns the
-# subject (or style) rather than one sentence (as in Gal et al. 2022).
-OBJECT_TEMPLATES = [
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-]
-
-STYLE_TEMPLATES = [
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a cropped painting in the style of {}",
-    "the painting in the style of {}",
-    "a clean painting in the style of {}",
-    "a dirty painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a picture in the style of {}",
-    "a cool painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a good painting in the style of {}",
-    "a rendition in the style of {}",
-    "a nice painting in the style of {}",
-    "a small painting in the style of {}",
-    "a weird painting in the style of {}",
-    "a large painting in the style of {}",
-]
 
 _RESERVED_STEMS = ("learned_embeds",)
 
@@ -160,7 +108,6 @@ class TextualInversion(Method):
         weight.register_hook(self._mask_grad)
         te.get_input_embeddings().register_forward_pre_hook(self._exact_before_first_forward)
         self._compute_in_frozen_dtype(te)
-        self._prepare_prompts()
         logger.info(
             "textual inversion: %d new token(s) %s (ids %s) in a table of %d rows",
             len(self.ids),
@@ -272,35 +219,28 @@ class TextualInversion(Method):
 
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
         self._restore_other_rows(self._weight(parts))
-        every = self.cfg.textual_inversion.save_every
-        done = step + 1  # the loop passes the step count before this step
-        if every and done % every == 0:
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:
-                path = Path(self.cfg.output_dir) / f"learned_embeds-steps-{done}.safetensors"
-                save_diffusers(
-                    path, self.placeholder, self.vectors(parts), self._metadata(parts, done)
-                )
 
     # --- captions ----------------------------------------------------------------------
 
-    def _prepare_prompts(self) -> None:
-        """Defaults that let a TI config stay short: object/style runs need no data.prompt,
-        `{}` in validation prompts is the placeholder, and sampling without prompts uses the
+    def training_prompt(self, prompt: str | None) -> str | None:
+        """Object/style runs need no data.prompt: the first template only satisfies the
+        dataset, templates replace it per example."""
+        if self.cfg.textual_inversion.learnable_property != "caption" and not prompt:
+            return self.templates[0].format(self.placeholder)
+        return prompt
+
+    def validation_prompts(self, prompts: list[str]) -> list[str]:
+        """`{}` in validation prompts is the placeholder; sampling without prompts uses the
         first template."""
-        d, v = self.cfg.data, self.cfg.validation
-        first = self.templates[0].format(self.placeholder)
-        if self.cfg.textual_inversion.learnable_property != "caption" and not d.prompt:
-            d.prompt = first  # only satisfies the dataset: templates replace it per example
-        v.prompts = [p.replace("{}", self.placeholder) for p in v.prompts]
-        if v.every_steps and not v.prompts:
-            v.prompts = [first]
-        if v.prompts and not any(self.placeholder in p for p in v.prompts):
+        prompts = [p.replace("{}", self.placeholder) for p in prompts]
+        if self.cfg.validation.every_steps and not prompts:
+            prompts = [self.templates[0].format(self.placeholder)]
+        if prompts and not any(self.placeholder in p for p in prompts):
             logger.warning(
                 "no validation.prompts contains %s: the samples will not show what it learns",
                 self.placeholder,
             )
+        return prompts
 
     def _caption_with_placeholder(self, caption: str) -> str:
         if not caption:
@@ -370,6 +310,15 @@ class TextualInversion(Method):
             "personalize_step": str(step),
         }
 
+    def save_every(self) -> int:
+        return self.cfg.textual_inversion.save_every
+
+    def save_intermediate(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        path = Path(out_dir) / f"learned_embeds-steps-{step}.safetensors"
+        return save_diffusers(
+            path, self.placeholder, self.vectors(parts), self._metadata(parts, step)
+        )
+
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         out_dir = Path(out_dir)
         vectors, meta = self.vectors(parts), self._metadata(parts, step)
@@ -436,29 +385,3 @@ class TextualInversion(Method):
                 "textual_inversion": {"placeholder_token": token, "initializer_token": class_word},
             },
         }
-
-
-class TemplateCaptions(torch.utils.data.Dataset):
-    """The training dataset with each caption replaced by a template drawn from
-    (seed, epoch, index) alone: deterministic across resumes, processes and workers."""
-
-    def __init__(self, inner, caption: Callable[[int], str], num_templates: int, seed: int):
-        self.inner = inner
-        self.caption = caption
-        self.num_templates = num_templates
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.inner[i]
-        if item["caption"]:  # an empty caption is caption dropout: keep it empty
-            epoch = int(getattr(self.inner, "epoch", 0))
-            # A salt keeps this stream apart from the dataset's own (seed, epoch, i) streams.
-            rng = np.random.default_rng((self.seed, epoch, i, 0x7E47))
-            item = dict(item, caption=self.caption(int(rng.integers(self.num_templates))))
-        return item

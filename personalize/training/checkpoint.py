@@ -17,7 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from personalize.errors import CheckpointError, CheckpointNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from personalize.errors import CheckpointError, CheckpointMismatch, CheckpointNotFoundError
 from personalize.io import atomic_write_json, atomic_write_text
 from personalize.logs import quieted
 from personalize.training import faults
@@ -157,3 +160,42 @@ def _prune(root: Path, keep: int, saved_step: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+class TrainableState:
+    """What a checkpoint holds of the model: only the method's trainable weights (a LoRA
+    checkpoint is megabytes, not the whole UNet), through accelerate's save/load hooks;
+    accelerate still saves optimizer, LR scheduler, grad scaler and RNG states."""
+
+    def __init__(self, accelerator, method, parts):
+        self.accelerator, self.method, self.parts = accelerator, method, parts
+        accelerator.register_save_state_pre_hook(self._save)
+        accelerator.register_load_state_pre_hook(self._load)
+
+    def _save(self, models, weights, output_dir) -> None:
+        if self.accelerator.is_main_process:
+            state = self.method.trainable_state_dict(self.parts)
+            save_file(
+                {k: v.float().cpu().contiguous() for k, v in state.items()},
+                str(Path(output_dir) / TRAINABLE_FILE),
+            )
+        weights.clear()
+
+    def _load(self, models, input_dir) -> None:
+        path = Path(input_dir) / TRAINABLE_FILE
+        try:
+            self.method.load_trainable_state_dict(self.parts, load_file(str(path)))
+        except (ValueError, OSError, SafetensorError) as e:
+            raise CheckpointMismatch(str(e)) from e
+        models.clear()
+
+
+def resume_from(accelerator, checkpoint: Path, log_file: Path) -> dict[str, Any]:
+    """Load `checkpoint` into the run (weights, optimizer, RNG...); return its state.json."""
+    with quieted("accelerate"):  # its per-file INFO lines; the loop names the checkpoint
+        accelerator.load_state(str(checkpoint))
+    state = read_state(checkpoint)
+    if accelerator.is_main_process:
+        # Rows logged after this checkpoint belong to the killed run's lost steps.
+        truncate_jsonl_after(log_file, int(state["step"]))
+    return state

@@ -1,12 +1,17 @@
-"""Batches for the loop: seeded samplers (plain or by aspect bucket), collate, tokenization."""
+"""Data for the loop: records -> datasets -> batches (seeded samplers, plain or by aspect
+bucket; collate; tokenization)."""
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from personalize.data import DataError, ImageCaptionDataset, load_records, split_records
 from personalize.models import tokenize  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -129,3 +134,139 @@ def warn_long_captions(tokenizer, captions: dict[str, str]) -> int:
                 caption[:80] + ("..." if len(caption) > 80 else ""),
             )
     return long
+
+
+@dataclass
+class TrainingData:
+    """What the loop trains and validates on. `dataset` is what the method made of
+    `train_dataset` (e.g. instance examples paired with class examples); `batch_sampler`
+    is the bucket sampler, whose epoch the loop sets itself (accelerate cannot reach it)."""
+
+    train_dataset: ImageCaptionDataset
+    val_dataset: ImageCaptionDataset | None
+    dataset: torch.utils.data.Dataset
+    dataloader: torch.utils.data.DataLoader
+    batch_sampler: Any
+    fixed_captions: list[str] | None
+
+
+def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> TrainingData:
+    """Records -> datasets (the method's captions and pairing) -> the training loader.
+    `prompt`: the instance prompt for images without a caption (Method.training_prompt)."""
+    d, t = cfg.data, cfg.train
+    # Never our own outputs as data: a second run would train on the first's samples.
+    read = dict(
+        caption_extension=d.caption_extension,
+        image_column=d.image_column,
+        caption_column=d.caption_column,
+        strict=d.strict,
+        skip=[Path(cfg.output_dir), *method.output_folders()],
+    )
+    records = load_records(d.path, **read)
+    if d.validation_path:
+        val_records = load_records(d.validation_path, **read)
+    else:
+        records, val_records = split_records(records, d.validation_split, cfg.seed)
+    captions = {str(r.image_path or r.key): r.caption for r in records if r.caption}
+    if prompt:
+        captions["data.prompt"] = prompt
+    warn_long_captions(parts.tokenizer, captions)
+    common = dict(
+        resolution=t.resolution,
+        instance_prompt=prompt,
+        caption_fn=method.caption_fn(),
+        seed=cfg.seed,
+    )
+    sizes = None
+    if d.bucketing:
+        from personalize.data.buckets import record_sizes
+
+        sizes = record_sizes(
+            records, t.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step
+        )
+        logger.info(
+            "aspect buckets (w x h: images): %s",
+            ", ".join(f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))),
+        )
+    train_dataset = ImageCaptionDataset(
+        records,
+        center_crop=d.center_crop,
+        random_flip=d.random_flip,
+        caption_dropout=d.caption_dropout,
+        shuffle_tags=d.shuffle_tags,
+        keep_tokens=d.keep_tokens,
+        repeats=d.repeats,
+        sizes=sizes,
+        **common,
+    )
+    val_dataset = (
+        ImageCaptionDataset(val_records, center_crop=True, **common) if val_records else None
+    )
+    dataset = method.wrap_train_dataset(train_dataset, parts, accelerator)
+    bucket_of = None
+    if sizes is not None:
+        if len(dataset) != len(train_dataset):
+            raise DataError(
+                f"data.bucketing=true: method {cfg.method} changed the number of "
+                f"training examples ({len(train_dataset)} -> {len(dataset)}), so "
+                "examples cannot be matched to buckets; set data.bucketing=false."
+            )
+        bucket_of = [sizes[i % len(records)] for i in range(len(dataset))]
+    dataloader = build_dataloader(
+        dataset,
+        batch_size=t.batch_size,
+        seed=cfg.seed,
+        num_workers=d.num_workers,
+        tokenizer=parts.tokenizer,
+        bucket_of=bucket_of,
+        num_processes=accelerator.num_processes,
+        pin_memory=d.pin_memory,
+    )
+    logger.info(
+        "training on %d images (%d examples per epoch), %d held out, %d process(es)",
+        len(records),
+        len(dataset),
+        len(val_records),
+        accelerator.num_processes,
+    )
+    _warn_small_dataset(cfg, accelerator, len(dataset))
+    return TrainingData(
+        train_dataset,
+        val_dataset,
+        dataset,
+        dataloader,
+        dataloader.batch_sampler if bucket_of is not None else None,
+        _fixed_captions(cfg, method, prompt, train_dataset, val_dataset),
+    )
+
+
+def _fixed_captions(cfg, method, prompt, train_dataset, val_dataset) -> list[str] | None:
+    """Every caption training and validation can show, or None when they vary per step."""
+    d = cfg.data
+    if d.shuffle_tags or method.caption_fn() is not None:
+        return None
+    captions = {r.caption or prompt or "" for r in train_dataset.records}
+    if val_dataset is not None:
+        captions |= {r.caption or prompt or "" for r in val_dataset.records}
+    if d.caption_dropout > 0:
+        captions.add("")
+    captions.update(method.extra_captions())
+    return sorted(captions)
+
+
+def _warn_small_dataset(cfg, accelerator, examples: int) -> None:
+    """A batch cannot hold more examples than an epoch has: the run would silently train
+    with smaller batches than train.batch_size says."""
+    acc, t, d = accelerator, cfg.train, cfg.data
+    per_process = math.ceil(examples / acc.num_processes)
+    if t.batch_size > per_process and acc.is_main_process:
+        logger.warning(
+            "train.batch_size=%d is larger than the %d training example(s) per epoch%s, so "
+            "every batch holds only %d; lower train.batch_size or raise data.repeats "
+            "(now %d)",
+            t.batch_size,
+            examples,
+            f" split over {acc.num_processes} processes" if acc.num_processes > 1 else "",
+            per_process,
+            d.repeats,
+        )

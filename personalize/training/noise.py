@@ -36,6 +36,17 @@ def sample_timesteps(
     ).long()
 
 
+def add_training_noise(
+    noise_scheduler, latents: torch.Tensor, generator: torch.Generator, noise_offset: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, timesteps, noisy latents) of one step, all drawn from `generator`."""
+    noise = sample_noise(latents, generator, noise_offset)
+    timesteps = sample_timesteps(
+        latents.shape[0], noise_scheduler.config.num_train_timesteps, latents.device, generator
+    )
+    return noise, timesteps, noise_scheduler.add_noise(latents, noise, timesteps)
+
+
 def training_target(
     noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:

@@ -87,3 +87,17 @@ def eval_weights(optimizer) -> Iterator[None]:
     finally:
         if switch:
             raw.train()
+
+
+def make_lr_scheduler(cfg: PersonalizeConfig, optimizer, num_processes: int):
+    """diffusers' LR schedule of `train.lr_scheduler`. Counted in scheduler steps of all
+    processes: accelerate steps a prepared scheduler once per process and step."""
+    from diffusers.optimization import get_scheduler
+
+    t = cfg.train
+    return get_scheduler(
+        t.lr_scheduler,
+        optimizer,
+        num_warmup_steps=t.lr_warmup_steps * num_processes,
+        num_training_steps=t.max_steps * num_processes,
+    )
