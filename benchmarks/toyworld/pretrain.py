@@ -40,7 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from personalize.adapters.formats import atomic_torch_save  # noqa: E402
+from personalize.io import atomic_torch_save  # noqa: E402
 from personalize.toyworld import models as tw  # noqa: E402
 from personalize.toyworld.classifier import HEADS, ToyClassifier, scene_labels  # noqa: E402
 from personalize.toyworld.evaluate import prompt_following  # noqa: E402
