@@ -157,7 +157,7 @@ def test_process_rank_reads_the_launchers_variables():
 
 
 def test_class_image_indices_are_summarized():
-    from personalize.methods.prior import _short_list
+    from personalize.methods.class_images import _short_list
 
     assert _short_list([0, 2, 4]) == "[0, 2, 4]"
     assert _short_list(list(range(0, 200, 2))) == "[0, 2, 4, 6, 8, 10, 12, ..., 198]"

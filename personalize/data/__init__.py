@@ -1,8 +1,8 @@
 """Training data: image + caption records and the Dataset the training loop iterates."""
 
 from personalize.data.dataset import ImageCaptionDataset, shuffle_caption_tags
+from personalize.data.folders import IMAGE_EXTENSIONS
 from personalize.data.records import (
-    IMAGE_EXTENSIONS,
     DataError,
     DatasetRow,
     Record,

@@ -3,19 +3,18 @@
 `load_records` finds images and captions (a folder with caption sidecars, metadata.jsonl /
 metadata.csv, a saved `datasets` dataset) and decodes every image once, up front, so a bad
 file is reported by name before a model is even loaded, not as a crash an hour into
-training. `ImageCaptionDataset` (dataset.py) turns the records into training examples.
+training. The folder layout's scanning is in folders.py; the metadata files and saved
+datasets are read here. `ImageCaptionDataset` (dataset.py) turns the records into
+training examples.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
-import io
 import json
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,18 +23,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from personalize.data.transforms import check_pixel_count, load_image
+from personalize.data.folders import (
+    METADATA_NAMES,
+    find_images,
+    folder_images,
+    normalize_caption_extension,
+    real_paths,
+)
+from personalize.data.transforms import describe_load_error, image_problem, load_image
 from personalize.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 # Files that `save_to_disk` writes: a Dataset has the first two, a DatasetDict the third.
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-_VERIFY_DRAFT_SIZE = 64  # JPEGs are checked at reduced scale: whole stream, fraction of the cost
 _VERIFY_CHUNK = 64  # bounds how many datasets rows' bytes sit in memory during the check
 
 
@@ -104,9 +107,12 @@ def load_records(
             candidates = _metadata_candidates(metadata[0], caption_column)
             _warn_unlisted(root, candidates, metadata[0])
         else:
-            candidates = _folder_candidates(
-                root, _normalize_extension(caption_extension), _real_paths(skip)
+            found = folder_images(
+                root, normalize_caption_extension(caption_extension), real_paths(skip)
             )
+            candidates = [
+                _Candidate(Record(f.key, f.path, f.caption), f.path, str(f.path)) for f in found
+            ]
 
     records, skipped = _verify(candidates, strict)
     if skipped:
@@ -160,198 +166,12 @@ def read_image(record: Record) -> Image.Image:
         return load_image(row.dataset[row.index][row.column]["bytes"])
     except Exception as exc:
         raise DataError(
-            f"Cannot read image {_record_label(record)}: {_describe(exc)}. It passed the "
+            f"Cannot read image {_record_label(record)}: {describe_load_error(exc)}. It passed the "
             "check in load_records, so it changed or vanished since; restore or remove it."
         ) from exc
 
 
-# --- finding records ------------------------------------------------------------------
-
-
-def _real_paths(paths: Iterable[str | Path]) -> set[str]:
-    return {os.path.realpath(Path(p).expanduser()) for p in paths}
-
-
-def _folder_candidates(
-    root: Path, caption_extension: str | None, skip: set[str] = frozenset()
-) -> list[_Candidate]:
-    images, others, skipped = _find_images(root, skip)
-    if skipped:
-        count = sum(skipped.values())
-        logger.warning(
-            "Skipped %d images under our own run folders in %s (this run's output_dir, its "
-            "class images, or a folder holding run.json): %s",
-            count,
-            root,
-            ", ".join(f"{folder} ({n})" for folder, n in skipped.items()),
-        )
-    if not images:
-        suffixes = Counter(p.suffix.lower() for p in others)
-        found = ", ".join(f"{suffix} ({n})" for suffix, n in suffixes.most_common(5))
-        hint = (
-            f"; found only {found}. Convert the images to one of those formats." if found else "."
-        )
-        raise DataError(
-            f"No images in {root}. Accepted extensions: {', '.join(IMAGE_EXTENSIONS)}{hint}"
-        )
-    caption_suffix = caption_extension.lower() if caption_extension else None
-    # Caption files by folder and lower-cased name: `pic.TXT` next to `pic.png` is its caption
-    # on every file system, not only on the case-insensitive ones.
-    sidecars = {
-        (p.parent, p.name.lower()): p
-        for p in others
-        if caption_suffix and p.suffix.lower() == caption_suffix
-    }
-    used: set[tuple[Path, str]] = set()
-    other_case: list[Path] = []
-    candidates = []
-    for image in images:
-        caption = None
-        if caption_extension:
-            wanted = (image.parent, (image.stem + caption_extension).lower())
-            sidecar = sidecars.get(wanted)
-            if sidecar is not None:
-                used.add(wanted)
-                if sidecar.name != image.stem + caption_extension:
-                    other_case.append(sidecar)
-                caption = _read_caption_file(sidecar)
-        key = image.relative_to(root).as_posix()
-        candidates.append(_Candidate(Record(key, image, caption), image, str(image)))
-    _report_folder_leftovers(root, others, sidecars, used, other_case, caption_suffix)
-    return candidates
-
-
-def _report_folder_leftovers(
-    root: Path,
-    others: list[Path],
-    sidecars: dict[tuple[Path, str], Path],
-    used: set[tuple[Path, str]],
-    other_case: list[Path],
-    caption_suffix: str | None,
-) -> None:
-    """One summary line for each kind of file that a user would expect to be used and is
-    not (or is, against its name's case): nothing in the data folder is dropped silently."""
-
-    def some(paths: list[Path]) -> str:
-        names = [p.relative_to(root).as_posix() for p in paths[:3]]
-        return ", ".join(names) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-
-    # .txt files are captions (sidecars off, or another caption_extension): not "unsupported".
-    ignored = [p for p in others if p.suffix.lower() not in (caption_suffix, ".txt")]
-    if ignored:
-        suffixes = ", ".join(sorted({p.suffix.lower() for p in ignored}))
-        logger.warning(
-            "Ignored %d file(s) in %s that are not images this loader reads (%s): %s. "
-            "Accepted image extensions: %s; convert the others (e.g. HEIC to JPEG) to use them.",
-            len(ignored),
-            root,
-            suffixes,
-            some(ignored),
-            ", ".join(IMAGE_EXTENSIONS),
-        )
-    orphans = [p for key, p in sorted(sidecars.items()) if key not in used]
-    if orphans:
-        logger.warning(
-            "%d caption file(s) in %s have no image of the same name and are not used: %s.",
-            len(orphans),
-            root,
-            some(orphans),
-        )
-    if other_case:
-        logger.warning(
-            "%d caption file(s) in %s differ in upper/lower case from their image's name "
-            "(%s); they are read as that image's caption.",
-            len(other_case),
-            root,
-            some(other_case),
-        )
-
-
-def _find_images(
-    root: Path, skip: set[str] = frozenset()
-) -> tuple[list[Path], list[Path], dict[str, int]]:
-    """Image files under root, sorted by relative path; the other files (with a suffix, not
-    metadata files), sorted the same way; and the number of images in each left-out run folder
-    (`skip`, or holding a run's run.json).
-
-    Hidden files and folders are skipped: macOS `._x.jpg` resource forks and
-    `.ipynb_checkpoints` copies look like images by name but are not training data.
-    """
-    images: list[Path] = []
-    others: list[Path] = []
-    visited: set[str] = set()
-    left_out: dict[str, int] = {}
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:  # a symlink loop; walk each real folder once
-            subfolders.clear()
-            continue
-        visited.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        for name in list(subfolders):
-            sub = Path(folder, name)
-            if os.path.realpath(sub) in skip or _holds_run_file(sub):
-                subfolders.remove(name)
-                left_out[str(sub)] = _count_images(sub)
-        for name in files:
-            suffix = Path(name).suffix.lower()
-            if name.startswith("."):
-                continue
-            if suffix in IMAGE_EXTENSIONS:
-                images.append(Path(folder, name))
-            elif suffix and name not in METADATA_NAMES:
-                others.append(Path(folder, name))
-    images.sort(key=lambda p: p.relative_to(root).as_posix())
-    others.sort(key=lambda p: p.relative_to(root).as_posix())
-    return images, others, {k: n for k, n in left_out.items() if n}
-
-
-def _holds_run_file(folder: Path) -> bool:
-    """Whether `folder` is one of our run folders: it holds run.json, a JSON object."""
-    try:
-        return isinstance(json.loads((folder / "run.json").read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def _count_images(folder: Path) -> int:
-    return sum(
-        1
-        for _, _, files in os.walk(folder)
-        for name in files
-        if Path(name).suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def _read_caption_file(path: Path) -> str | None:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"Cannot read caption file {path}: {exc.strerror or exc}.") from exc
-    # Windows Notepad's "Unicode" is UTF-16 with a byte-order mark; read as latin-1 it would
-    # become a caption of NUL-separated letters.
-    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        encoding = "utf-32"
-    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"
-    else:
-        encoding = "utf-8-sig"
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-        logger.warning(
-            "Caption %s is not valid UTF-8; read it as latin-1. Re-save it as UTF-8 if "
-            "accented letters look wrong.",
-            path,
-        )
-    return text.strip() or None
-
-
-def _normalize_extension(extension: str | None) -> str | None:
-    if not extension:
-        return None  # sidecar captions off
-    return extension if extension.startswith(".") else "." + extension
+# --- metadata files and saved datasets -------------------------------------------------
 
 
 def _metadata_candidates(metadata: Path, caption_column: str) -> list[_Candidate]:
@@ -418,7 +238,7 @@ def _metadata_rows(metadata: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _warn_unlisted(root: Path, candidates: list[_Candidate], metadata: Path) -> None:
     listed = {os.path.realpath(c.image) for c in candidates if isinstance(c.image, Path)}
-    unlisted = [p for p in _find_images(root)[0] if os.path.realpath(p) not in listed]
+    unlisted = [p for p in find_images(root)[0] if os.path.realpath(p) not in listed]
     if unlisted:
         logger.warning(
             "%d image(s) in %s are not listed in %s and will not be used (first: %s).",
@@ -528,7 +348,7 @@ def _verify(candidates: Iterable[_Candidate], strict: bool) -> tuple[list[Record
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         iterator = iter(candidates)
         while chunk := list(islice(iterator, _VERIFY_CHUNK)):
-            problems = pool.map(_image_problem, [c.image for c in chunk])
+            problems = pool.map(image_problem, [c.image for c in chunk])
             for candidate, problem in zip(chunk, problems, strict=True):
                 if problem is None:
                     kept.append(candidate.record)
@@ -542,35 +362,6 @@ def _verify(candidates: Iterable[_Candidate], strict: bool) -> tuple[list[Record
                 logger.warning("Skipping: %s", message)
                 skipped += 1
     return kept, skipped
-
-
-def _image_problem(image: Path | bytes | None) -> str | None:
-    """Why `image` cannot be trained on, or None when it decodes cleanly."""
-    if image is None:
-        return "the row has no image"
-    try:
-        size = image.stat().st_size if isinstance(image, Path) else len(image)
-        if size == 0:
-            return "the file is empty (0 bytes)"
-        # verify() checks structure (e.g. PNG checksums) but decodes nothing; the load
-        # afterwards catches truncated pixel data. PIL needs a fresh open for each.
-        with Image.open(image if isinstance(image, Path) else io.BytesIO(image)) as opened:
-            check_pixel_count(opened)
-            opened.verify()
-        load_image(image, draft_size=_VERIFY_DRAFT_SIZE)
-    except Exception as exc:  # whatever the decoder raises, the file is unusable
-        return _describe(exc)
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "the file does not exist"
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image file PIL can read (wrong extension, unsupported format or corrupt)"
-    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"too large, possibly a decompression bomb ({exc})"
-    return f"corrupt or truncated ({type(exc).__name__}: {exc})"
 
 
 def _record_label(record: Record) -> str:

@@ -4,7 +4,8 @@ Two halves:
 
 * `load_image` turns whatever a user's folder holds (phone JPEGs with EXIF rotation,
   transparent PNGs, palette GIFs, print CMYK, 16-bit scans) into an upright 8-bit RGB
-  image, so the rest of the pipeline only ever sees one kind of picture.
+  image, so the rest of the pipeline only ever sees one kind of picture;
+  `image_problem` says, in words, why a file cannot be (load_records' up-front check).
 * `prepare_image` does the training view: shorter side to `resolution`, square crop,
   optional flip, then a [3, H, W] float tensor in [-1, 1] (what the SD VAE expects).
 
@@ -21,11 +22,12 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from personalize.errors import DataError
 
 ImageSource = str | Path | bytes | BinaryIO
+_VERIFY_DRAFT_SIZE = 64  # JPEGs are checked at reduced scale: whole stream, fraction of the cost
 
 # Greyscale modes wider than 8 bits. PIL cannot convert them to RGB faithfully on its
 # own ("I;16" -> "RGB" clips instead of scaling), so they go through numpy.
@@ -68,6 +70,35 @@ def check_pixel_count(image: Image.Image) -> None:
             f"{width}x{height} = {width * height} pixels is over the decompression-bomb "
             f"limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale the image"
         )
+
+
+def image_problem(image: Path | bytes | None) -> str | None:
+    """Why `image` cannot be trained on, or None when it decodes cleanly."""
+    if image is None:
+        return "the row has no image"
+    try:
+        size = image.stat().st_size if isinstance(image, Path) else len(image)
+        if size == 0:
+            return "the file is empty (0 bytes)"
+        # verify() checks structure (e.g. PNG checksums) but decodes nothing; the load
+        # afterwards catches truncated pixel data. PIL needs a fresh open for each.
+        with Image.open(image if isinstance(image, Path) else io.BytesIO(image)) as opened:
+            check_pixel_count(opened)
+            opened.verify()
+        load_image(image, draft_size=_VERIFY_DRAFT_SIZE)
+    except Exception as exc:  # whatever the decoder raises, the file is unusable
+        return describe_load_error(exc)
+    return None
+
+
+def describe_load_error(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "the file does not exist"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file PIL can read (wrong extension, unsupported format or corrupt)"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too large, possibly a decompression bomb ({exc})"
+    return f"corrupt or truncated ({type(exc).__name__}: {exc})"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -104,7 +104,7 @@ class DreamBooth(Method):
         return prior.wrap_with_prior(self.cfg, dataset, parts, accelerator)
 
     def latent_datasets(self, dataset) -> list:
-        # Prior preservation's class images, paired with the instances (training/prior.py).
+        # Prior preservation's class images, paired with the instances (methods/prior.py).
         class_images = getattr(dataset, "prior", None)
         return [class_images] if class_images is not None else []
 
