@@ -693,6 +693,20 @@ def test_example_config_parses():
     assert cfg.method == "dreambooth" and cfg.prior.enabled
 
 
+def test_shipped_configs_keep_the_class():
+    """Issue 18: prior preservation with the text encoder (or its LoRA) trained at its own
+    LR is what kept the class on the toy world, so the shipped configs default to it."""
+    from personalize.config import load_config
+
+    db = load_config(ROOT / "configs" / "dreambooth.yaml")
+    lora = load_config(ROOT / "configs" / "lora.yaml")
+    for cfg in (db, lora):
+        assert cfg.prior.enabled and cfg.prior.class_prompt
+        assert 100 <= cfg.prior.num_class_images <= 200
+    assert db.db.train_text_encoder and db.db.text_encoder_lr is not None
+    assert lora.lora.train_text_encoder and lora.lora.text_encoder_lr is not None
+
+
 def test_demo_runs_with_dreambooth(tmp_path):
     from personalize.demo import run_demo
 

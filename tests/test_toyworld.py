@@ -300,6 +300,25 @@ def test_follow_up_variants_are_kept_apart_from_the_comparison():
     assert "| textual_inversion_lr5e-4 |" in follow_ups and "| lora |" not in follow_ups
 
 
+@pytest.mark.parametrize("variant", ["dreambooth_recommended", "lora_recommended"])
+def test_recommended_recipes_train_the_text_encoder_with_prior_preservation(tmp_path, variant):
+    """Issue 18: the recipe that kept "a heart" a plain heart on the toy world; the class
+    prompt (here "a heart") must reach LoRA's prior preservation too, or its config fails."""
+    from personalize.config import from_dict
+    from personalize.toyworld import base_model_path
+    from personalize.toyworld.benchmark import RECIPES, variant_config
+    from personalize.toyworld.subjects import get_subject
+
+    cfg_dict = variant_config(
+        variant, get_subject("striped_heart"), base_model_path(), tmp_path / "d", tmp_path / "o"
+    )
+    cfg = from_dict(cfg_dict)
+    assert cfg.method == RECIPES[variant]["method"]
+    assert cfg.prior.enabled and cfg.prior.class_prompt == "a heart"
+    text_encoder = cfg.db if cfg.method == "dreambooth" else cfg.lora
+    assert text_encoder.train_text_encoder
+
+
 def test_textual_inversion_learns_what_the_model_can_draw(tmp_path):
     """TI cannot draw the patterned subjects (docs/benchmarks.md), but it does learn: a
     vector started from "star" and trained on solid red hearts comes to draw hearts."""

@@ -134,3 +134,9 @@ class LoRA(Method):
     @classmethod
     def demo_overrides(cls) -> dict[str, Any]:
         return {"train": {"lr": 1e-3}, "lora": {"rank": 8}}
+
+    @classmethod
+    def toy_world_recipe(cls, identifier, class_word, unet_config) -> dict[str, Any]:
+        recipe = super().toy_world_recipe(identifier, class_word, unet_config)
+        recipe["config"]["prior"] = {"class_prompt": f"a {class_word}"}  # when prior is on
+        return recipe
