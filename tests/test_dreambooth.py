@@ -703,7 +703,7 @@ def test_shipped_configs_keep_the_class():
     for cfg in (db, lora):
         assert cfg.prior.enabled and cfg.prior.class_prompt
         assert 100 <= cfg.prior.num_class_images <= 200
-    assert db.db.train_text_encoder and db.db.text_encoder_lr is not None
+    assert db.dreambooth.train_text_encoder and db.dreambooth.text_encoder_lr is not None
     assert lora.lora.train_text_encoder and lora.lora.text_encoder_lr is not None
 
 

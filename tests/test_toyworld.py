@@ -315,7 +315,7 @@ def test_recommended_recipes_train_the_text_encoder_with_prior_preservation(tmp_
     cfg = from_dict(cfg_dict)
     assert cfg.method == RECIPES[variant]["method"]
     assert cfg.prior.enabled and cfg.prior.class_prompt == "a heart"
-    text_encoder = cfg.db if cfg.method == "dreambooth" else cfg.lora
+    text_encoder = cfg.dreambooth if cfg.method == "dreambooth" else cfg.lora
     assert text_encoder.train_text_encoder
 
 
