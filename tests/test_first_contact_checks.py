@@ -129,6 +129,17 @@ def test_folder_leftovers_one_line_each_kind(tmp_path, caplog):
     assert case.startswith("1 caption file(s)") and names[0].replace(".png", ".TXT") in case
 
 
+def test_a_class_image_folder_with_its_manifest_logs_no_warning(tmp_path, caplog):
+    """Generated class images sit beside class_images.json (their prompt and model): reading
+    the folder must not report our own manifest as an unsupported file."""
+    write_synthetic_images(tmp_path, count=2)
+    (tmp_path / "class_images.json").write_text('{"prompt": "a heart"}')
+    with caplog.at_level(logging.WARNING):
+        records = load_records(tmp_path)
+    assert len(records) == 2
+    assert not [r.getMessage() for r in caplog.records], caplog.records
+
+
 def test_a_clean_folder_logs_no_warning(tmp_path, caplog):
     write_synthetic_images(tmp_path, count=2, caption="a caption")
     with caplog.at_level(logging.WARNING):

@@ -23,7 +23,9 @@ from personalize.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Files of ours or of a data set's layout that are never images: not reported as ignored.
+# class_images.json is the manifest that ties a class-image folder to its prompt and model.
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "class_images.json")
 
 
 class FolderImage(NamedTuple):
