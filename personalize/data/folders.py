@@ -23,9 +23,10 @@ from personalize.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-# Files of ours or of a data set's layout that are never images: not reported as ignored.
-# class_images.json is the manifest that ties a class-image folder to its prompt and model.
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "class_images.json")
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Our own files that sit beside images and are not data: not reported as ignored files.
+# class_images.json ties a class-image folder to its prompt and model (methods/class_images.py).
+OWN_FILES = ("class_images.json",)
 
 
 class FolderImage(NamedTuple):
@@ -166,7 +167,7 @@ def find_images(
                 continue
             if suffix in IMAGE_EXTENSIONS:
                 images.append(Path(folder, name))
-            elif suffix and name not in METADATA_NAMES:
+            elif suffix and name not in METADATA_NAMES and name not in OWN_FILES:
                 others.append(Path(folder, name))
     images.sort(key=lambda p: p.relative_to(root).as_posix())
     others.sort(key=lambda p: p.relative_to(root).as_posix())
