@@ -16,7 +16,7 @@ import torch
 
 from personalize.errors import ArtifactError
 from personalize.io import atomic_dir, atomic_save_safetensors, atomic_write
-from personalize.models import SDParts
+from personalize.models import SDParts, pipeline_from_parts
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,6 @@ def save_pipeline(
     model_index.json (what marks a folder as a pipeline) is removed first and written last:
     a run killed mid-save never leaves a folder that looks complete. Components that did not
     train are copied byte for byte from a local base model (their original precision)."""
-    from diffusers import StableDiffusionPipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,16 +122,7 @@ def save_pipeline(
     for name, component in (("tokenizer", parts.tokenizer), ("scheduler", scheduler)):
         with atomic_dir(out_dir / name) as tmp:
             component.save_pretrained(tmp)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = pipeline_from_parts(parts, scheduler)
     with atomic_write(out_dir / PIPELINE_INDEX) as tmp:
         tmp.write_text(pipe.to_json_string(), encoding="utf-8")
     logger.info(

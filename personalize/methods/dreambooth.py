@@ -67,7 +67,7 @@ def select_unet_params(unet: torch.nn.Module, blocks: list[str] | None) -> list[
     return chosen
 
 
-class DreamBooth(Method):
+class DreamBooth(prior.PriorPreservationHooks, Method):
     name = "dreambooth"
 
     def __init__(self, cfg):
@@ -99,20 +99,6 @@ class DreamBooth(Method):
             )
         self.regularizers = build_regularizers(self.cfg, parts, adapters=False)
         return groups
-
-    def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
-        return prior.wrap_with_prior(self.cfg, dataset, parts, accelerator)
-
-    def latent_datasets(self, dataset) -> list:
-        # Prior preservation's class images, paired with the instances (methods/prior.py).
-        class_images = getattr(dataset, "prior", None)
-        return [class_images] if class_images is not None else []
-
-    def output_folders(self) -> list[Path]:
-        return [prior.class_data_dir(self.cfg)] if prior.uses_class_images(self.cfg) else []
-
-    def extra_captions(self) -> list[str]:
-        return [self.cfg.prior.class_prompt] if self.cfg.prior.class_prompt else []
 
     # --- what is added to the loss -----------------------------------------------------
 

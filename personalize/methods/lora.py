@@ -54,7 +54,7 @@ def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) 
         )
 
 
-class LoRA(Method):
+class LoRA(prior.PriorPreservationHooks, Method):
     name = "lora"
 
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
@@ -89,20 +89,6 @@ class LoRA(Method):
         # code as method dreambooth (methods/prior.py, methods/regularizers.py).
         self.regularizers = build_regularizers(self.cfg, parts, adapters=True)
         return groups
-
-    def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
-        return prior.wrap_with_prior(self.cfg, dataset, parts, accelerator)
-
-    def latent_datasets(self, dataset) -> list:
-        # Prior preservation's class images, paired with the instances (methods/prior.py).
-        class_images = getattr(dataset, "prior", None)
-        return [class_images] if class_images is not None else []
-
-    def output_folders(self) -> list[Path]:
-        return [prior.class_data_dir(self.cfg)] if prior.uses_class_images(self.cfg) else []
-
-    def extra_captions(self) -> list[str]:
-        return [self.cfg.prior.class_prompt] if self.cfg.prior.class_prompt else []
 
     def reduce_loss(self, per_example: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         if not prior.uses_class_images(self.cfg):

@@ -205,3 +205,24 @@ def prior_preservation_loss(
     instance_loss = (per_example * instance).sum() / instance.sum().clamp(min=1.0)
     prior_loss = (per_example * prior).sum() / prior.sum().clamp(min=1.0)
     return instance_loss + prior_loss_weight * prior_loss
+
+
+class PriorPreservationHooks:
+    """The Method hooks of prior preservation, one copy for the methods that offer it
+    (dreambooth, lora): mix in before `Method`."""
+
+    cfg: Any
+
+    def wrap_train_dataset(self, dataset, parts: SDParts, accelerator):
+        return wrap_with_prior(self.cfg, dataset, parts, accelerator)
+
+    def latent_datasets(self, dataset) -> list:
+        # The class images paired with the instances: their latents may be cached too.
+        class_images = getattr(dataset, "prior", None)
+        return [class_images] if class_images is not None else []
+
+    def output_folders(self) -> list[Path]:
+        return [class_data_dir(self.cfg)] if uses_class_images(self.cfg) else []
+
+    def extra_captions(self) -> list[str]:
+        return [self.cfg.prior.class_prompt] if self.cfg.prior.class_prompt else []
