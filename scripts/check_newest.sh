@@ -16,8 +16,12 @@ trap 'rm -rf "$(dirname "$venv")"' EXIT
 "$PYTHON" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
-# No constraints: whatever the index resolves today.
-"$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+# Whatever the index resolves today, torch aside: an eager upgrade would replace the CPU wheel
+# with the newest CUDA build (gigabytes of nvidia-* packages). Test a new torch on purpose with
+# TORCH_VERSION=...
+echo "torch==${TORCH_VERSION:-2.13.0}" > "$venv.torch"
+"$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager \
+  -c "$venv.torch" -e ".[dev]"
 "$venv/bin/python" -m pip freeze --exclude-editable \
   | grep -v -iE '^(torch|pip|setuptools|wheel)==' | sort -f > "$venv.freeze"
 echo "== versions that differ from requirements.lock (lock -> newest)"
