@@ -25,12 +25,33 @@ class SDParts:
     unet: torch.nn.Module
     noise_scheduler: Any  # a DDPMScheduler configured like the model's own scheduler
     source: str = ""
+    family: str = "sd1"  # "sd1" | "sd2" | "sdxl": see model_family
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# The 1024-wide text context of SD 2.x (OpenCLIP ViT-H); SD 1.x has CLIP ViT-L's 768.
+SD2_TEXT_WIDTH = 1024
+
+
+def model_family(unet: Any, text_encoder: Any = None) -> str:
+    """The model family, "sdxl", "sd2" or "sd1", read from the modules (not from a name).
+
+    SDXL: the UNet takes the text_time added conditioning (pooled text + sizes).
+    SD 2.x: a 1024-wide text context (OpenCLIP-H), or an OpenCLIP-style text encoder
+    (`gelu`, where CLIP-L has `quick_gelu`) at any width, as tiny test models have.
+    Not used: v-prediction (SD 2.x-base and 2-inpainting are epsilon) and
+    use_linear_projection (SDXL has it too).
+    """
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    te_act = getattr(getattr(text_encoder, "config", None), "hidden_act", "quick_gelu")
+    if unet.config.cross_attention_dim == SD2_TEXT_WIDTH or te_act != "quick_gelu":
+        return "sd2"
+    return "sd1"
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -152,6 +173,7 @@ def load_parts(
         unet=pipe.unet,
         noise_scheduler=noise_scheduler,
         source=path,
+        family=model_family(pipe.unet, pipe.text_encoder),
     )
 
 

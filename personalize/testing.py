@@ -16,6 +16,10 @@ from PIL import Image
 
 TINY_RESOLUTION = 32
 TINY_TEXT_WIDTH = 32
+# The SD 2.x stand-in: its text encoder is wider than SD1's (as OpenCLIP-H's 1024 is wider
+# than CLIP-L's 768), so a width-keyed file (hypernetwork, embedding) of one family never
+# fits the other by accident.
+TINY_SD2_TEXT_WIDTH = 48
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -142,6 +146,86 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny pipeline as a diffusers model folder, loadable by `from_pretrained`."""
     path = Path(path)
     tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_sd2_tokenizer(model_max_length: int = 77):
+    """The byte tokenizer with SD 2.x's pad token: stabilityai/stable-diffusion-2(-1)'s
+    tokenizer pads with "!" (id 0), not with <|endoftext|> as SD1's does."""
+    tok = tiny_tokenizer(model_max_length)
+    tok.pad_token = "!"
+    return tok
+
+
+def tiny_sd2_text_encoder(vocab_size: int, seed: int = 0):
+    """OpenCLIP-H as diffusers ships it for SD 2.x, at a tiny width: a CLIPTextModel with
+    `gelu` (not CLIP-L's quick_gelu) whose last hidden state is used. diffusers keeps 23 of
+    OpenCLIP's 24 layers (the webui's "penultimate" layer), so the last state is SD2's."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_SD2_TEXT_WIDTH,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=0,
+        projection_dim=TINY_SD2_TEXT_WIDTH,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_sd2_unet(seed: int = 0):
+    """SD 2.1's UNet options at tiny widths: linear proj_in/proj_out, a per-block
+    attention_head_dim tuple, attention upcast to fp32, a 48-wide text context."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_SD2_TEXT_WIDTH,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=16,
+    )
+
+
+def tiny_sd2_pipeline(seed: int = 0, prediction_type: str = "v_prediction"):
+    """A StableDiffusionPipeline shaped like SD 2.x (768-v): v-prediction scheduler,
+    OpenCLIP-style text encoder of another width than SD1's tiny, SD2's UNet options."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_sd2_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_sd2_text_encoder(len(tokenizer), seed),
+        tokenizer=tokenizer,
+        unet=tiny_sd2_unet(seed),
+        scheduler=tiny_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd2_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny SD 2.x pipeline as a diffusers model folder."""
+    path = Path(path)
+    tiny_sd2_pipeline(seed).save_pretrained(path, safe_serialization=True)
     return path
 
 
