@@ -1,7 +1,7 @@
 """A complete diffusers pipeline folder (what DreamBooth trains): save, detect, load.
 
 Saved so that `StableDiffusionPipeline.from_pretrained(folder)` loads it, optionally with one
-original-layout (SD 1.x) .safetensors file for webui/ComfyUI (adapters/sd_single_file.py).
+original-layout (SD 1.x/2.x) .safetensors file for webui/ComfyUI (adapters/sd_single_file.py).
 Loaded into an existing pipeline by swapping in its UNet and text encoder.
 """
 
@@ -139,7 +139,7 @@ def save_single_file(
     dtype: torch.dtype,
     step: int,
 ) -> Path:
-    """The saved pipeline as one original-layout (SD 1.x) .safetensors checkpoint."""
+    """The saved pipeline as one original-layout (SD 1.x/2.x) .safetensors checkpoint."""
     from personalize.adapters.sd_single_file import to_original_sd
 
     states = dict(states)

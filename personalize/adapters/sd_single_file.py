@@ -1,4 +1,4 @@
-"""diffusers Stable Diffusion 1.x weights -> one original-layout (CompVis/LDM) state dict.
+"""diffusers Stable Diffusion 1.x/2.x weights -> one original-layout (CompVis/LDM) state dict.
 
 webui, ComfyUI and most model sites use the original single-file layout:
 `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
@@ -8,12 +8,16 @@ It is the inverse of diffusers' own reader and is derived from the model's confi
 (blocks, layers per block), not hard-coded for SD's four blocks; the round trip is tested
 through `StableDiffusionPipeline.from_single_file`.
 
-SD 2.x text encoders (OpenCLIP) use another layout with fused q/k/v and one more layer
-than diffusers keeps; they are refused with a clear error rather than written wrongly.
+SD 2.x text encoders (OpenCLIP ViT-H) are written in OpenCLIP's layout,
+`cond_stage_model.model.*` with fused q/k/v (`attn.in_proj_weight`), as SD 2.x checkpoints
+hold them and diffusers' `convert_open_clip_checkpoint` reads them back. OpenCLIP-H has 24
+blocks, SD 2.x uses the output of the 23rd (the webui's and ComfyUI's "penultimate" layer),
+and diffusers ships only those 23: the 24th, which no SD 2.x reader runs, is not written.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -23,6 +27,7 @@ from personalize.errors import ConversionError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 _UNET_FIXED = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -176,12 +181,10 @@ def convert_vae(vae_state: dict[str, torch.Tensor], config: Any) -> dict[str, to
 
 
 def convert_text_encoder(te_state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """CLIP-L (SD 1.x, quick_gelu) keeps transformers' names; OpenCLIP (SD 2.x, gelu) is
+    renamed and fused."""
     if getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
-        raise ConversionError(
-            "this text encoder is OpenCLIP-style (SD 2.x); its original layout is not "
-            "written here. Use the diffusers folder (webui/ComfyUI load those too) or set "
-            "dreambooth.save_single_file: false"
-        )
+        return convert_open_clip_text_encoder(te_state)
     # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); the original
     # layout (and every reader of it) has that level.
     return {
@@ -189,6 +192,56 @@ def convert_text_encoder(te_state: dict[str, torch.Tensor], config: Any) -> dict
         for k, v in te_state.items()
         if not k.endswith("position_ids")
     }
+
+
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "self_attn.out_proj.": "attn.out_proj.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+
+
+def convert_open_clip_text_encoder(te_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' CLIPTextModel of SD 2.x -> OpenCLIP's `cond_stage_model.model.*` names:
+    `transformer.resblocks.<i>.{ln_1, attn.in_proj_weight/bias (q, k, v stacked),
+    attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, token/positional embedding, ln_final."""
+    state = {k.removeprefix("text_model."): v for k, v in te_state.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in _OPEN_CLIP_FIXED:
+            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_FIXED[key]] = value
+            continue
+        m = _LAYER_KEY.match(key)
+        if not m:
+            raise ConversionError(f"text encoder weight {key} has no place in OpenCLIP's layout")
+        block, rest = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m.group(1)}.", m.group(2)
+        proj = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
+        if proj:
+            qkv.setdefault((block, proj.group(2)), {})[proj.group(1)] = value
+            continue
+        for hf, oc in _OPEN_CLIP_LAYER.items():
+            if rest.startswith(hf):
+                out[block + oc + rest[len(hf) :]] = value
+                break
+        else:
+            raise ConversionError(f"text encoder weight {key} has no place in OpenCLIP's layout")
+    for (block, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ConversionError(f"{block}: q/k/v {kind} incomplete ({sorted(parts)})")
+        out[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
 
 
 def to_original_sd(

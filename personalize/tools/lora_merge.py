@@ -3,7 +3,7 @@
 diffusers does the work: each LoRA is loaded as its own adapter with its strength
 (personalize.inference.load, which reads our files and kohya/webui ones), then fuse_lora adds
 every adapter's scaled delta into the base weights and unload_lora_weights drops the peft
-layers, leaving a plain pipeline to save. Optionally also one original-layout (SD 1.x)
+layers, leaving a plain pipeline to save. Optionally also one original-layout (SD 1.x/2.x)
 `.safetensors` checkpoint for webui/ComfyUI (personalize/adapters/sd_single_file.py).
 """
 
