@@ -2,10 +2,12 @@
 from their code so tests can apply them to what we write (their code is not vendored).
 
 Read from: ComfyUI v0.3.64 `comfy/lora.py` (model_lora_keys_unet / _clip, load_lora),
+`comfy/lora.py` at 00728eb (model_lora_keys_clip's clip_h branch, SD 2.x),
 `comfy/utils.py` (unet_to_diffusers: UNET_MAP_RESNET, UNET_MAP_ATTENTIONS,
 TRANSFORMER_BLOCKS, UNET_MAP_BASIC), `comfy/weight_adapter/lora.py`, `comfy/sd1_clip.py`
 (load_embed), `comfy_extras/nodes_hypernetwork.py`; webui v1.10.1 `modules/safe.py`,
-`extensions-builtin/Lora/networks.py` (convert_diffusers_name_to_compvis, load_network),
+`extensions-builtin/Lora/networks.py` (convert_diffusers_name_to_compvis with its is_sd2
+branch, load_network with re_x_proj, network_apply_weights' MultiheadAttention branch),
 `network.py` (calc_scale), `modules/textual_inversion/textual_inversion.py`
 (create_embedding_from_data); sd-scripts `networks/lora.py` (LoRANetwork.create_modules,
 create_network_from_weights, load_weights).
@@ -148,9 +150,11 @@ def _comfy_maps_unet_path(path: str) -> bool:
 
 
 def comfyui_key_map(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, tuple]:
-    """model_lora_keys_unet + model_lora_keys_clip for an SD1.x model: LoRA module name ->
-    (component, diffusers module path). UNet: `lora_unet_<diffusers path>`, and the diffusers
-    form only as `[unet.]<path with .to_ -> .processor.to_>` (to_out.0 -> to_out). CLIP:
+    """model_lora_keys_unet + model_lora_keys_clip for an SD1.x model (and SD 2.x: its
+    `clip_h` layers get the same three names as SD1's `clip_l`, so one rule serves both):
+    LoRA module name -> (component, diffusers module path). UNet: `lora_unet_<diffusers
+    path>`, and the diffusers form only as `[unet.]<path with .to_ -> .processor.to_>`
+    (to_out.0 -> to_out). CLIP:
     `lora_te_/lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP}` and
     `text_encoder.text_model.encoder.layers.{b}.{c}`."""
     key_map: dict[str, tuple] = {}
@@ -228,7 +232,10 @@ _WEBUI_RESNET = {
 }
 
 
-def webui_compvis_name(key: str) -> str:
+def webui_compvis_name(key: str, is_sd2: bool = False) -> str:
+    """`is_sd2`: the webui's SD 2.x branch renames text-encoder layers to OpenCLIP's
+    `model_transformer_resblocks_{i}_{attn_*|mlp_c_fc|mlp_c_proj}` (same `lora_te_` input)."""
+
     def m(regex):
         r = re.match(regex, key)
         return [int(g) if g.isdigit() else g for g in r.groups()] if r else None
@@ -259,6 +266,9 @@ def webui_compvis_name(key: str) -> str:
     if g := m(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):
         return f"diffusion_model_output_blocks_{2 + g[0] * 3}_{2 if g[0] > 0 else 1}_conv"
     if g := m(r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
+        if is_sd2:
+            rest = g[1].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj")
+            return f"model_transformer_resblocks_{g[0]}_{rest.replace('self_attn', 'attn')}"
         return f"transformer_text_model_encoder_layers_{g[0]}_{g[1]}"
     return key
 
@@ -269,6 +279,8 @@ def webui_layer_mapping(original_state: dict[str, torch.Tensor]) -> dict[str, tu
     -> {name: weight shape}."""
     out = {}
     for key, value in original_state.items():
+        if key.endswith(".in_proj_weight"):  # SD 2.x OpenCLIP: the nn.MultiheadAttention
+            key = key[: -len(".in_proj_weight")] + ".weight"
         if not key.endswith(".weight"):
             continue
         path = key[: -len(".weight")]
@@ -278,14 +290,19 @@ def webui_layer_mapping(original_state: dict[str, torch.Tensor]) -> dict[str, tu
     return out
 
 
-def webui_load_network(sd: dict[str, torch.Tensor], mapping: dict[str, tuple]):
+def webui_load_network(sd: dict[str, torch.Tensor], mapping: dict[str, tuple], is_sd2=False):
     """load_network: each key is `<network name>.<part>`; the name is converted, then looked
-    up (also with lora_unet -> diffusion_model, lora_te1_text_model -> transformer_text_model).
+    up (also with lora_unet -> diffusion_model, lora_te1_text_model -> transformer_text_model,
+    and `<module>_[qkv]_proj` -> `<module>`, SD 2.x's fused attention).
     -> ({compvis name: parts}, keys failed to match)."""
     matched, failed = {}, []
     for key, weight in sd.items():
         name, _, part = key.partition(".")
-        compvis = webui_compvis_name(name)
+        compvis = webui_compvis_name(name, is_sd2)
+        x_proj = re.match(r"^(.*)_([qkv]_proj)$", compvis)
+        if compvis not in mapping and x_proj and x_proj.group(1) in mapping:
+            matched.setdefault(compvis, {})[part] = weight
+            continue
         if compvis not in mapping and "lora_unet" in name:
             compvis = name.replace("lora_unet", "diffusion_model")
         elif compvis not in mapping and "lora_te1_text_model" in name:
@@ -295,6 +312,20 @@ def webui_load_network(sd: dict[str, torch.Tensor], mapping: dict[str, tuple]):
             continue
         matched.setdefault(compvis, {})[part] = weight
     return matched, failed
+
+
+def webui_sd2_attention_applied(matched: dict[str, dict]) -> dict[str, bool]:
+    """network_apply_weights on SD 2.x's OpenCLIP nn.MultiheadAttention: a layer's LoRA is
+    applied only when its `_q_proj`, `_k_proj`, `_v_proj` and `_out_proj` are all loaded.
+    -> {`model_transformer_resblocks_<i>_attn`: applied}."""
+    layers: dict[str, set[str]] = {}
+    for name in matched:
+        m = re.match(
+            r"^(model_transformer_resblocks_\d+_attn)_(q_proj|k_proj|v_proj|out_proj)$", name
+        )
+        if m:
+            layers.setdefault(m.group(1), set()).add(m.group(2))
+    return {k: v == {"q_proj", "k_proj", "v_proj", "out_proj"} for k, v in layers.items()}
 
 
 # ------------------------------------------------------------------ embeddings

@@ -117,10 +117,18 @@ def peft_to_kohya(
     return out
 
 
-def kohya_metadata(rank: int, alpha: float, cross_attention_dim: int, step: int) -> dict:
+def kohya_metadata(
+    rank: int,
+    alpha: float,
+    cross_attention_dim: int,
+    step: int,
+    family: str | None = None,
+    v_prediction: bool = False,
+) -> dict:
     """sd-scripts' `ss_*` keys that the webui reads to show and sort a LoRA (its SD version
-    comes from `ss_base_model_version` / `ss_v2`)."""
-    sd2 = cross_attention_dim == 1024
+    comes from `ss_base_model_version` / `ss_v2`). `family` (models.model_family) decides
+    SD 2.x; without it, a 1024-wide text context does."""
+    sd2 = family == "sd2" if family else cross_attention_dim == 1024
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -130,4 +138,27 @@ def kohya_metadata(rank: int, alpha: float, cross_attention_dim: int, step: int)
     }
     if sd2:
         meta["ss_v2"] = "True"
+    if v_prediction:  # as sd-scripts writes it for --v_parameterization runs
+        meta["ss_v_parameterization"] = "True"
     return meta
+
+
+# The webui (v1.10 networks.py network_apply_weights) applies a LoRA to SD 2.x's OpenCLIP
+# attention, a fused nn.MultiheadAttention, only when a layer has all four of these modules.
+SD2_WEBUI_ATTENTION = (
+    "self_attn_q_proj",
+    "self_attn_k_proj",
+    "self_attn_v_proj",
+    "self_attn_out_proj",
+)
+
+
+def sd2_webui_skipped_layers(kohya: dict[str, torch.Tensor]) -> list[str]:
+    """Text-encoder layers whose attention LoRA the webui skips on an SD 2.x model (some of
+    q/k/v/out adapted, not all): `lora_te_text_model_encoder_layers_<i>` names."""
+    adapted: dict[str, set[str]] = {}
+    for key in kohya:
+        m = re.match(r"^(lora_te_text_model_encoder_layers_\d+)_(self_attn_\w+?)\.", key)
+        if m:
+            adapted.setdefault(m.group(1), set()).add(m.group(2))
+    return sorted(layer for layer, got in adapted.items() if set(SD2_WEBUI_ATTENTION) - got)

@@ -105,7 +105,7 @@ def save_kohya(
     """The kohya layout (lora_unet_*, lora_te_*, .alpha) that ComfyUI, the webui and
     sd-scripts load (adapters/kohya.py); None, with a warning, when the adapters have
     no such form (DoRA)."""
-    from personalize.adapters.kohya import kohya_metadata, peft_to_kohya
+    from personalize.adapters.kohya import kohya_metadata, peft_to_kohya, sd2_webui_skipped_layers
 
     try:
         kohya = peft_to_kohya(unet_layers, te_layers, shape.alpha)
@@ -116,7 +116,19 @@ def save_kohya(
             stale.unlink()
         return None
     width = parts.unet.config.cross_attention_dim
-    metadata = kohya_metadata(shape.rank, shape.alpha, width, step)
+    v_pred = parts.noise_scheduler.config.prediction_type == "v_prediction"
+    metadata = kohya_metadata(shape.rank, shape.alpha, width, step, parts.family, v_pred)
+    skipped = sd2_webui_skipped_layers(kohya) if parts.family == "sd2" else []
+    if skipped:
+        logger.warning(
+            "%s on SD 2.x: the webui applies text-encoder attention LoRA only where q_proj, "
+            "k_proj, v_proj and out_proj are all trained (%d layers are not, e.g. %s); "
+            "ComfyUI and diffusers apply it. Add the missing ones to "
+            "lora.text_encoder_target_modules for the webui",
+            KOHYA_WEIGHTS,
+            len(skipped),
+            skipped[0],
+        )
     metadata.update(
         personalize_base_model=parts.source,
         personalize_cross_attention_dim=str(width),
