@@ -32,6 +32,25 @@ from personalize.models import SDParts
 logger = logging.getLogger(__name__)
 
 
+SD1_TEXT_WIDTH = 768
+
+
+def sizes_for_model(sizes: list[int], parts: SDParts) -> list[int]:
+    """enable_sizes for this model: on SD 2.x, SD1's text width 768 (the default's first
+    entry, and the webui's) stands for the model's own text width (1024), so the default and
+    SD1 configs train the text cross-attention there too; other sizes are kept as given."""
+    width = parts.unet.config.cross_attention_dim
+    if parts.family != "sd2" or width == SD1_TEXT_WIDTH or SD1_TEXT_WIDTH not in sizes:
+        return list(sizes)
+    logger.info(
+        "hypernetwork.enable_sizes: %d is SD 1.x's text width; this SD 2.x model's is %d, "
+        "used in its place",
+        SD1_TEXT_WIDTH,
+        width,
+    )
+    return [width if s == SD1_TEXT_WIDTH else s for s in sizes]
+
+
 class HypernetworkMethod(Method):
     name = "hypernetwork"
 
@@ -45,8 +64,9 @@ class HypernetworkMethod(Method):
 
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
         c = self.cfg.hypernetwork
+        sizes = sizes_for_model(c.enable_sizes, parts)
         have = attention_widths(parts.unet)
-        missing = sorted(set(c.enable_sizes) - set(have))
+        missing = sorted(set(sizes) - set(have))
         if missing:
             raise ConfigError(
                 f"hypernetwork.enable_sizes: widths {missing} have no attention layer in this "
@@ -67,7 +87,7 @@ class HypernetworkMethod(Method):
         )
         source = parts.source
         self.hypernetwork = Hypernetwork(
-            sorted(set(c.enable_sizes)),
+            sorted(set(sizes)),
             options,
             name=self._file_name(),
             sd_checkpoint_name=Path(source).stem if Path(source).is_file() else Path(source).name,
