@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=_image_side,
         default=None,
-        help="image height and width in pixels (default: the model's own, e.g. 512 for SD1)",
+        help="image height and width in pixels (default: the model's own: 512 SD1, 768 SD 2.x-v)",
     )
     p.add_argument(
         "--device", default=None, help="e.g. cuda (default: the device the model loads on)"
