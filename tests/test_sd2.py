@@ -501,3 +501,25 @@ def test_evaluate_on_sd2_at_the_models_size_keeps_v_prediction(
     base = np.asarray(Image.open(first["base"]), dtype=np.float32)
     for column in ("lora", "hn"):
         assert np.abs(np.asarray(Image.open(first[column]), dtype=np.float32) - base).mean() > 1.0
+
+
+def test_merged_sd2_lora_single_file_round_trips(sd2_runs, tiny_sd2_model_dir, tmp_path):
+    """`personalize merge --single-file` on SD 2.x: the trained text encoder too comes back
+    from the OpenCLIP layout exactly."""
+    from personalize.tools.lora_merge import merge
+
+    lora_out, _ = sd2_runs["lora"]
+    merged = merge(str(tiny_sd2_model_dir), [(str(lora_out), 1.0)], tmp_path / "m", True)
+    single = StableDiffusionPipeline.from_single_file(
+        str(merged / "m.safetensors"),
+        config=str(tiny_sd2_model_dir),
+        safety_checker=None,
+        local_files_only=True,
+    )
+    folder = _fresh(merged)
+    base_te = _fresh(tiny_sd2_model_dir).text_encoder.state_dict()
+    te = folder.text_encoder.state_dict()
+    assert any(not torch.equal(te[k], base_te[k]) for k in te)  # the LoRA reached it
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
