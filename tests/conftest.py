@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from personalize.testing import save_tiny_pipeline, write_synthetic_images
+from personalize.testing import save_tiny_pipeline, save_tiny_sdxl_pipeline, write_synthetic_images
 
 # The models here are tiny: one thread per process is as fast as two on an idle machine and
 # far faster on a busy one, and subprocess ranks (2-process tests) then don't oversubscribe.
@@ -19,6 +19,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("model") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionXLPipeline folder (two text encoders, text_time conditioning)."""
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("model") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

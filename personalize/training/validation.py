@@ -91,7 +91,7 @@ class ValidationLoss:
                 batch = collate([self.dataset[i]])
                 gen = torch.Generator(device=acc.device).manual_seed(self.seed * 31 + i)
                 latents = conditioning.latents(batch, gen)
-                text = conditioning.text(batch["captions"])
+                text = conditioning.text(batch["captions"], time_ids=conditioning.time_ids(batch))
                 for t in self.timesteps:
                     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
                     ts = torch.tensor([t], device=latents.device)
