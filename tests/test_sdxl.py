@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import personalize
 from personalize import train
 from personalize.config import from_dict
-from personalize.data.cache import NonFiniteLatentsError
+from personalize.errors import NonFiniteLatentsError
 from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
 from personalize.models import SDXL, detect_family, load_parts
 from personalize.training.loop import Trainer

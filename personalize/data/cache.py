@@ -45,14 +45,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from personalize.errors import ConfigError, TrainingError
+from personalize.errors import ConfigError, NonFiniteLatentsError
 from personalize.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLatentsError(TrainingError):
-    """The VAE produced NaN/inf latents (SDXL's VAE in fp16): refused, never cached."""
 
 
 # Bump when the transforms or what an entry holds change: old entries then stop matching.

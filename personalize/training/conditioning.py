@@ -34,6 +34,7 @@ from personalize.data.cache import (
     cache_text_embeddings,
     module_fingerprint,
 )
+from personalize.errors import TrainingError
 from personalize.models import SDParts
 from personalize.training.data import tokenize
 
@@ -299,7 +300,7 @@ class Conditioning:
             encoded = self._sdxl_encode(captions, input_ids)
         hidden, pooled = encoded["hidden"], encoded["pooled"]
         if time_ids is None:
-            raise ValueError("SDXL needs time_ids (original size, crop, target size) per caption")
+            raise TrainingError("SDXL needs time_ids (size, crop, target size) per caption")
         time_ids = time_ids.to(hidden.device, hidden.dtype, non_blocking=True)
         return TextConditioning(
             hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
