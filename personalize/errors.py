@@ -91,6 +91,10 @@ class NonFiniteError(TrainingError):
     """The loss or gradients stayed non-finite (the loop turns it into advice)."""
 
 
+class NonFiniteLatentsError(TrainingError):
+    """The VAE encoded an image to NaN/inf latents (SDXL's VAE in fp16): never cached."""
+
+
 class FastPathError(TrainingError):
     """A requested speed-up (compile, SDPA kernel, ...) cannot run here."""
 

@@ -15,9 +15,19 @@ from personalize.io import refused_global
 logger = logging.getLogger(__name__)
 
 
+# Model families (`SDParts.family`): what the rest of the package branches on.
+SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+
+
 @dataclass
 class SDParts:
-    """The pieces of a Stable Diffusion pipeline that training touches."""
+    """The pieces of a Stable Diffusion pipeline that training touches.
+
+    `family`: "sd1", "sd2" or "sdxl". SDXL has a second tokenizer/text encoder
+    (`tokenizer_2`, `text_encoder_2`: a CLIPTextModelWithProjection whose pooled
+    projection conditions the UNet too); they are None for SD 1.x/2.x."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -25,10 +35,24 @@ class SDParts:
     unet: torch.nn.Module
     noise_scheduler: Any  # a DDPMScheduler configured like the model's own scheduler
     source: str = ""
-    family: str = "sd1"  # "sd1" | "sd2" | "sdxl": see model_family
+    family: str = SD1  # see model_family
+    tokenizer_2: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == SDXL
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        """Every model the loop may train, cast or move, by name (SDXL adds text_encoder_2)."""
+        modules = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        if self.text_encoder_2 is not None:
+            modules["text_encoder_2"] = self.text_encoder_2
+        return modules
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by name: text_encoder, and text_encoder_2 for SDXL."""
+        return {k: v for k, v in self.modules().items() if k.startswith("text_encoder")}
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -47,11 +71,11 @@ def model_family(unet: Any, text_encoder: Any = None) -> str:
     use_linear_projection (SDXL has it too).
     """
     if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
+        return SDXL
     te_act = getattr(getattr(text_encoder, "config", None), "hidden_act", "quick_gelu")
     if unet.config.cross_attention_dim == SD2_TEXT_WIDTH or te_act != "quick_gelu":
-        return "sd2"
-    return "sd1"
+        return SD2
+    return SD1
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -114,26 +138,129 @@ def _check_components(folder: Path) -> None:
         )
 
 
+class _ShapeOnly:
+    """A tensor's shape without its data: what diffusers' single-file detection reads."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+
+
+def _single_file_model_type(path: Path) -> str | None:
+    """diffusers' own model type of a single-file checkpoint ("v1", "v2", "xl_base", ...),
+    from a .safetensors header only (no weights read); None when it cannot tell."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    if path.suffix != ".safetensors":
+        return None  # a .ckpt would have to be unpickled whole just to look
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: _ShapeOnly(f.get_slice(k).get_shape()) for k in f.keys()}
+        return infer_diffusers_model_type(header)
+    except Exception as e:  # a damaged file: loading it says why, with the file's name
+        logger.debug("could not read the model type of %s: %s", path, e)
+        return None
+
+
+_FAMILY_OF_TYPE = {
+    "xl_base": SDXL,
+    "xl_inpaint": SDXL,
+    "playground-v2-5": SDXL,
+    "v2": SD2,
+    "inpainting_v2": SD2,
+}
+
+
+def detect_family(path: str) -> str:
+    """The model family of a diffusers folder (model_index.json's `_class_name`), a single
+    file (diffusers' single-file detection) or a hub id (sd1 unless its name says XL)."""
+    import json
+
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "model_index.json").is_file():
+        try:
+            index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return SD1  # resolve_model_path reports an unreadable index
+        name = str(index.get("_class_name", ""))
+        if "XL" in name:
+            return SDXL
+        return _family_of_unet_folder(p / "unet")
+    if p.is_file():
+        model_type = _single_file_model_type(p)
+        if model_type == "xl_refiner":
+            raise ModelLoadError(
+                f"{p} is an SDXL refiner: it has no CLIP-L text encoder and is not trained on "
+                "its own; point model.path at the SDXL base model"
+            )
+        return _FAMILY_OF_TYPE.get(model_type or "", SD1)
+    return SDXL if "xl" in path.lower() else SD1
+
+
+def _family_of_unet_folder(unet_dir: Path) -> str:
+    """SD 2.x's UNet attends to 1024-wide text (OpenCLIP-H); SD 1.x's to 768."""
+    import json
+
+    try:
+        config = json.loads((unet_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return SD1
+    return SD2 if config.get("cross_attention_dim") == 1024 else SD1
+
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+
+
+def load_vae(vae_path: str, torch_dtype: torch.dtype | None = None):
+    """A separate VAE (model.vae_path): a diffusers VAE folder (config.json) or a single
+    .safetensors file, e.g. an fp16-fixed SDXL VAE."""
+    from diffusers import AutoencoderKL
+
+    p = Path(vae_path).expanduser()
+    kwargs: dict[str, Any] = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    try:
+        if p.is_file():
+            return AutoencoderKL.from_single_file(str(p), **kwargs)
+        if p.is_dir() and (p / "vae" / "config.json").is_file():
+            p = p / "vae"  # a whole model folder: take its VAE
+        if p.is_dir() or _looks_like_hub_id(vae_path):
+            return AutoencoderKL.from_pretrained(str(p) if p.is_dir() else vae_path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load a VAE from model.vae_path {vae_path}: {e}") from e
+    raise ModelLoadError(
+        f"model.vae_path {vae_path} does not exist; point it at a VAE folder (config.json + "
+        "weights) or a single .safetensors VAE file"
+    )
+
+
 def load_pipeline(
     path: str,
     revision: str | None = None,
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    vae_path: str | None = None,
 ):
-    """A StableDiffusionPipeline from a diffusers folder, single file, or hub id."""
-    from diffusers import StableDiffusionPipeline
-
+    """A StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL model, from a
+    diffusers folder, single file, or hub id; `vae_path` replaces its VAE."""
     path = resolve_model_path(path)
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    family = detect_family(path)
+    cls = pipeline_class(family)
+    kwargs: dict[str, Any] = (
+        {} if family == SDXL else {"safety_checker": None, "requires_safety_checker": False}
+    )
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
+    if vae_path:
+        kwargs["vae"] = load_vae(vae_path, torch_dtype)
     try:
         if Path(path).is_file():
-            pipe = StableDiffusionPipeline.from_single_file(path, **kwargs)
+            pipe = cls.from_single_file(path, **kwargs)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, revision=revision, variant=variant, **kwargs
-            )
+            pipe = cls.from_pretrained(path, revision=revision, variant=variant, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         refused = refused_global(e)
         if refused:
@@ -157,11 +284,12 @@ def load_parts(
     revision: str | None = None,
     variant: str | None = None,
     prediction_type: str | None = None,
+    vae_path: str | None = None,
 ) -> SDParts:
     """The components for training, with a DDPM noise scheduler for the forward process."""
     from diffusers import DDPMScheduler
 
-    pipe = load_pipeline(path, revision=revision, variant=variant)
+    pipe = load_pipeline(path, revision=revision, variant=variant, vae_path=vae_path)
     scheduler_config = dict(pipe.scheduler.config)
     if prediction_type is not None:
         scheduler_config["prediction_type"] = prediction_type
@@ -174,15 +302,29 @@ def load_parts(
         noise_scheduler=noise_scheduler,
         source=path,
         family=model_family(pipe.unet, pipe.text_encoder),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
     )
 
 
 def pipeline_from_parts(parts: SDParts, scheduler: Any = None):
     """A sampling pipeline sharing the (possibly training) modules of `parts`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler is None:
         scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config)
+    if parts.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=parts.unet,
+            scheduler=scheduler,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionPipeline(
         vae=parts.vae,
         text_encoder=parts.text_encoder,

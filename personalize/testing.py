@@ -258,3 +258,125 @@ def write_synthetic_images(
             p.with_suffix(".txt").write_text(caption, encoding="utf-8")
         paths.append(p)
     return paths
+
+
+# --------------------------------------------------------------------------- tiny SDXL
+
+TINY_SDXL_TEXT_WIDTH = 32  # text_encoder (CLIP-L's place)
+TINY_SDXL_TEXT_WIDTH_2 = 48  # text_encoder_2 (OpenCLIP-bigG's place), also its projection
+TINY_SDXL_TIME_EMBED_DIM = 8
+
+
+def tiny_sdxl_text_encoders(vocab_size: int, seed: int = 0):
+    """(CLIPTextModel, CLIPTextModelWithProjection) of two widths, as SDXL's pair."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            projection_dim=width,
+            hidden_act="gelu",
+        )
+
+    torch.manual_seed(seed)
+    first = CLIPTextModel(config(TINY_SDXL_TEXT_WIDTH)).eval()
+    torch.manual_seed(seed + 1)
+    second = CLIPTextModelWithProjection(config(TINY_SDXL_TEXT_WIDTH_2)).eval()
+    return first, second
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """SDXL's UNet shape in miniature: text_time added conditioning, 2 layers per down
+    block (3 per up block), a transformer depth of 2 in the inner block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_TEXT_WIDTH_2,
+        cross_attention_dim=TINY_SDXL_TEXT_WIDTH + TINY_SDXL_TEXT_WIDTH_2,
+        norm_num_groups=16,
+    )
+
+
+def tiny_sdxl_vae(seed: int = 0):
+    """The tiny VAE with SDXL's config flags (`force_upcast`, its scaling factor)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+
+
+def tiny_sdxl_scheduler():
+    """SDXL's scheduler config (Euler discrete, scaled_linear betas, leading spacing)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A complete StableDiffusionXLPipeline with random tiny weights (deterministic in seed)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = tiny_tokenizer()
+    text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(len(tokenizer), seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_sdxl_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        unet=tiny_sdxl_unet(seed),
+        scheduler=tiny_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL pipeline as a diffusers model folder (`from_pretrained` loads it)."""
+    path = Path(path)
+    tiny_sdxl_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path

@@ -425,3 +425,123 @@ def comfyui_hypernetwork(sd) -> dict[int, list[torch.nn.Sequential]] | None:
             pair.append(torch.nn.Sequential(*layers))
         out[dim] = pair
     return out
+
+
+# ------------------------------------------------------------------ SDXL LoRA names
+
+# comfy/utils.py UNET_MAP_RESNET (original -> diffusers), weights only.
+COMFY_RESNET_ORIGINAL = {
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+COMFY_BASIC_ORIGINAL = {
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.2": "conv_out",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+}
+COMFY_TRANSFORMER_WEIGHTS = COMFY_TRANSFORMER | {"norm1", "norm2", "norm3"}
+
+
+def comfyui_unet_to_diffusers(unet: torch.nn.Module) -> dict[str, str]:
+    """comfy/utils.py unet_to_diffusers for the model's UNet: diffusers module path ->
+    original (Stability) module path, for the Linear/Conv2d layers a LoRA targets. Its
+    inputs (num_res_blocks, transformer depth per block, middle depth) are read off the
+    model as ComfyUI's model_detection reads them off a checkpoint."""
+    config = unet.config
+    levels = len(config.block_out_channels)
+    num_res_blocks = [config.layers_per_block] * levels
+
+    def depth(block, i) -> int:
+        attentions = getattr(block, "attentions", None)
+        return len(attentions[i].transformer_blocks) if attentions else 0
+
+    out: dict[str, str] = {}
+
+    def transformer(diffusers: str, original: str, n: int) -> None:
+        for b in ("proj_in", "proj_out"):
+            out[f"{diffusers}.{b}"] = f"{original}.{b}"
+        for t in range(n):
+            for b in COMFY_TRANSFORMER:
+                out[f"{diffusers}.transformer_blocks.{t}.{b}"] = (
+                    f"{original}.transformer_blocks.{t}.{b}"
+                )
+
+    def resnet(diffusers: str, original: str) -> None:
+        for o, d in COMFY_RESNET_ORIGINAL.items():
+            out[f"{diffusers}.{d}"] = f"{original}.{o}"
+
+    for x in range(levels):
+        n = 1 + (num_res_blocks[x] + 1) * x
+        block = unet.down_blocks[x]
+        for i in range(num_res_blocks[x]):
+            resnet(f"down_blocks.{x}.resnets.{i}", f"input_blocks.{n}.0")
+            if depth(block, i) > 0:
+                transformer(
+                    f"down_blocks.{x}.attentions.{i}", f"input_blocks.{n}.1", depth(block, i)
+                )
+            n += 1
+        out[f"down_blocks.{x}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+    transformer("mid_block.attentions.0", "middle_block.1", depth(unet.mid_block, 0))
+    for i, n in enumerate([0, 2]):
+        resnet(f"mid_block.resnets.{i}", f"middle_block.{n}")
+    up_res = list(reversed(num_res_blocks))
+    for x in range(levels):
+        n = (up_res[x] + 1) * x
+        count = up_res[x] + 1
+        block = unet.up_blocks[x]
+        for i in range(count):
+            c = 1
+            resnet(f"up_blocks.{x}.resnets.{i}", f"output_blocks.{n}.0")
+            if depth(block, i) > 0:
+                c += 1
+                transformer(
+                    f"up_blocks.{x}.attentions.{i}", f"output_blocks.{n}.1", depth(block, i)
+                )
+            if i == count - 1:
+                out[f"up_blocks.{x}.upsamplers.0.conv"] = f"output_blocks.{n}.{c}.conv"
+            n += 1
+    for original, diffusers in COMFY_BASIC_ORIGINAL.items():
+        out[diffusers] = original
+    modules = {name for name, _ in unet.named_modules()}
+    return {d: o for d, o in out.items() if d in modules}
+
+
+def comfyui_sdxl_key_map(unet, text_encoder, text_encoder_2) -> tuple[dict[str, tuple], set]:
+    """model_lora_keys_unet + model_lora_keys_clip for an SDXL model: LoRA module name ->
+    (component, diffusers module path). UNet: `lora_unet_<original path>` (every weight of
+    the original model), `lora_unet_<diffusers path>` and the diffusers forms. CLIP (clip_l
+    and clip_g present): clip_l as `lora_te_`/`lora_te1_`/`text_encoder.`, clip_g as
+    `lora_te2_`/`text_encoder_2.`. Also returns the original-layout names: the ones the
+    webui (`lora_unet` -> `diffusion_model`, looked up in the original model's modules)
+    and sd-scripts (its SDXL UNet has the original module tree) find too."""
+    key_map: dict[str, tuple] = {}
+    original_names = set()
+    for diffusers, original in comfyui_unet_to_diffusers(unet).items():
+        name = "lora_unet_" + original.replace(".", "_")
+        key_map[name] = ("unet", diffusers)
+        original_names.add(name)
+        key_map["lora_unet_" + diffusers.replace(".", "_")] = ("unet", diffusers)
+        for prefix in ("", "unet."):
+            diffusers_key = prefix + diffusers.replace(".to_", ".processor.to_")
+            if diffusers_key.endswith(".to_out.0"):
+                diffusers_key = diffusers_key[:-2]
+            key_map[diffusers_key] = ("unet", diffusers)
+    for component, model, keys in (
+        ("text_encoder", text_encoder, ("lora_te_", "lora_te1_")),
+        ("text_encoder_2", text_encoder_2, ("lora_te2_",)),
+    ):
+        layers = {n for n, _ in model.named_modules()}
+        for b in range(32):
+            for c, short in COMFY_CLIP.items():
+                ours = next((n for n in layers if n.endswith(f"encoder.layers.{b}.{c}")), None)
+                if ours is None:
+                    continue
+                for prefix in keys:
+                    key_map[f"{prefix}text_model_encoder_layers_{b}_{short}"] = (component, ours)
+                key_map[f"{component}.text_model.encoder.layers.{b}.{c}"] = (component, ours)
+    return key_map, original_names

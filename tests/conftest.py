@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from personalize.testing import save_tiny_pipeline, save_tiny_sd2_pipeline, write_synthetic_images
+from personalize.testing import (
+    save_tiny_pipeline,
+    save_tiny_sd2_pipeline,
+    save_tiny_sdxl_pipeline,
+    write_synthetic_images,
+)
 
 # The models here are tiny: one thread per process is as fast as two on an idle machine and
 # far faster on a busy one, and subprocess ranks (2-process tests) then don't oversubscribe.
@@ -25,6 +30,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_sd2_model_dir(tmp_path_factory) -> Path:
     """SD 2.x-shaped: v-prediction, OpenCLIP-style 48-wide text encoder, linear proj_in."""
     return save_tiny_sd2_pipeline(tmp_path_factory.mktemp("model") / "tiny-sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionXLPipeline folder (two text encoders, text_time conditioning)."""
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("model") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,26 @@ def test_shipped_config_trains_on_cpu_as_shipped(
     print(f"{config.stem}: {seconds:.1f} s")
 
 
+# Configs for one model family (configs/sdxl_*.yaml): trained on that family's tiny model.
+SDXL_SHIPPED = sorted((ROOT / "configs").glob("sdxl_*.yaml"))
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU fallback")
+@pytest.mark.parametrize("config", SDXL_SHIPPED, ids=lambda p: p.stem)
+def test_shipped_sdxl_config_trains_on_cpu_as_shipped(
+    config, tiny_sdxl_model_dir, instance_dir, tmp_path, capsys
+):
+    shipped = load_config(config)
+    assert shipped.train.mixed_precision == "bf16" and shipped.train.resolution == 1024
+    assert shipped.train.gradient_checkpointing and shipped.data.cache_text_embeddings
+    out = tmp_path / "run"
+    overrides = _overrides(config, tiny_sdxl_model_dir, instance_dir, out)
+    code = main(["train", str(config), *overrides])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "artifact saved in" in captured.out
+
+
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU fallback")
 @pytest.mark.parametrize("method", ["lora", "dreambooth"])
 def test_shipped_config_trains_through_cpu_2proc(method, tiny_model_dir, instance_dir, tmp_path):

@@ -8,6 +8,11 @@ text encoder. Text-encoder names are fixed by those tools to transformers 4's mo
 `lora_te_text_model_encoder_layers_{i}_{self_attn_q_proj|k|v|out_proj|mlp_fc1|mlp_fc2}`,
 whatever the installed transformers calls the modules (transformers 5 drops `text_model.`).
 
+SDXL (sd-scripts' `sdxl_train_network.py`, ComfyUI's SDXL key map): the UNet is named by the
+original (Stability) module tree, `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`
+(`sdxl_unet_path` maps diffusers' block names to it), and the two text encoders are
+`lora_te1_text_model_...` (CLIP-L) and `lora_te2_text_model_...` (OpenCLIP-bigG).
+
 Not via diffusers' `convert_state_dict_to_kohya`: it names an SD 1.x text encoder
 `lora_te1_` and keeps transformers 5 paths, which none of the three tools load.
 
@@ -27,6 +32,8 @@ from personalize.errors import KohyaExportError
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
+# SDXL's two text encoders (CLIP-L as text_encoder, OpenCLIP-bigG as text_encoder_2).
+SDXL_TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # The CLIP layers the tools address (ComfyUI's LORA_CLIP_MAP; sd-scripts' CLIPAttention/CLIPMLP).
 TEXT_ENCODER_LAYERS = (
     "self_attn.q_proj",
@@ -40,10 +47,11 @@ _TE_PATH = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.(.+)$")
 _PEFT_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
-def text_encoder_module_name(path: str) -> str:
+def text_encoder_module_name(path: str, prefix: str = TEXT_ENCODER_PREFIX) -> str:
     """`encoder.layers.3.self_attn.q_proj` (transformers 5) or
     `text_model.encoder.layers.3.self_attn.q_proj` (4) ->
-    `lora_te_text_model_encoder_layers_3_self_attn_q_proj`."""
+    `lora_te_text_model_encoder_layers_3_self_attn_q_proj` (`prefix`: lora_te1_/lora_te2_
+    for SDXL's encoders)."""
     m = _TE_PATH.search(path)
     if not m or m.group(2) not in TEXT_ENCODER_LAYERS:
         raise KohyaExportError(
@@ -53,21 +61,95 @@ def text_encoder_module_name(path: str) -> str:
             "fc1, fc2)"
         )
     layer, rest = m.group(1), m.group(2)
-    return f"{TEXT_ENCODER_PREFIX}text_model_encoder_layers_{layer}_{rest.replace('.', '_')}"
+    return f"{prefix}text_model_encoder_layers_{layer}_{rest.replace('.', '_')}"
 
 
-def unet_module_name(path: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+def unet_module_name(path: str, sdxl_unet=None) -> str:
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`;
+    with an SDXL UNet's config, the original module name
+    (`lora_unet_input_blocks_1_1_proj_in`)."""
+    if sdxl_unet is not None:
+        path = sdxl_unet_path(path, sdxl_unet)
     return UNET_PREFIX + path.replace(".", "_")
 
 
-def kohya_name(peft_key: str) -> str:
-    """A peft-style key `unet.<module>` / `text_encoder.<module>` -> its kohya base name
-    (`lora_unet_...`, `lora_te_text_model_...`): the one naming of the package, also used by
-    the LoRA tools."""
+_RESNET_ORIGINAL = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_BASIC_ORIGINAL = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def sdxl_unet_path(path: str, config) -> str:
+    """A diffusers UNet module path -> the original (Stability/ComfyUI/sd-scripts) one:
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` ->
+    `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (SDXL: 2 layers per down block,
+    3 per up block; `config`: the UNet's, for its layer counts and block types)."""
+    if path in _BASIC_ORIGINAL:
+        return _BASIC_ORIGINAL[path]
+    per_down = config.layers_per_block
+    if not isinstance(per_down, int):
+        raise KohyaExportError("a UNet with per-block layer counts has no SDXL module names")
+    per_up = per_down + 1
+
+    def inner(kind: str, rest: str) -> str:
+        if kind != "resnets":
+            return rest  # attention blocks keep their inner names
+        head, _, tail = rest.partition(".")
+        if head not in _RESNET_ORIGINAL:
+            raise KohyaExportError(f"UNet module {path!r} has no SDXL original name")
+        return _RESNET_ORIGINAL[head] + (f".{tail}" if tail else "")
+
+    m = re.match(r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        slot = 0 if kind == "resnets" else 1
+        return f"input_blocks.{1 + i * (per_down + 1) + j}.{slot}.{inner(kind, rest)}"
+    m = re.match(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv$", path)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * (per_down + 1)}.0.op"
+    m = re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3]
+        slot = 2 * j if kind == "resnets" else 1
+        return f"middle_block.{slot}.{inner(kind, rest)}"
+    m = re.match(r"^up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        slot = 0 if kind == "resnets" else 1
+        return f"output_blocks.{i * per_up + j}.{slot}.{inner(kind, rest)}"
+    m = re.match(r"^up_blocks\.(\d+)\.upsamplers\.0\.conv$", path)
+    if m:
+        i = int(m[1])
+        has_attention = "CrossAttn" in config.up_block_types[i]
+        return f"output_blocks.{i * per_up + per_up - 1}.{2 if has_attention else 1}.conv"
+    raise KohyaExportError(f"UNet module {path!r} has no SDXL original name")
+
+
+def kohya_name(peft_key: str, sdxl_unet=None) -> str:
+    """A peft-style key `unet.<module>` / `text_encoder.<module>` (/ `text_encoder_2.` for
+    SDXL) -> its kohya base name (`lora_unet_...`, `lora_te_text_model_...`; SDXL, with its
+    UNet config `sdxl_unet`: original UNet names, `lora_te1_`/`lora_te2_`): the one naming
+    of the package, also used by the LoRA tools."""
     component, _, module = peft_key.partition(".")
     if component == "unet":
-        return unet_module_name(module)
+        return unet_module_name(module, sdxl_unet)
+    if component in ("text_encoder", "text_encoder_2") and (
+        sdxl_unet is not None or component == "text_encoder_2"
+    ):
+        return text_encoder_module_name(module, SDXL_TEXT_ENCODER_PREFIXES[component])
     if component == "text_encoder":
         return text_encoder_module_name(module)
     raise KohyaExportError(f"{peft_key!r}: expected a unet.* or text_encoder.* module path")
@@ -96,15 +178,24 @@ def peft_to_kohya(
     unet_layers: dict[str, torch.Tensor],
     text_encoder_layers: dict[str, torch.Tensor] | None,
     alpha: float,
+    *,
+    text_encoder_2_layers: dict[str, torch.Tensor] | None = None,
+    sdxl_unet=None,
 ) -> dict[str, torch.Tensor]:
     """peft state dicts (keys `<module>.lora_A.weight` / `.lora_B.weight`, as
     `get_peft_model_state_dict` returns them) -> kohya tensors with one `.alpha` per module,
-    so every client applies `alpha / rank` as peft did."""
+    so every client applies `alpha / rank` as peft did. `sdxl_unet` (an SDXL UNet's config)
+    switches to SDXL's names; `text_encoder_2_layers`: SDXL's second text encoder."""
+    sdxl = sdxl_unet is not None
     named: list[tuple[str, dict[str, torch.Tensor]]] = []
     for path, parts in _modules(unet_layers, "unet").items():
-        named.append((unet_module_name(path), parts))
+        named.append((unet_module_name(path, sdxl_unet), parts))
+    te_prefix = SDXL_TEXT_ENCODER_PREFIXES["text_encoder"] if sdxl else TEXT_ENCODER_PREFIX
     for path, parts in _modules(text_encoder_layers or {}, "text_encoder").items():
-        named.append((text_encoder_module_name(path), parts))
+        named.append((text_encoder_module_name(path, te_prefix), parts))
+    for path, parts in _modules(text_encoder_2_layers or {}, "text_encoder_2").items():
+        prefix = SDXL_TEXT_ENCODER_PREFIXES["text_encoder_2"]
+        named.append((text_encoder_module_name(path, prefix), parts))
     out: dict[str, torch.Tensor] = {}
     for name, parts in named:
         if set(parts) != {"lora_A.weight", "lora_B.weight"}:
@@ -126,14 +217,16 @@ def kohya_metadata(
     v_prediction: bool = False,
 ) -> dict:
     """sd-scripts' `ss_*` keys that the webui reads to show and sort a LoRA (its SD version
-    comes from `ss_base_model_version` / `ss_v2`). `family` (models.model_family) decides
-    SD 2.x; without it, a 1024-wide text context does."""
+    comes from `ss_base_model_version` / `ss_v2`; SDXL: sd-scripts' `sdxl_base_v1-0`).
+    `family` (models.model_family) decides; without it, a 1024-wide text context is SD 2.x."""
+    sdxl = family == "sdxl"
     sd2 = family == "sd2" if family else cross_attention_dim == 1024
+    version = "sdxl_base_v1-0" if sdxl else "sd_v2" if sd2 else "sd_v1"
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
-        "ss_base_model_version": "sd_v2" if sd2 else "sd_v1",
+        "ss_base_model_version": version,
         "ss_steps": str(step),
     }
     if sd2:

@@ -56,17 +56,33 @@ def peft_layers(parts: SDParts, text_encoder: bool) -> tuple[dict, dict | None]:
     return unet, te
 
 
+def peft_layers_2(parts: SDParts, text_encoder: bool) -> dict | None:
+    """SDXL's text_encoder_2 adapters (None without them or for SD 1.x/2.x)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not text_encoder or parts.text_encoder_2 is None:
+        return None
+    return get_peft_model_state_dict(parts.text_encoder_2)
+
+
 def save_lora(
     out_dir: str | Path, parts: SDParts, shape: LoraShape, step: int
 ) -> tuple[Path, Path | None]:
-    """Write both files into `out_dir`; return (the diffusers file, the kohya file or None)."""
-    from diffusers import StableDiffusionPipeline
+    """Write both files into `out_dir`; return (the diffusers file, the kohya file or None).
+    SDXL parts: `StableDiffusionXLPipeline.save_lora_weights`' layout (keys `unet.`,
+    `text_encoder.`, `text_encoder_2.`) and kohya's `lora_te1_`/`lora_te2_` names."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet_layers, te_layers = peft_layers(parts, shape.text_encoder_targets is not None)
-    unet_layers = {k: v.float().contiguous() for k, v in unet_layers.items()}
-    te_layers = {k: v.float().contiguous() for k, v in (te_layers or {}).items()} or None
+    with_te = shape.text_encoder_targets is not None
+    unet_layers, te_layers = peft_layers(parts, with_te)
+    te2_layers = peft_layers_2(parts, with_te)
+
+    def exact(layers: dict | None) -> dict | None:
+        return {k: v.float().contiguous() for k, v in (layers or {}).items()} or None
+
+    unet_layers, te_layers, te2_layers = exact(unet_layers), exact(te_layers), exact(te2_layers)
     meta = {
         "r": shape.rank,
         "lora_alpha": shape.alpha,
@@ -74,23 +90,30 @@ def save_lora(
         "use_dora": shape.use_dora,
     }
     te_meta = dict(meta, target_modules=shape.text_encoder_targets) if te_layers else None
+    kwargs: dict[str, Any] = dict(
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=te_layers,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=meta,
+        text_encoder_lora_adapter_metadata=te_meta,
+    )
+    saver = StableDiffusionPipeline
+    if parts.is_sdxl:
+        saver = StableDiffusionXLPipeline
+        kwargs.update(
+            text_encoder_2_lora_layers=te2_layers,
+            text_encoder_2_lora_adapter_metadata=te_meta if te2_layers else None,
+        )
     # diffusers writes in place with safetensors (mode 0600): write it in a scratch
     # folder, then rename it into place with the umask's mode.
     with atomic_write(out_dir / LORA_WEIGHTS) as tmp:
         scratch = tmp.with_name(tmp.name + ".d")
         try:
-            StableDiffusionPipeline.save_lora_weights(
-                scratch,
-                unet_lora_layers=unet_layers,
-                text_encoder_lora_layers=te_layers,
-                safe_serialization=True,
-                unet_lora_adapter_metadata=meta,
-                text_encoder_lora_adapter_metadata=te_meta,
-            )
+            saver.save_lora_weights(scratch, **kwargs)
             os.replace(scratch / LORA_WEIGHTS, tmp)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    kohya = save_kohya(out_dir, unet_layers, te_layers, shape, step, parts)
+    kohya = save_kohya(out_dir, unet_layers, te_layers, shape, step, parts, te2_layers)
     return out_dir / LORA_WEIGHTS, kohya
 
 
@@ -101,14 +124,21 @@ def save_kohya(
     shape: LoraShape,
     step: int,
     parts: SDParts,
+    te2_layers: dict | None = None,
 ) -> Path | None:
-    """The kohya layout (lora_unet_*, lora_te_*, .alpha) that ComfyUI, the webui and
-    sd-scripts load (adapters/kohya.py); None, with a warning, when the adapters have
-    no such form (DoRA)."""
+    """The kohya layout (lora_unet_*, lora_te_*, .alpha; SDXL: lora_te1_/lora_te2_ and the
+    original UNet's module names) that ComfyUI, the webui and sd-scripts load
+    (adapters/kohya.py); None, with a warning, when the adapters have no such form (DoRA)."""
     from personalize.adapters.kohya import kohya_metadata, peft_to_kohya, sd2_webui_skipped_layers
 
     try:
-        kohya = peft_to_kohya(unet_layers, te_layers, shape.alpha)
+        kohya = peft_to_kohya(
+            unet_layers,
+            te_layers,
+            shape.alpha,
+            text_encoder_2_layers=te2_layers,
+            sdxl_unet=parts.unet.config if parts.is_sdxl else None,
+        )
     except KohyaExportError as e:
         logger.warning("no %s written: %s", KOHYA_WEIGHTS, e)
         stale = out_dir / KOHYA_WEIGHTS

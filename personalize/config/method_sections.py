@@ -40,16 +40,20 @@ class LoRAConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
     text_encoder_lr: float | None = None  # None = train.lr
+    # SDXL: train_text_encoder adapts both text encoders; the second (OpenCLIP-bigG) gets
+    # this LR. None = text_encoder_lr.
+    text_encoder_2_lr: float | None = None
     use_dora: bool = False
 
     def check(self, cfg) -> None:
         need(self.rank > 0, "lora.rank", "must be > 0")
-        need(
-            self.text_encoder_lr is None
-            or (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)),
-            "lora.text_encoder_lr",
-            f"must be > 0 and finite, or null for train.lr; got {self.text_encoder_lr}",
-        )
+        for key in ("text_encoder_lr", "text_encoder_2_lr"):
+            lr = getattr(self, key)
+            need(
+                lr is None or (lr > 0 and math.isfinite(lr)),
+                f"lora.{key}",
+                f"must be > 0 and finite, or null for train.lr; got {lr}",
+            )
         need(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
 
 

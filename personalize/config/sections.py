@@ -30,6 +30,9 @@ class ModelConfig:
     variant: str | None = None
     # Override the scheduler's prediction type ("epsilon" | "v_prediction"); None keeps it.
     prediction_type: str | None = None
+    # A separate VAE (a diffusers VAE folder or a single .safetensors file) replacing the
+    # model's own, e.g. an fp16-fixed SDXL VAE; None keeps the model's.
+    vae_path: str | None = None
 
 
 @dataclass

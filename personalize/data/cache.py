@@ -33,6 +33,7 @@ renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,10 +45,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from personalize.errors import ConfigError
+from personalize.errors import ConfigError, NonFiniteLatentsError
 from personalize.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
+
 
 # Bump when the transforms or what an entry holds change: old entries then stop matching.
 CACHE_VERSION = 1
@@ -220,8 +222,17 @@ class LatentStore:
         return self.keys[view]
 
     def put(self, key: str, params: torch.Tensor) -> None:
-        """Keep the encoding of the view(s) cached under `key`, in memory and on disk."""
+        """Keep the encoding of the view(s) cached under `key`, in memory and on disk;
+        never a non-finite one (it would poison every later run that reads the cache)."""
         params = params.detach().cpu()
+        if not torch.isfinite(params).all():
+            raise NonFiniteLatentsError(
+                f"the VAE encoded image view(s) {self.views_of[key]} (record index, flipped) "
+                "to NaN/inf latents; nothing was cached. SDXL's VAE overflows in fp16: keep "
+                "it in fp32 (its config's force_upcast: true, the default of SDXL models), or "
+                "set model.vae_path to an fp16-fixed VAE (e.g. madebyollin/sdxl-vae-fp16-fix); "
+                "else check the image"
+            )
         for view in self.views_of[key]:
             self.entries[view] = params
         self.cache.save(key, {"latent_dist": params})
@@ -303,23 +314,55 @@ def cache_text_embeddings(
     """{caption: encoder hidden states [tokens, width]} for each distinct caption, on CPU."""
     unique = sorted(set(captions))
     ids = tokenize(tokenizer, unique) if unique else torch.zeros(0, 1, dtype=torch.long)
-    te_id = module_fingerprint(text_encoder)
+    row_of = {c: i for i, c in enumerate(unique)}
+
+    def encode(rows: list[str]) -> dict[str, torch.Tensor]:
+        batch = ids[[row_of[c] for c in rows]].to(device)
+        return {"hidden": text_encoder(batch)[0]}
+
+    entries = cache_text_conditioning(
+        unique,
+        encode,
+        identity=[[row.tolist() for row in ids]],
+        encoder_id=[module_fingerprint(text_encoder), str(text_encoder.dtype)],
+        folder=folder,
+        accelerator=accelerator,
+        batch_size=batch_size,
+        autocast=autocast,
+    )
+    return {c: e["hidden"] for c, e in entries.items()}
+
+
+def cache_text_conditioning(
+    captions: Sequence[str],
+    encode: Callable[[list[str]], dict[str, torch.Tensor]],
+    *,
+    identity: list[list],
+    encoder_id: list[str],
+    folder: str | Path,
+    accelerator=None,
+    batch_size: int = 32,
+    autocast=None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{caption: {name: tensor}} for each distinct caption (sorted), on CPU: whatever
+    `encode(captions) -> {name: [batch, ...] tensor}` returns (SDXL: both encoders' hidden
+    states and the pooled embedding). `identity[t][i]`: what tokenizer t makes of caption
+    i (token ids), `encoder_id`: the encoders' fingerprints; both are in each entry's key."""
+    unique = sorted(set(captions))
     keys = [
-        _sha256("text", CACHE_VERSION, row.tolist(), te_id, str(text_encoder.dtype)) for row in ids
+        _sha256("text", CACHE_VERSION, [ids[i] for ids in identity], *encoder_id)
+        for i in range(len(unique))
     ]
 
     @torch.no_grad()
-    def encode(indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        batch = ids[indices].to(device)
-        if autocast is not None:
-            with autocast():
-                hidden = text_encoder(batch)[0]
-        else:
-            hidden = text_encoder(batch)[0]
-        return [{"hidden": h.cpu()} for h in hidden]
+    def compute(indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        rows = [unique[i] for i in indices]
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out = encode(rows)
+        return [{name: t[j].cpu() for name, t in out.items()} for j in range(len(rows))]
 
-    entries, computed = build_entries(TensorCache(folder), keys, encode, accelerator, batch_size)
+    entries, computed = build_entries(TensorCache(folder), keys, compute, accelerator, batch_size)
     logger.info(
         "text-embedding cache %s: %d captions, %d encoded now", folder, len(unique), computed
     )
-    return {c: e["hidden"] for c, e in zip(unique, entries)}
+    return dict(zip(unique, entries))

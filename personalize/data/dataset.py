@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from personalize.data.records import Record, no_caption_message, read_image
-from personalize.data.transforms import prepare_image
+from personalize.data.transforms import CropGeometry, cover_crop, crop_geometry, crop_to
 from personalize.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,11 @@ class ImageCaptionDataset(Dataset):
         view = (i % len(self.records), flip)
         params = self.latents.get(view) if self.latents is not None else None
         if params is not None:
-            image = {"latent_dist": params}
+            # Cached views are center crops: their geometry needs only the image's size.
+            image = {"latent_dist": params, "time_ids": self.center_geometry(*view).time_ids()}
         else:
-            image = {"pixel_values": self.view(*view, crop_rng)}
+            pixels, geometry = self.view_with_geometry(*view, crop_rng)
+            image = {"pixel_values": pixels, "time_ids": geometry.time_ids()}
             if self.latents is not None:  # a LatentStore view not encoded yet: the loop
                 image["latent_key"] = self.latents.key_of(view)  # encodes and stores it
         caption = record.caption or self.instance_prompt
@@ -135,24 +137,44 @@ class ImageCaptionDataset(Dataset):
     ) -> torch.Tensor:
         """Record `index` as a training tensor: cropped (centered unless `crop_rng` and
         random crops), to its bucket's size when bucketing, flipped when asked."""
-        record = self.records[index]
-        if self.sizes is not None:
-            from personalize.data.buckets import prepare_image_to_size
+        return self.view_with_geometry(index, flip, crop_rng)[0]
 
-            return prepare_image_to_size(
-                read_image(record),
-                self.sizes[index],
-                center_crop=self.center_crop,
-                flip=flip,
-                crop_rng=crop_rng,
-            )
-        return prepare_image(
-            read_image(record),
-            self.resolution,
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(w, h) of record `index`'s views: its bucket, or the resolution square."""
+        if self.sizes is not None:
+            return self.sizes[index]
+        return (self.resolution, self.resolution)
+
+    def view_with_geometry(
+        self, index: int, flip: bool, crop_rng: np.random.Generator | None = None
+    ) -> tuple[torch.Tensor, CropGeometry]:
+        """`view` and where it came from (original size, crop corner, target size: SDXL's
+        size/crop conditioning)."""
+        return crop_to(
+            read_image(self.records[index]),
+            self.target_size(index),
             center_crop=self.center_crop,
             flip=flip,
             crop_rng=crop_rng,
         )
+
+    def center_geometry(self, index: int, flip: bool) -> CropGeometry:
+        """The geometry of record `index`'s center-cropped view, from its header alone."""
+        if not hasattr(self, "_natural_sizes"):
+            self._natural_sizes: dict[int, tuple[int, int]] = {}
+        if index not in self._natural_sizes:
+            from personalize.data.buckets import upright_size
+
+            record = self.records[index]
+            if record.image_path is not None:
+                self._natural_sizes[index] = upright_size(record.image_path)
+            else:
+                row = record.source
+                image_bytes = row.dataset[row.index][row.column]["bytes"]
+                self._natural_sizes[index] = upright_size(image_bytes)
+        size, target = self._natural_sizes[index], self.target_size(index)
+        resized, left_top = cover_crop(size, target, center_crop=True)
+        return crop_geometry(size, target, resized, left_top, flip)
 
 
 def shuffle_caption_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:

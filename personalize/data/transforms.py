@@ -17,6 +17,7 @@ global RNG state, so the dataset can make augmentation a pure function of
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -202,6 +203,81 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)) / 127.5 - 1.0
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a training view came from, as SDXL is conditioned on it (its "micro-
+    conditioning"): the image's size before resizing, the top-left corner of the crop in
+    the resized image (in the flipped image when the view is flipped, as diffusers'
+    SDXL scripts flip before cropping) and the view's size. Sizes are (height, width)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def time_ids(self) -> torch.Tensor:
+        """SDXL's add_time_ids row: original_size + crops_coords_top_left + target_size."""
+        return torch.tensor(
+            [*self.original_size, *self.crop_top_left, *self.target_size], dtype=torch.float32
+        )
+
+
+def cover_crop(
+    size: tuple[int, int],
+    target: tuple[int, int],
+    center_crop: bool = True,
+    crop_rng: np.random.Generator | None = None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image of `size` (w, h): the size it is scaled to so it covers `target` (w, h)
+    keeping its aspect ratio, and the (left, top) of the `target` crop in it (centered, or
+    uniformly random from `crop_rng`)."""
+    (width, height), (target_w, target_h) = size, target
+    scale = max(target_w / width, target_h / height)
+    new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    extra_w, extra_h = new_size[0] - target_w, new_size[1] - target_h
+    if center_crop or crop_rng is None:
+        return new_size, (extra_w // 2, extra_h // 2)
+    left = int(crop_rng.integers(0, extra_w + 1))
+    return new_size, (left, int(crop_rng.integers(0, extra_h + 1)))
+
+
+def crop_geometry(
+    size: tuple[int, int],
+    target: tuple[int, int],
+    resized: tuple[int, int],
+    left_top: tuple[int, int],
+    flip: bool,
+) -> CropGeometry:
+    """The CropGeometry of a view (all sizes (w, h) as PIL gives them)."""
+    left, top = left_top
+    if flip:  # the same pixels, seen as a crop of the flipped image
+        left = resized[0] - left - target[0]
+    return CropGeometry((size[1], size[0]), (top, left), (target[1], target[0]))
+
+
+def crop_to(
+    image: Image.Image,
+    target: tuple[int, int],
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    crop_rng: np.random.Generator | None = None,
+) -> tuple[torch.Tensor, CropGeometry]:
+    """Scale to cover `target` (w, h), crop (center, or random from `crop_rng`), flip ->
+    ([3, H, W] tensor in [-1, 1], where the view came from)."""
+    original = image.size
+    resized, (left, top) = cover_crop(original, target, center_crop, crop_rng)
+    if resized != image.size:
+        # LANCZOS is sharpest when shrinking; when enlarging it rings, BICUBIC does not.
+        shrink = resized[0] < image.size[0]
+        resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
+        image = image.resize(resized, resample=resample)
+    if image.size != target:
+        image = image.crop((left, top, left + target[0], top + target[1]))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image), crop_geometry(original, target, resized, (left, top), flip)
+
+
 def prepare_image(
     image: Image.Image,
     resolution: int,
@@ -211,13 +287,6 @@ def prepare_image(
     crop_rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """Resize shorter side -> square crop (center, or random from `crop_rng`) -> flip -> tensor."""
-    image = resize_shorter_side(image, resolution)
-    if center_crop or crop_rng is None:
-        left, top = crop_offsets(*image.size, resolution)
-    else:
-        left, top = crop_offsets(*image.size, resolution, crop_rng)
-    if image.size != (resolution, resolution):
-        image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return crop_to(
+        image, (resolution, resolution), center_crop=center_crop, flip=flip, crop_rng=crop_rng
+    )[0]

@@ -65,26 +65,31 @@ class LoRA(prior.PriorPreservationHooks, Method):
         )
         groups = [{"params": [p for p in parts.unet.parameters() if p.requires_grad]}]
         if c.train_text_encoder:
-            _check_targets_exist(
-                parts.text_encoder,
-                c.text_encoder_target_modules,
-                "lora.text_encoder_target_modules",
-            )
             # peft itself, not transformers' add_adapter: transformers gates its peft
             # integration on a peft version (5.24 asks for peft>=0.22, unreleased), and
             # training must not depend on that pairing.
             from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(
-                _lora_config(c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora),
-                parts.text_encoder,
-            )
-            groups.append(
-                {
-                    "params": [p for p in parts.text_encoder.parameters() if p.requires_grad],
-                    "lr": c.text_encoder_lr or self.cfg.train.lr,
-                }
-            )
+            te_lr = c.text_encoder_lr or self.cfg.train.lr
+            lrs = {"text_encoder": te_lr, "text_encoder_2": c.text_encoder_2_lr or te_lr}
+            for name, text_encoder in parts.text_encoders().items():  # SDXL: both
+                _check_targets_exist(
+                    text_encoder,
+                    c.text_encoder_target_modules,
+                    "lora.text_encoder_target_modules",
+                )
+                inject_adapter_in_model(
+                    _lora_config(
+                        c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora
+                    ),
+                    text_encoder,
+                )
+                groups.append(
+                    {
+                        "params": [p for p in text_encoder.parameters() if p.requires_grad],
+                        "lr": lrs[name],
+                    }
+                )
         # DreamBooth-LoRA: the db section's prior preservation and regularizers, the same
         # code as method dreambooth (methods/prior.py, methods/regularizers.py).
         self.regularizers = build_regularizers(self.cfg, parts, adapters=True)

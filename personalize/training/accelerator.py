@@ -58,11 +58,23 @@ def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     return precision_dtype(accelerator.mixed_precision)
 
 
+def vae_needs_fp32(parts: SDParts) -> bool:
+    """An SDXL VAE whose config says it overflows in half precision (`force_upcast`; an
+    fp16-fixed VAE given as model.vae_path says false). SD 1.x/2.x VAEs carry the flag by
+    diffusers' default but are fine in fp16, and their pipelines ignore it."""
+    return parts.is_sdxl and bool(getattr(parts.vae.config, "force_upcast", False))
+
+
 def cast_for_training(parts: SDParts, dtype: torch.dtype, device: torch.device) -> None:
     """Frozen weights go to the compute dtype to save memory; trainable ones stay in fp32,
     because fp16/bf16 master weights lose small updates. Trainable weights are moved
     without a round trip through the compute dtype, which would round them before step 0."""
-    for module in parts.modules().values():
+    for name, module in parts.modules().items():
+        if name == "vae" and vae_needs_fp32(parts):
+            # SDXL's own VAE overflows in fp16 (NaN latents): it stays in fp32, as
+            # diffusers' SDXL pipelines and scripts keep it (config force_upcast).
+            module.to(device=device, dtype=torch.float32)
+            continue
         trainable = {
             p: p.data.to(device=device, dtype=torch.float32)
             for p in module.parameters()

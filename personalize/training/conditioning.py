@@ -7,8 +7,13 @@ output is cached leaves the accelerator, comes back if something calls it after 
 uncached class image, a distillation prior encoding its class prompt) and visits for
 validation and sampling (`all_on_device`).
 
-A second text encoder, pooled embeddings and size/crop ids (SDXL) belong here too: `text`
-returns a `TextConditioning` whose `unet_kwargs` carry whatever a model family adds.
+SDXL (`parts.is_sdxl`) is conditioned as diffusers' `train_dreambooth_lora_sdxl.py` does:
+the penultimate hidden states of both text encoders, concatenated; the pooled projection of
+text_encoder_2 (`text_embeds`); and per example `time_ids` = original_size +
+crops_coords_top_left + target_size, which the dataset records for every view (bucket,
+random crop, flip: data/transforms.py `CropGeometry`) and collate stacks in
+`batch["time_ids"]`. `text` returns them in `TextConditioning.unet_kwargs`
+(`added_cond_kwargs`); SD 1.x/2.x get none.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from typing import Any
 
 import torch
 
-from personalize.data.cache import LatentCache, cache_text_embeddings
+from personalize.data.cache import (
+    LatentCache,
+    cache_text_conditioning,
+    cache_text_embeddings,
+    module_fingerprint,
+)
+from personalize.errors import TrainingError
 from personalize.models import SDParts
 from personalize.training.data import tokenize
 
@@ -72,10 +83,11 @@ class Conditioning:
         self.accelerator = accelerator
         self.trains = dict(trains)
         self.text_encoder = parts.text_encoder  # the one called when it trains (maybe wrapped)
+        self.wrapped: dict[str, torch.nn.Module] = dict(parts.text_encoders())
         self.offloaded: set[str] = set()
         self._return_hooks: dict[str, list] = {}
         self.latent_cache: LatentCache | None = None
-        self.text_cache: dict[str, torch.Tensor] | None = None
+        self.text_cache: dict[str, Any] | None = None
         if cache.latents and not self.trains["vae"]:
             cacheable = self._latent_cacheable(list(datasets))
             if cacheable:
@@ -87,7 +99,11 @@ class Conditioning:
         # rule of docs/architecture.md: a method's new trainable modules live inside the
         # model they act on, so anything feeding the text encoder shows up in `trains`).
         only_unet = not any(t for name, t in self.trains.items() if name != "unet")
-        if cache.text and only_unet and fixed_captions is not None:
+        if cache.text and only_unet and fixed_captions is not None and parts.is_sdxl:
+            self.text_cache = self._cache_sdxl_text(fixed_captions, cache.folder / "text")
+            for name in parts.text_encoders():
+                self.offload(name)
+        elif cache.text and only_unet and fixed_captions is not None:
             embeddings = cache_text_embeddings(
                 fixed_captions,
                 parts.tokenizer,
@@ -109,9 +125,13 @@ class Conditioning:
             logger.info("text embeddings are not cached: %s", why)
         self.setup_seconds = time.perf_counter() - started
 
-    def use_wrapped_text_encoder(self, text_encoder: torch.nn.Module) -> None:
-        """The accelerator-prepared (e.g. DDP) text encoder, called when it trains."""
-        self.text_encoder = text_encoder
+    def use_wrapped_text_encoder(
+        self, text_encoder: torch.nn.Module, name: str = "text_encoder"
+    ) -> None:
+        """The accelerator-prepared (e.g. DDP) text encoder `name`, called when it trains."""
+        self.wrapped[name] = text_encoder
+        if name == "text_encoder":
+            self.text_encoder = text_encoder
 
     # ------------------------------------------------------------------------ latents
 
@@ -148,9 +168,13 @@ class Conditioning:
         return ((latents - shift) * config.scaling_factor).float()
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The VAE's latent distribution parameters (mean, logvar) for pixel rows."""
+        """The VAE's latent distribution parameters (mean, logvar) for pixel rows. A VAE
+        kept in fp32 (SDXL's, training/accelerator.py `vae_needs_fp32`) runs outside
+        mixed-precision autocast, which would otherwise compute it in half precision."""
         vae = self._bring_back("vae")
-        with torch.no_grad():
+        full = vae.dtype == torch.float32
+        off = torch.autocast(self.accelerator.device.type, enabled=False)
+        with torch.no_grad(), off if full else contextlib.nullcontext():
             return vae.encode(
                 pixel_values.to(self.accelerator.device, vae.dtype)
             ).latent_dist.parameters
@@ -193,8 +217,23 @@ class Conditioning:
 
     # ------------------------------------------------------------------------ text
 
-    def text(self, captions: list[str], input_ids: torch.Tensor | None = None) -> TextConditioning:
-        """The text conditioning of `captions` (`input_ids`: their token ids, if at hand)."""
+    def time_ids(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """SDXL's per-example size/crop ids of a batch (collate's `time_ids`); None for
+        SD 1.x/2.x, which have no such input."""
+        if not self.parts.is_sdxl:
+            return None
+        return batch["time_ids"]
+
+    def text(
+        self,
+        captions: list[str],
+        input_ids: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> TextConditioning:
+        """The text conditioning of `captions` (`input_ids`: their token ids, if at hand;
+        `time_ids`: SDXL's size/crop ids, one row per caption)."""
+        if self.parts.is_sdxl:
+            return self._sdxl_text(captions, input_ids, time_ids)
         if self.text_cache is not None and all(c in self.text_cache for c in captions):
             return TextConditioning(torch.stack([self.text_cache[c] for c in captions]))
         trains = self.trains["text_encoder"]
@@ -203,6 +242,69 @@ class Conditioning:
         ids = ids.to(self.accelerator.device, non_blocking=True)
         with contextlib.nullcontext() if trains else torch.no_grad():
             return TextConditioning(text_encoder(ids)[0])
+
+    # ------------------------------------------------------------------------ SDXL text
+
+    def _sdxl_encode(
+        self, captions: list[str], input_ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{"hidden": both encoders' penultimate hidden states concatenated, "pooled":
+        text_encoder_2's projected pooled output}, as diffusers' SDXL scripts encode."""
+        device = self.accelerator.device
+        tokenizers = {
+            "text_encoder": self.parts.tokenizer,
+            "text_encoder_2": self.parts.tokenizer_2,
+        }
+        hidden, pooled = [], None
+        for name, tokenizer in tokenizers.items():
+            trains = self.trains[name]
+            encoder = self.wrapped[name] if trains else self._bring_back(name)
+            if name == "text_encoder" and input_ids is not None:
+                ids = input_ids  # collate tokenized them in the loader with tokenizer 1
+            else:
+                ids = tokenize(tokenizer, captions)
+            ids = ids.to(device, non_blocking=True)
+            with contextlib.nullcontext() if trains else torch.no_grad():
+                out = encoder(ids, output_hidden_states=True, return_dict=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)
+        return {"hidden": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def _cache_sdxl_text(self, captions: Sequence[str], folder: Path) -> dict[str, Any]:
+        unique = sorted(set(captions))
+        encoders = self.parts.text_encoders()
+        entries = cache_text_conditioning(
+            unique,
+            self._sdxl_encode,
+            identity=[
+                [row.tolist() for row in tokenize(tok, unique)]
+                for tok in (self.parts.tokenizer, self.parts.tokenizer_2)
+            ]
+            if unique
+            else [[], []],
+            encoder_id=["sdxl"] + [f"{module_fingerprint(m)}:{m.dtype}" for m in encoders.values()],
+            folder=folder,
+            accelerator=self.accelerator,
+            autocast=self.accelerator.autocast,
+        )
+        device = self.accelerator.device
+        return {c: {k: t.to(device) for k, t in e.items()} for c, e in entries.items()}
+
+    def _sdxl_text(
+        self, captions: list[str], input_ids: torch.Tensor | None, time_ids: torch.Tensor | None
+    ) -> TextConditioning:
+        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+            rows = [self.text_cache[c] for c in captions]
+            encoded = {k: torch.stack([r[k] for r in rows]) for k in ("hidden", "pooled")}
+        else:
+            encoded = self._sdxl_encode(captions, input_ids)
+        hidden, pooled = encoded["hidden"], encoded["pooled"]
+        if time_ids is None:
+            raise TrainingError("SDXL needs time_ids (size, crop, target size) per caption")
+        time_ids = time_ids.to(hidden.device, hidden.dtype, non_blocking=True)
+        return TextConditioning(
+            hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        )
 
     # ------------------------------------------------------------------------ devices
 

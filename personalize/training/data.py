@@ -63,7 +63,20 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch["latent_keys"] = keys
     if any(cached) and not all(cached):
         batch["cached"] = cached
+    # SDXL's size/crop conditioning per example (only SDXL reads it); an example that does
+    # not record where it came from (a class image) counts as uncropped at its own size.
+    batch["time_ids"] = torch.stack([_time_ids(e) for e in examples])
     return batch
+
+
+def _time_ids(example: dict[str, Any]) -> torch.Tensor:
+    if "time_ids" in example:
+        return example["time_ids"]
+    if "pixel_values" in example:
+        h, w = example["pixel_values"].shape[-2:]
+    else:  # a latent distribution: 8 pixels per latent
+        h, w = (8 * n for n in example["latent_dist"].shape[-2:])
+    return torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
 
 
 class Collate:

@@ -57,8 +57,9 @@ def apply_fast_paths(
     if t.gradient_checkpointing:
         if trains["unet"]:
             unet.enable_gradient_checkpointing()
-        if trains["text_encoder"]:
-            parts.text_encoder.gradient_checkpointing_enable()
+        for name, text_encoder in parts.text_encoders().items():  # SDXL has two
+            if trains[name]:
+                text_encoder.gradient_checkpointing_enable()
     if t.channels_last:
         unet.to(memory_format=torch.channels_last)
     if t.compile_unet:

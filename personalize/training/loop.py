@@ -70,7 +70,9 @@ class Trainer:
             logging.getLogger("personalize").setLevel(logging.WARNING)
         set_seed(cfg.seed)
         m = cfg.model
-        self.parts = parts or load_parts(m.path, m.revision, m.variant, m.prediction_type)
+        self.parts = parts or load_parts(
+            m.path, m.revision, m.variant, m.prediction_type, vae_path=m.vae_path
+        )
         self.method = method or get_method(cfg.method)(cfg)
         for module in self.parts.modules().values():
             module.requires_grad_(False)
@@ -143,14 +145,14 @@ class Trainer:
         # used as they are.
         self.unet = acc.prepare(self.parts.unet) if self.trains["unet"] else self.parts.unet
         self.text_encoder = self.parts.text_encoder
-        if self.trains["text_encoder"]:
-            self.text_encoder = acc.prepare(self.parts.text_encoder)
-            self.conditioning.use_wrapped_text_encoder(self.text_encoder)
-        self.trained_modules = [
-            module
-            for name, module in (("unet", self.unet), ("text_encoder", self.text_encoder))
-            if self.trains[name]
-        ]
+        self.trained_modules = [self.unet] if self.trains["unet"] else []
+        for name, module in self.parts.text_encoders().items():  # SDXL has two
+            if self.trains[name]:
+                wrapped = acc.prepare(module)
+                self.conditioning.use_wrapped_text_encoder(wrapped, name)
+                self.trained_modules.append(wrapped)
+                if name == "text_encoder":
+                    self.text_encoder = wrapped
         self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
             optimizer, self.dataloader, lr_scheduler
         )
@@ -174,7 +176,9 @@ class Trainer:
         noise, timesteps, noisy = add_training_noise(
             sched, latents, gen, self.cfg.train.noise_offset
         )
-        text = self.conditioning.text(batch["captions"], batch.get("input_ids"))
+        text = self.conditioning.text(
+            batch["captions"], batch.get("input_ids"), time_ids=self.conditioning.time_ids(batch)
+        )
         if self.cfg.train.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         model_pred = self.unet(

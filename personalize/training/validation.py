@@ -84,14 +84,14 @@ class ValidationLoss:
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device)
         self.dataset.set_epoch(0)
-        with evaluating(unet, conditioning.text_encoder):
+        with evaluating(unet, *conditioning.wrapped.values()):
             # Each process takes every num_processes-th image; the sums are reduced, so
             # every process gets the same number and makes the same early-stopping decision.
             for i in range(acc.process_index, len(self.dataset), acc.num_processes):
                 batch = collate([self.dataset[i]])
                 gen = torch.Generator(device=acc.device).manual_seed(self.seed * 31 + i)
                 latents = conditioning.latents(batch, gen)
-                text = conditioning.text(batch["captions"])
+                text = conditioning.text(batch["captions"], time_ids=conditioning.time_ids(batch))
                 for t in self.timesteps:
                     noise = torch.randn(latents.shape, generator=gen, device=latents.device)
                     ts = torch.tensor([t], device=latents.device)
@@ -139,7 +139,7 @@ def save_validation_samples(
     path = None
     if accelerator.is_main_process:
         pipe = pipeline_from_parts(parts)
-        with evaluating(parts.unet, parts.text_encoder), accelerator.autocast():
+        with evaluating(parts.unet, *parts.text_encoders().values()), accelerator.autocast():
             images = generate(
                 pipe,
                 prompts,
