@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.data_loader import BatchSamplerShard
 from conftest import base_config
+from helpers import ROOT, launch_two_processes
 
 from personalize import train
 from personalize.config import ConfigError, from_dict
@@ -238,6 +242,32 @@ def test_kohya_reg_folder_is_the_class_image_pool(tiny_model_dir, tmp_path, capl
     cfg["prior"] = {"enabled": False}
     with pytest.raises(ConfigError, match="data.reg_path"):
         from_dict(cfg)
+
+
+def test_two_process_run_with_class_images_per_concept(tiny_model_dir, tmp_path):
+    """The whole path under `accelerate launch` on two CPU ranks: each concept's class
+    images generated (shared between the ranks), the balanced epoch sharded, one LoRA."""
+    cfg = _concepts_cfg(tmp_path, tiny_model_dir, concept_balance="equal")
+    cfg["data"]["concepts"][0]["class_prompt"] = "a photo of a disc"
+    cfg["data"]["concepts"][1]["class_prompt"] = "a photo of a cat"
+    cfg["prior"] = {"enabled": True, "num_class_images": 2, "generation_steps": 1}
+    cfg["train"].update(max_steps=2, batch_size=1)
+    cfg_path = tmp_path / "concepts.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
+    proc = subprocess.run(
+        launch_two_processes("personalize", "train", str(cfg_path), multi_gpu=True),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "concept cat: 1 images, 5 examples per epoch" in proc.stderr
+    assert "2 process(es)" in proc.stderr
+    for name in ("disc", "cat"):
+        assert len(list((tmp_path / "out" / "class_images" / name).glob("*.png"))) == 2
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------ errors
