@@ -120,6 +120,7 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]")
     need(d.repeats >= 1, "data.repeats", "must be >= 1")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _validate_concepts(cfg)
     if d.bucketing:
         need(
             d.bucket_step > 0 and d.bucket_step % 8 == 0,
@@ -156,6 +157,39 @@ def validate(cfg: PersonalizeConfig) -> None:
         check = getattr(getattr(cfg, f.name), "check", None)
         if check is not None:
             check(cfg)
+
+
+def _validate_concepts(cfg: PersonalizeConfig) -> None:
+    """data.concepts[i]: the ranges of each concept's own settings (folders are checked when
+    the data is read: data/concepts.py)."""
+    d = cfg.data
+    need(
+        d.concept_balance in ("repeats", "equal"),
+        "data.concept_balance",
+        f"must be repeats or equal, got {d.concept_balance!r}",
+    )
+    if d.concepts:
+        need(
+            not d.path,
+            "data.path",
+            "and data.concepts are both set; list every folder under data.concepts "
+            "(each with its own prompt) and remove data.path",
+        )
+    for i, c in enumerate(d.concepts):
+        key = f"data.concepts[{i}]"
+        need(bool(c.path), f"{key}.path", "is empty; give the concept's image folder")
+        need(c.repeats >= 1, f"{key}.repeats", f"must be >= 1, got {c.repeats}")
+        need(
+            c.caption_dropout is None or 0.0 <= c.caption_dropout <= 1.0,
+            f"{key}.caption_dropout",
+            "must be in [0, 1]",
+        )
+        need(c.keep_tokens is None or c.keep_tokens >= 0, f"{key}.keep_tokens", "must be >= 0")
+        need(
+            c.num_class_images is None or c.num_class_images >= 1,
+            f"{key}.num_class_images",
+            "must be >= 1",
+        )
 
 
 def _validate_lr_scheduler(name: str) -> None:

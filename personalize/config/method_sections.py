@@ -114,6 +114,13 @@ class PriorConfig:
     generation_precision: str | None = None
 
     def check(self, cfg) -> None:
+        if cfg.data.reg_path:
+            need(
+                self.enabled and self.kind == "class_images",
+                "data.reg_path",
+                "holds regularization (class) images for prior preservation: set "
+                "prior.enabled: true (its loss_weight is kohya's prior_loss_weight)",
+            )
         need(
             self.kind in ("class_images", "distillation"),
             "prior.kind",
@@ -136,7 +143,10 @@ class PriorConfig:
                 "distillation is a kind of prior preservation: set prior.enabled: true as "
                 "well (or remove prior.kind)",
             )
-        if self.enabled:
+        # Class prompts may come per concept instead (data.concepts[].class_prompt, or the
+        # folder names under data.reg_path); a concept without one trains unpaired.
+        per_concept = bool(cfg.data.reg_path) or any(c.class_prompt for c in cfg.data.concepts)
+        if self.enabled and not (per_concept and self.kind == "class_images"):
             need(
                 bool(self.class_prompt),
                 "prior.class_prompt",

@@ -36,10 +36,38 @@ class ModelConfig:
 
 
 @dataclass
+class ConceptConfig:
+    # One concept of a multi-concept run (data.concepts, docs/data.md): its own images,
+    # instance prompt, repeats, caption settings and class images. An unset (null) caption
+    # or class setting takes the data section's (prior section's) value.
+    path: str = ""  # any layout data.path accepts
+    prompt: str | None = None  # the instance prompt for its images without a caption
+    name: str | None = None  # how logs, errors and folders name it; None = the folder's name
+    repeats: int = 1
+    caption_extension: str | None = None
+    caption_dropout: float | None = None
+    shuffle_tags: bool | None = None
+    keep_tokens: int | None = None
+    # Prior preservation: this concept's class prompt and class images (None = prior.*).
+    class_prompt: str | None = None
+    class_data_dir: str | None = None
+    num_class_images: int | None = None
+
+
+@dataclass
 class DataConfig:
     # A folder of images (+ optional .txt captions), a metadata.jsonl/.csv, or a saved
-    # `datasets` dataset.
+    # `datasets` dataset; or a kohya-style folder of `<repeats>_<prompt>` subfolders, each
+    # read as one concept.
     path: str = ""
+    # Several concepts in one run instead of data.path (docs/data.md, "Several concepts").
+    concepts: list[ConceptConfig] = field(default_factory=list)
+    # repeats: each concept shows its images x its repeats per epoch (kohya) | equal: every
+    # concept shows as many examples per epoch as the largest one, whatever its size.
+    concept_balance: str = "repeats"
+    # kohya's reg_data_dir: `<repeats>_<prompt>` subfolders of your own regularization
+    # (class) images, used for prior preservation instead of generated ones.
+    reg_path: str | None = None
     # The instance prompt, used for every image that has no caption.
     prompt: str | None = None
     caption_extension: str = ".txt"

@@ -7,13 +7,14 @@ the data the interrupted one would have. Records come from `records.load_records
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from personalize.data.concepts import Concept
 from personalize.data.records import Record, no_caption_message, read_image
 from personalize.data.transforms import CropGeometry, cover_crop, crop_geometry, crop_to
 from personalize.errors import DataError
@@ -24,9 +25,14 @@ logger = logging.getLogger(__name__)
 class ImageCaptionDataset(Dataset):
     """Records -> {"pixel_values": [3, res, res] in [-1, 1], "caption": str, "key": str}.
 
-    Index i shows record i % len(records); every random choice (crop, flip, tag order,
-    caption dropout) comes from numpy.random.default_rng((seed, epoch, i)), so repeats
-    differ from each other and from epoch to epoch, yet never depend on global RNG state.
+    Index i shows record i % len(records) (or order[i], see below); every random choice
+    (crop, flip, tag order, caption dropout) comes from numpy.random.default_rng((seed,
+    epoch, i)), so repeats differ from each other and from epoch to epoch, yet never depend
+    on global RNG state.
+
+    Several concepts (data/concepts.py): record j belongs to concepts[concept_of[j]], whose
+    instance prompt and caption settings apply to it instead of the scalar arguments, and
+    `order` lists the record of every index of an epoch (concept repeats and balance).
     """
 
     def __init__(
@@ -45,6 +51,9 @@ class ImageCaptionDataset(Dataset):
         caption_fn: Callable[[str], str] | None = None,
         sizes: list[tuple[int, int]] | None = None,
         latents: Mapping[tuple[int, bool], torch.Tensor] | None = None,
+        concepts: Sequence[Concept] | None = None,
+        concept_of: Sequence[int] | None = None,
+        order: Sequence[int] | None = None,
     ) -> None:
         if not records:
             raise DataError("No training images: the record list is empty.")
@@ -60,11 +69,38 @@ class ImageCaptionDataset(Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.instance_prompt = instance_prompt or None
-        self.caption_dropout = caption_dropout
-        self.shuffle_tags = shuffle_tags
-        self.keep_tokens = keep_tokens
         self.repeats = repeats
+        if concepts is None:
+            concepts = [
+                Concept(
+                    "",
+                    prompt=instance_prompt,
+                    caption_dropout=caption_dropout,
+                    shuffle_tags=shuffle_tags,
+                    keep_tokens=keep_tokens,
+                )
+            ]
+        self.concepts = list(concepts)
+        self.concept_of = list(concept_of) if concept_of is not None else [0] * len(records)
+        if len(self.concept_of) != len(self.records) or not all(
+            0 <= c < len(self.concepts) for c in self.concept_of
+        ):
+            raise DataError("concept_of must name one of the concepts for every record.")
+        for concept in self.concepts:
+            if not 0.0 <= concept.caption_dropout <= 1.0 or concept.keep_tokens < 0:
+                raise DataError(
+                    f"concept {concept.name!r}: caption_dropout must be in [0, 1] and "
+                    "keep_tokens >= 0."
+                )
+        self.order = list(order) if order is not None else None
+        if self.order is not None and not all(0 <= j < len(self.records) for j in self.order):
+            raise DataError("order holds an index that is not a record.")
+        # The single-concept view, for callers that read one prompt/setting.
+        first = self.concepts[0]
+        self.instance_prompt = first.prompt or None
+        self.caption_dropout = first.caption_dropout
+        self.shuffle_tags = first.shuffle_tags
+        self.keep_tokens = first.keep_tokens
         self.seed = seed
         self.caption_fn = caption_fn
         # Aspect-ratio buckets (data/buckets.py): record j is cropped to sizes[j] (w, h)
@@ -77,9 +113,15 @@ class ImageCaptionDataset(Dataset):
         # A LatentStore fills as training goes: a view it lacks comes as pixels + its key.
         self.latents = latents
         # Fail now, not at the first batch, when an image has nothing to be trained on.
-        uncaptioned = [r for r in self.records if r.caption is None]
-        if uncaptioned and self.instance_prompt is None:
-            raise DataError(no_caption_message(uncaptioned[0], len(uncaptioned)))
+        uncaptioned = [
+            r for j, r in enumerate(self.records) if r.caption is None and not self.prompt_of(j)
+        ]
+        if uncaptioned:
+            message = no_caption_message(uncaptioned[0], len(uncaptioned))
+            if len(self.concepts) > 1:
+                concept = self.concepts[self.concept_of[self.records.index(uncaptioned[0])]]
+                message = f"Concept {concept.name!r}: {message} (data.concepts[].prompt)"
+            raise DataError(message)
         # The epoch lives in shared memory so DataLoader workers, including persistent
         # ones started before set_epoch(), read the value the main process set.
         self._epoch = torch.zeros((), dtype=torch.int64)
@@ -89,7 +131,21 @@ class ImageCaptionDataset(Dataset):
             logger.debug("Could not put the epoch counter in shared memory.")
 
     def __len__(self) -> int:
+        if self.order is not None:
+            return len(self.order)
         return len(self.records) * self.repeats
+
+    def record_index(self, i: int) -> int:
+        """The record dataset index i shows."""
+        return self.order[i] if self.order is not None else i % len(self.records)
+
+    def concept_at(self, i: int) -> int:
+        """The concept (index into `concepts`) of dataset index i."""
+        return self.concept_of[self.record_index(i)]
+
+    def prompt_of(self, record_index: int) -> str | None:
+        """The instance prompt of record `record_index`'s concept."""
+        return self.concepts[self.concept_of[record_index]].prompt or None
 
     @property
     def epoch(self) -> int:
@@ -105,13 +161,15 @@ class ImageCaptionDataset(Dataset):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
-        record = self.records[i % len(self.records)]
+        index = self.record_index(i)
+        record = self.records[index]
+        concept = self.concepts[self.concept_of[index]]
         # One independent stream per decision: turning flips on must not move the crops.
         crop_rng, flip_rng, tag_rng, dropout_rng = np.random.default_rng(
             (self.seed, self.epoch, i)
         ).spawn(4)
         flip = self.random_flip and flip_rng.random() < 0.5
-        view = (i % len(self.records), flip)
+        view = (index, flip)
         params = self.latents.get(view) if self.latents is not None else None
         if params is not None:
             # Cached views are center crops: their geometry needs only the image's size.
@@ -121,12 +179,12 @@ class ImageCaptionDataset(Dataset):
             image = {"pixel_values": pixels, "time_ids": geometry.time_ids()}
             if self.latents is not None:  # a LatentStore view not encoded yet: the loop
                 image["latent_key"] = self.latents.key_of(view)  # encodes and stores it
-        caption = record.caption or self.instance_prompt
+        caption = record.caption or concept.prompt
         if caption is None:  # records mutated after __init__; keep the message anyway
             raise DataError(no_caption_message(record, 1))
-        if self.shuffle_tags:
-            caption = shuffle_caption_tags(caption, self.keep_tokens, tag_rng)
-        if self.caption_dropout > 0.0 and dropout_rng.random() < self.caption_dropout:
+        if concept.shuffle_tags:
+            caption = shuffle_caption_tags(caption, concept.keep_tokens, tag_rng)
+        if concept.caption_dropout > 0.0 and dropout_rng.random() < concept.caption_dropout:
             caption = ""
         if self.caption_fn is not None:
             caption = self.caption_fn(caption)

@@ -80,6 +80,16 @@ class ReportConfig:
 
 
 @dataclass
+class ConceptSpec:
+    # One concept of a multi-concept artifact (docs/evaluation.md, "Several concepts"): its
+    # prompts use its own token and class, its CLIP-I/DINO/PRES its own real images.
+    name: str = ""  # row label and folder name; default: the token
+    token: str = ""
+    class_name: str | None = None  # None = prompts.class_name
+    instance_data: str | None = None  # None = metrics.instance_data
+
+
+@dataclass
 class EvaluationConfig:
     model: str = ""  # the base model: diffusers folder or single-file checkpoint
     artifacts: list[ArtifactSpec] = field(default_factory=list)
@@ -90,6 +100,9 @@ class EvaluationConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # Several concepts (tokens) learned in one artifact: each is evaluated on its own and
+    # the report lists every concept and their mean. [] = the one concept of prompts.token.
+    concepts: list[ConceptSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,5 +166,11 @@ def validate(cfg: EvaluationConfig) -> None:
     p = cfg.prompts
     need(p.count is None or p.count > 0, "prompts.count", "must be > 0 or null")
     need(cfg.metrics.batch_size > 0, "metrics.batch_size", "must be > 0")
+    names = []
+    for i, concept in enumerate(cfg.concepts):
+        need(bool(concept.token), f"concepts[{i}].token", "is empty; give the concept's token")
+        name = concept.name or concept.token
+        need(name not in names, f"concepts[{i}].name", f"{name!r} is used by two concepts")
+        names.append(name)
     c = cfg.report.cell_size
     need(c is None or 16 <= c <= 1024, "report.cell_size", "must be in [16, 1024] or null")

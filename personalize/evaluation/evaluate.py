@@ -260,7 +260,12 @@ def write_metrics(out: Path, rows: list[dict], extra: dict[str, Any]) -> None:
 
 
 def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
-    """Run the whole evaluation; returns a summary (paths, counts, seconds)."""
+    """Run the whole evaluation; returns a summary (paths, counts, seconds). With
+    `concepts`, one evaluation per concept plus their per-concept and mean metrics."""
+    if cfg.concepts:
+        from personalize.evaluation.concepts import evaluate_concepts
+
+        return evaluate_concepts(cfg, evaluate)
     started = time.perf_counter()
     out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

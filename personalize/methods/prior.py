@@ -16,13 +16,16 @@ from drifting toward the subject (language drift) and keeps its diversity.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from personalize.data import ImageCaptionDataset, load_records
+from personalize.data.concepts import Concept, reg_folders, resolve_concepts
 from personalize.errors import DataError
 from personalize.methods.class_images import (
     class_image_name,
@@ -65,12 +68,18 @@ class PriorPairedDataset(torch.utils.data.Dataset):
         instance: torch.utils.data.Dataset,
         prior: ImageCaptionDataset,
         vae_scale_factor: int = 8,
+        pools: list[list[int] | None] | None = None,
     ):
         if len(prior) == 0:
             raise DataError("prior preservation: no class images")
         self.instance = instance
         self.prior = prior
         self.vae_scale_factor = vae_scale_factor
+        # Several concepts: pools[c] lists the class examples concept c's instances pair
+        # with (None: that concept has no class prompt and trains unpaired).
+        self.pools = pools
+        if pools is not None and any(pool is not None and not pool for pool in pools):
+            raise DataError("prior preservation: a concept's class-image pool is empty")
         self._epoch = 0
 
     def __len__(self) -> int:
@@ -88,7 +97,7 @@ class PriorPairedDataset(torch.utils.data.Dataset):
 
     def __getattr__(self, name: str):
         # Everything else (records, sizes, latents...) is the instance dataset's.
-        if name in ("instance", "prior"):
+        if name in ("instance", "prior", "pools"):
             raise AttributeError(name)
         return getattr(self.instance, name)
 
@@ -98,8 +107,13 @@ class PriorPairedDataset(torch.utils.data.Dataset):
         # The loop sets the epoch on the instance dataset; the class data follows it.
         if self.prior.epoch != epoch:
             self.prior.set_epoch(epoch)
-        j = (epoch * len(self.instance) + (i % len(self.instance))) % len(self.prior)
-        example = self.prior[j]
+        pool: Any = range(len(self.prior))
+        if self.pools is not None:
+            pool = self.pools[self.instance.concept_at(i)]
+            if pool is None:
+                return item
+        turn = epoch * len(self.instance) + (i % len(self.instance))
+        example = self.prior[pool[turn % len(pool)]]
         if "latent_dist" not in example:  # cached latents are already the instances' size
             example["pixel_values"] = _fit(example["pixel_values"], self._pixel_size(item))
         item["prior"] = example
@@ -145,51 +159,151 @@ def uses_class_images(cfg) -> bool:
     return cfg.prior.enabled and cfg.prior.kind == "class_images"
 
 
+class ClassImages(NamedTuple):
+    """One folder of class images and the concepts (indices) whose instances pair with it."""
+
+    folder: Path
+    prompt: str | None  # None: data.reg_path's folders, captioned by their names
+    count: int  # how many images to use (and to generate when missing)
+    concepts: list[int]
+    generate: bool = True
+    repeats: int = 1
+
+
+def concept_class_folders(cfg, concepts: list[Concept]) -> list[ClassImages]:
+    """Where each concept's class images are: data.reg_path's folders (your own images,
+    shared by every concept, as in kohya); else a concept's class_data_dir; with its own
+    class_prompt, <prior.class_data_dir or output_dir/class_images>/<concept name>; with
+    prior.class_prompt, prior.class_data_dir (shared). One entry per folder; DataError when
+    two concepts want different class prompts in one folder."""
+    p = cfg.prior
+    if cfg.data.reg_path:
+        every = list(range(len(concepts)))
+        return [
+            ClassImages(reg.path, reg.prompt, 0, every, generate=False, repeats=reg.repeats)
+            for reg in reg_folders(cfg.data.reg_path)
+        ]
+    single = not cfg.data.concepts and len(concepts) == 1
+    by_folder: dict[str, ClassImages] = {}
+    for index, concept in enumerate(concepts):
+        prompt = concept.class_prompt or p.class_prompt
+        if not prompt:
+            logger.info("prior preservation: concept %s has no class prompt", concept.name)
+            continue
+        if concept.class_data_dir:
+            folder = Path(concept.class_data_dir).expanduser()
+        elif concept.class_prompt and not single:
+            folder = class_data_dir(cfg) / _folder_name(concept.name)
+        else:
+            folder = class_data_dir(cfg)
+        count = concept.num_class_images or p.num_class_images
+        key = os.path.realpath(folder)
+        known = by_folder.get(key)
+        if known is None:
+            by_folder[key] = ClassImages(folder, prompt, count, [index])
+            continue
+        if known.prompt != prompt:
+            other = concepts[known.concepts[0]].name
+            raise DataError(
+                f"Concepts {other!r} and {concept.name!r} share the class-image folder "
+                f"{folder} with different class prompts ({known.prompt!r}, {prompt!r}); give "
+                "each its own class_data_dir."
+            )
+        known.concepts.append(index)
+        by_folder[key] = known._replace(count=max(known.count, count))
+    return list(by_folder.values())
+
+
+def _folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "concept"
+
+
+def _concepts_of(cfg, dataset) -> list[Concept]:
+    concepts = getattr(dataset, "concepts", None)
+    return list(concepts) if concepts else resolve_concepts(cfg, [cfg.output_dir])
+
+
 def wrap_with_prior(
     cfg, dataset: torch.utils.data.Dataset, parts: SDParts, accelerator
 ) -> torch.utils.data.Dataset:
     """`Method.wrap_train_dataset` for prior preservation with class images: generate the
-    missing ones with the base model (adapters off), then pair them with the instances."""
+    missing ones with the base model (adapters off), then pair them with the instances,
+    each concept with its own class images."""
     if not uses_class_images(cfg):
         return dataset
     from personalize.methods.regularizers import adapters_disabled
 
-    folder = class_data_dir(cfg)
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
-    with adapters_disabled(parts.unet, parts.text_encoder):
-        ensure_class_images(
-            folder,
-            cfg.prior.class_prompt,
-            cfg.prior.num_class_images,
-            lambda: generation_pipeline(parts, device),
-            seed=cfg.seed,
-            batch_size=cfg.prior.generation_batch_size,
-            num_inference_steps=cfg.prior.generation_steps,
-            guidance_scale=cfg.prior.generation_guidance_scale,
-            resolution=cfg.train.resolution,
-            autocast_dtype=_autocast_dtype(cfg),
-            state=accelerator,
-            model=model_identity(cfg.model.path, cfg.model.revision, cfg.model.variant),
+    concepts = _concepts_of(cfg, dataset)
+    folders = concept_class_folders(cfg, concepts)
+    if not folders:
+        raise DataError(
+            "prior preservation: no concept has a class prompt; set prior.class_prompt or "
+            "data.concepts[].class_prompt."
         )
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    model = model_identity(cfg.model.path, cfg.model.revision, cfg.model.variant)
+    with adapters_disabled(parts.unet, parts.text_encoder):
+        for entry in folders:
+            if not entry.generate:
+                continue
+            ensure_class_images(
+                entry.folder,
+                entry.prompt,
+                entry.count,
+                lambda: generation_pipeline(parts, device),
+                seed=cfg.seed,
+                batch_size=cfg.prior.generation_batch_size,
+                num_inference_steps=cfg.prior.generation_steps,
+                guidance_scale=cfg.prior.generation_guidance_scale,
+                resolution=cfg.train.resolution,
+                autocast_dtype=_autocast_dtype(cfg),
+                state=accelerator,
+                model=model,
+            )
     d = cfg.data
-    records = load_records(folder, caption_extension=d.caption_extension, strict=d.strict)
-    records = records[: cfg.prior.num_class_images]
+    records: list = []
+    class_concepts: list[Concept] = []
+    concept_of: list[int] = []
+    order: list[int] = []
+    pools: list[list[int] | None] = [None] * len(concepts)
+    for entry in folders:
+        try:
+            found = load_records(
+                entry.folder, caption_extension=d.caption_extension, strict=d.strict
+            )
+        except DataError as exc:
+            raise DataError(f"class images of {entry.folder.name!r}: {exc}") from exc
+        if entry.generate:
+            found = found[: entry.count]
+        start, first = len(records), len(order)
+        records += found
+        concept_of += [len(class_concepts)] * len(found)
+        class_concepts.append(Concept(entry.folder.name, entry.folder, entry.prompt))
+        # kohya's reg repeats weigh a folder within the pool.
+        order += [start + j for _ in range(entry.repeats) for j in range(len(found))]
+        for index in entry.concepts:
+            pools[index] = (pools[index] or []) + list(range(first, len(order)))
     prior = ImageCaptionDataset(
         records,
         resolution=cfg.train.resolution,
         center_crop=True,
         random_flip=d.random_flip,
-        instance_prompt=cfg.prior.class_prompt,
         seed=cfg.seed + 1,
+        concepts=class_concepts,
+        concept_of=concept_of,
+        order=order,
     )
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    logger.info(
-        "prior preservation: %d class images from %s, prior_loss_weight %g",
-        len(records),
-        folder,
-        cfg.prior.loss_weight,
-    )
-    return PriorPairedDataset(dataset, prior, vae_scale)
+    for entry in folders:
+        logger.info(
+            "prior preservation: class images %s (%r) for %s, prior_loss_weight %g",
+            entry.folder,
+            entry.prompt or "folder prompt",
+            ", ".join(concepts[i].name or "the data" for i in entry.concepts),
+            cfg.prior.loss_weight,
+        )
+    single = len(folders) == 1 and folders[0].concepts == list(range(len(concepts)))
+    return PriorPairedDataset(dataset, prior, vae_scale, None if single else pools)
 
 
 def prior_preservation_loss(
@@ -222,7 +336,17 @@ class PriorPreservationHooks:
         return [class_images] if class_images is not None else []
 
     def output_folders(self) -> list[Path]:
-        return [class_data_dir(self.cfg)] if uses_class_images(self.cfg) else []
+        if not uses_class_images(self.cfg):
+            return []
+        folders = [class_data_dir(self.cfg)]
+        folders += [Path(c.class_data_dir) for c in self.cfg.data.concepts if c.class_data_dir]
+        if self.cfg.data.reg_path:
+            folders.append(Path(self.cfg.data.reg_path))
+        return folders
 
     def extra_captions(self) -> list[str]:
-        return [self.cfg.prior.class_prompt] if self.cfg.prior.class_prompt else []
+        prompts = [self.cfg.prior.class_prompt]
+        prompts += [c.class_prompt for c in self.cfg.data.concepts]
+        if self.cfg.data.reg_path and uses_class_images(self.cfg):
+            prompts += [reg.prompt for reg in reg_folders(self.cfg.data.reg_path)]
+        return sorted({p for p in prompts if p})

@@ -281,11 +281,12 @@ class TextualInversion(Method):
         if records is None:
             return  # a foreign dataset: caption_fn still checks each example
         prompt = getattr(dataset, "instance_prompt", None)
+        prompt_of = getattr(dataset, "prompt_of", lambda _: prompt)  # several concepts
         bad = [
             r.key
-            for r in records
-            if "{}" not in (r.caption or prompt or "")
-            and self.placeholder not in (r.caption or prompt or "")
+            for j, r in enumerate(records)
+            if "{}" not in (r.caption or prompt_of(j) or "")
+            and self.placeholder not in (r.caption or prompt_of(j) or "")
         ]
         if bad:
             from personalize.data import DataError

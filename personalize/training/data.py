@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from personalize.data import DataError, ImageCaptionDataset, load_records, split_records
+from personalize.data.concepts import Concept, epoch_order, resolve_concepts
 from personalize.models import tokenize  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -165,31 +166,52 @@ class TrainingData:
 
 def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> TrainingData:
     """Records -> datasets (the method's captions and pairing) -> the training loader.
-    `prompt`: the instance prompt for images without a caption (Method.training_prompt)."""
+    `prompt`: the instance prompt for images without a caption (Method.training_prompt of
+    data.prompt); with several concepts each concept's own prompt goes through
+    Method.training_prompt instead."""
     d, t = cfg.data, cfg.train
     # Never our own outputs as data: a second run would train on the first's samples.
+    skip = [Path(cfg.output_dir), *method.output_folders()]
     read = dict(
         caption_extension=d.caption_extension,
         image_column=d.image_column,
         caption_column=d.caption_column,
         strict=d.strict,
-        skip=[Path(cfg.output_dir), *method.output_folders()],
+        skip=skip,
     )
-    records = load_records(d.path, **read)
+    concepts = [
+        _replace_prompt(c, method.training_prompt(c.prompt)) for c in resolve_concepts(cfg, skip)
+    ]
+    # Several concepts (or kohya folders): errors and logs name each concept.
+    several = bool(d.concepts) or len(concepts) > 1 or concepts[0].path != Path(d.path).expanduser()
+    records: list = []
+    concept_of: list[int] = []
+    val_records: list = []
+    val_concept_of: list[int] = []
+    counts = []
+    for index, concept in enumerate(concepts):
+        read_concept = dict(read, caption_extension=concept.caption_extension)
+        found = _concept_records(concept, read_concept, several)
+        if not d.validation_path:
+            found, held_out = split_records(found, d.validation_split, cfg.seed)
+            val_records += held_out
+            val_concept_of += [index] * len(held_out)
+        records += found
+        concept_of += [index] * len(found)
+        counts.append(len(found))
+    val_concepts = concepts
     if d.validation_path:
         val_records = load_records(d.validation_path, **read)
-    else:
-        records, val_records = split_records(records, d.validation_split, cfg.seed)
+        val_concepts = [Concept("validation", prompt=prompt)]
+        val_concept_of = [0] * len(val_records)
     captions = {str(r.image_path or r.key): r.caption for r in records if r.caption}
-    if prompt:
-        captions["data.prompt"] = prompt
+    for concept in concepts:
+        if concept.prompt:
+            captions[f"the prompt of concept {concept.name}" if several else "data.prompt"] = (
+                concept.prompt
+            )
     warn_long_captions(parts.tokenizer, captions)
-    common = dict(
-        resolution=t.resolution,
-        instance_prompt=prompt,
-        caption_fn=method.caption_fn(),
-        seed=cfg.seed,
-    )
+    common = dict(resolution=t.resolution, caption_fn=method.caption_fn(), seed=cfg.seed)
     sizes = None
     if d.bucketing:
         from personalize.data.buckets import record_sizes
@@ -201,19 +223,38 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
             "aspect buckets (w x h: images): %s",
             ", ".join(f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))),
         )
+    # One concept: image j at indices j, j + n, ... (repeats), as with any single folder.
+    order = epoch_order(counts, [c.repeats for c in concepts], d.concept_balance)
+    if several:
+        for index, concept in enumerate(concepts):
+            logger.info(
+                "concept %s: %d images, %d examples per epoch (repeats %d, balance %s)",
+                concept.name,
+                counts[index],
+                sum(concept_of[j] == index for j in order),
+                concept.repeats,
+                d.concept_balance,
+            )
     train_dataset = ImageCaptionDataset(
         records,
         center_crop=d.center_crop,
         random_flip=d.random_flip,
-        caption_dropout=d.caption_dropout,
-        shuffle_tags=d.shuffle_tags,
-        keep_tokens=d.keep_tokens,
-        repeats=d.repeats,
         sizes=sizes,
+        concepts=concepts,
+        concept_of=concept_of,
+        order=order,
         **common,
     )
     val_dataset = (
-        ImageCaptionDataset(val_records, center_crop=True, **common) if val_records else None
+        ImageCaptionDataset(
+            val_records,
+            center_crop=True,
+            concepts=[_replace_prompt(c, c.prompt, plain=True) for c in val_concepts],
+            concept_of=val_concept_of,
+            **common,
+        )
+        if val_records
+        else None
     )
     dataset = method.wrap_train_dataset(train_dataset, parts, accelerator)
     bucket_of = None
@@ -224,7 +265,7 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
                 f"training examples ({len(train_dataset)} -> {len(dataset)}), so "
                 "examples cannot be matched to buckets; set data.bucketing=false."
             )
-        bucket_of = [sizes[i % len(records)] for i in range(len(dataset))]
+        bucket_of = [sizes[train_dataset.record_index(i)] for i in range(len(dataset))]
     dataloader = build_dataloader(
         dataset,
         batch_size=t.batch_size,
@@ -249,19 +290,40 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
         dataset,
         dataloader,
         dataloader.batch_sampler if bucket_of is not None else None,
-        _fixed_captions(cfg, method, prompt, train_dataset, val_dataset),
+        _fixed_captions(cfg, method, train_dataset, val_dataset),
     )
 
 
-def _fixed_captions(cfg, method, prompt, train_dataset, val_dataset) -> list[str] | None:
+def _replace_prompt(concept: Concept, prompt: str | None, plain: bool = False) -> Concept:
+    """`concept` with another instance prompt; `plain`: without caption randomness too (the
+    held-out images are read the same way every time)."""
+    from dataclasses import replace
+
+    if plain:
+        return replace(concept, prompt=prompt, caption_dropout=0.0, shuffle_tags=False)
+    return replace(concept, prompt=prompt)
+
+
+def _concept_records(concept: Concept, read: dict[str, Any], several: bool) -> list:
+    """The concept's records; with several concepts, errors name the concept."""
+    try:
+        return load_records(concept.path, **read)
+    except DataError as exc:
+        if not several:
+            raise
+        raise DataError(f"Concept {concept.name!r}: {exc}") from exc
+
+
+def _fixed_captions(cfg, method, train_dataset, val_dataset) -> list[str] | None:
     """Every caption training and validation can show, or None when they vary per step."""
-    d = cfg.data
-    if d.shuffle_tags or method.caption_fn() is not None:
+    datasets = [train_dataset] + ([val_dataset] if val_dataset is not None else [])
+    concepts = [c for ds in datasets for c in ds.concepts]
+    if any(c.shuffle_tags for c in concepts) or method.caption_fn() is not None:
         return None
-    captions = {r.caption or prompt or "" for r in train_dataset.records}
-    if val_dataset is not None:
-        captions |= {r.caption or prompt or "" for r in val_dataset.records}
-    if d.caption_dropout > 0:
+    captions = {
+        r.caption or ds.prompt_of(j) or "" for ds in datasets for j, r in enumerate(ds.records)
+    }
+    if any(c.caption_dropout > 0 for c in concepts):
         captions.add("")
     captions.update(method.extra_captions())
     return sorted(captions)

@@ -118,6 +118,7 @@ def prepare_output_dir(cfg: PersonalizeConfig) -> None:
         # Folders the new run reads (its model, data, class images) stay where they are.
         d = cfg.data
         reads = [cfg.model.path, d.path, d.validation_path, d.cache_dir, cfg.prior.class_data_dir]
+        reads += [d.reg_path, *(p for c in d.concepts for p in (c.path, c.class_data_dir))]
         _move_aside(out, [Path(p).expanduser().resolve() for p in reads if p])
     elif holds_run and not work:
         # Rows of a run that saved nothing would mix with this run's steps.
