@@ -29,7 +29,7 @@ from personalize.methods.base import Method, StepOutputs, get_method
 from personalize.models import SDParts, load_parts
 from personalize.signals import StopRequest, TrainingInterrupted
 from personalize.training import checkpoint as ckpt
-from personalize.training import faults
+from personalize.training import faults, sharding
 from personalize.training.accelerator import cast_for_training, make_accelerator, weight_dtype
 from personalize.training.conditioning import CacheSettings, Conditioning
 from personalize.training.data import build_training_data
@@ -60,6 +60,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = acc = make_accelerator(cfg)
+        sharding.check_fsdp_config(cfg, acc)  # before minutes of model loading
         if acc.is_main_process:
             prepare_output_dir(cfg)
         # A resume path that is not a checkpoint fails here, before minutes of model loading.
@@ -139,21 +140,27 @@ class Trainer:
         )
         optimizer = make_optimizer(self.cfg, param_groups, acc.device)
         lr_scheduler = make_lr_scheduler(self.cfg, optimizer, acc.num_processes)
-        # Only modules that train are wrapped (DDP syncs their gradients); frozen ones are
-        # used as they are.
-        self.unet = acc.prepare(self.parts.unet) if self.trains["unet"] else self.parts.unet
-        self.text_encoder = self.parts.text_encoder
-        if self.trains["text_encoder"]:
-            self.text_encoder = acc.prepare(self.parts.text_encoder)
+        trained = {name: m for name, m in self.parts.modules().items() if self.trains[name]}
+        if sharding.is_fsdp(acc):
+            # FSDP2: the trained modules are sharded in place, prepared with the optimizer.
+            _, self.optimizer, self.dataloader, self.lr_scheduler = sharding.prepare_trained(
+                acc, trained, optimizer, self.dataloader, lr_scheduler
+            )
+            # The optimizer now holds the sharded parameters; clipping must see those.
+            self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+            sharding.write_shard_report(self.out / "logs", acc.process_index, trained)
+        else:
+            # Only modules that train are wrapped (DDP syncs their gradients); frozen ones
+            # are used as they are.
+            trained = {name: acc.prepare(m) for name, m in trained.items()}
+            self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
+                optimizer, self.dataloader, lr_scheduler
+            )
+        self.unet = trained.get("unet", self.parts.unet)
+        self.text_encoder = trained.get("text_encoder", self.parts.text_encoder)
+        if "text_encoder" in trained:
             self.conditioning.use_wrapped_text_encoder(self.text_encoder)
-        self.trained_modules = [
-            module
-            for name, module in (("unet", self.unet), ("text_encoder", self.text_encoder))
-            if self.trains[name]
-        ]
-        self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
-            optimizer, self.dataloader, lr_scheduler
-        )
+        self.trained_modules = list(trained.values())
         ckpt.TrainableState(acc, self.method, self.parts)  # what checkpoints hold
 
     # ------------------------------------------------------------------------ one step
@@ -260,9 +267,11 @@ class Trainer:
     def _after_step(self, due: Due) -> bool:
         """Do what is due after a step; True when training should stop."""
         step = self.global_step
-        if due.save and self.accelerator.is_main_process:
+        if due.save:
             # Before the stop check: an interrupted run resumes after this step.
-            self.method.save_intermediate(self.out, self.parts, step)
+            with sharding.full_weights(self.accelerator, self.trained_modules):
+                if self.accelerator.is_main_process:
+                    self.method.save_intermediate(self.out, self.parts, step)
         if due.sync_point:
             self._check(step, due.log)
         signum = self.stop_request.agreed(self.accelerator, due.sync_point)
@@ -384,7 +393,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # Schedule-free: save its averaged weights. Switched on every rank, so the ranks'
         # weights stay identical (the switch back is not bit-exact).
-        with eval_weights(self.optimizer):
+        with (
+            eval_weights(self.optimizer),
+            sharding.full_weights(self.accelerator, self.trained_modules),
+        ):
             if self.accelerator.is_main_process:
                 self.method.save(out_dir, self.parts, self.global_step)
             self.accelerator.wait_for_everyone()
