@@ -278,3 +278,129 @@ def test_textual_inversion_under_fsdp_stops_at_start_with_one_line(
     assert "method textual_inversion does not run under FSDP" in proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr  # our one line, not a crash
     assert not (out / "train_log.jsonl").exists()  # refused before any step
+
+
+# ------------------------------------------------------------------------------ DeepSpeed
+
+# deepspeed is not installed (nor a dependency): the configs are checked against accelerate's
+# own classes - the config file loader, the launcher's arguments and DeepSpeedPlugin, which
+# builds the DeepSpeed JSON without the package - not run (docs/scaling.md).
+_DS_PLUGIN_FIELDS = {
+    "zero_stage",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "zero3_init_flag",
+    "zero3_save_16bit_model",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"), [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)]
+)
+def test_deepspeed_configs_are_what_accelerate_accepts(name, stage):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = load_config_from_file(str(ROOT / "launch" / name))  # unknown top-level keys raise
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    ds = config.deepspeed_config
+    # The launcher copies each deepspeed_config key onto its argument of that name and
+    # silently keeps a misspelled one: every key must be one of its arguments.
+    launch_args = {a.dest for a in launch_command_parser()._actions}
+    assert set(ds) <= launch_args, set(ds) - launch_args
+    plugin = DeepSpeedPlugin(**{k: v for k, v in ds.items() if k in _DS_PLUGIN_FIELDS})
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert plugin.deepspeed_config["gradient_clipping"] == 1.0
+    if stage == 3:
+        # Without it accelerate cannot hand back whole weights of a ZeRO-3 model on save.
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "multi_gpu.yaml", "single_gpu.yaml"])
+def test_other_launch_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "launch" / name))
+    if name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+# ------------------------------------------------------------------------------ SLURM
+
+
+def _shim(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_slurm_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
+    """launch/slurm.sbatch under fake `srun`/`scontrol`/`accelerate` and a fake 3-node job:
+    each node's command line has its own machine rank and the shared rendezvous."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    # srun: run the task once per node, with the variables SLURM sets in each task.
+    _shim(
+        bin_dir,
+        "srun",
+        'while [[ "$1" == --* ]]; do shift; done\n'
+        "for ((n = 0; n < SLURM_NNODES; n++)); do\n"
+        '  SLURM_NODEID=$n SLURM_PROCID=$n SLURMD_NODENAME="gpu0$((n + 1))" "$@" || exit 1\n'
+        "done\n",
+    )
+    _shim(
+        bin_dir,
+        "scontrol",
+        '[[ "$1 $2 $3" == "show hostnames gpu[01-03]" ]] || exit 3\n'
+        'printf "gpu01\\ngpu02\\ngpu03\\n"\n',
+    )
+    _shim(
+        bin_dir,
+        "accelerate",
+        'python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
+        '> "$CALLS/$SLURMD_NODENAME.json"\n',
+    )
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CALLS": str(calls),
+        "SLURM_JOB_NODELIST": "gpu[01-03]",
+        "SLURM_NNODES": "3",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_NODEID": "0",  # the batch script's own value: must not reach the other nodes
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "configs/lora.yaml", "data.path=/d x"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for rank, host in enumerate(["gpu01", "gpu02", "gpu03"]):
+        argv = json.loads((calls / f"{host}.json").read_text())
+        assert argv[0] == "launch"
+        flags = dict(zip(argv[1:-6:2], argv[2:-6:2]))
+        assert flags == {
+            "--config_file": "launch/multi_gpu.yaml",
+            "--num_machines": "3",
+            "--num_processes": "24",  # 3 nodes x 8 GPUs
+            "--machine_rank": str(rank),
+            "--main_process_ip": "gpu01",
+            "--main_process_port": "29500",
+        }
+        # The user's arguments arrive whole (a space inside one), then resume=latest.
+        tail = [
+            "-m",
+            "personalize",
+            "train",
+            "configs/lora.yaml",
+            "data.path=/d x",
+            "resume=latest",
+        ]
+        assert argv[-6:] == tail

@@ -141,21 +141,11 @@ class Trainer:
         optimizer = make_optimizer(self.cfg, param_groups, acc.device)
         lr_scheduler = make_lr_scheduler(self.cfg, optimizer, acc.num_processes)
         trained = {name: m for name, m in self.parts.modules().items() if self.trains[name]}
-        if sharding.is_fsdp(acc):
-            # FSDP2: the trained modules are sharded in place, prepared with the optimizer.
-            _, self.optimizer, self.dataloader, self.lr_scheduler = sharding.prepare_trained(
-                acc, trained, optimizer, self.dataloader, lr_scheduler
-            )
-            # The optimizer now holds the sharded parameters; clipping must see those.
+        trained, self.optimizer, self.dataloader, self.lr_scheduler = sharding.prepare_modules(
+            acc, trained, optimizer, self.dataloader, lr_scheduler, report_dir=self.out / "logs"
+        )
+        if sharding.is_fsdp(acc):  # the optimizer holds new (sharded) parameters: clip those
             self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-            sharding.write_shard_report(self.out / "logs", acc.process_index, trained)
-        else:
-            # Only modules that train are wrapped (DDP syncs their gradients); frozen ones
-            # are used as they are.
-            trained = {name: acc.prepare(m) for name, m in trained.items()}
-            self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
-                optimizer, self.dataloader, lr_scheduler
-            )
         self.unet = trained.get("unet", self.parts.unet)
         self.text_encoder = trained.get("text_encoder", self.parts.text_encoder)
         if "text_encoder" in trained:

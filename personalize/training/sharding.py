@@ -108,6 +108,19 @@ def prepare_trained(accelerator, modules: dict[str, torch.nn.Module], *others) -
     return (container, *prepared)
 
 
+def prepare_modules(accelerator, trained: dict[str, torch.nn.Module], *others, report_dir: Path):
+    """The loop's `prepare`: under DDP each trained module is wrapped (its gradients synced;
+    frozen modules are used as they are); under FSDP2 they are sharded in place and each rank
+    writes its shard sizes to `report_dir` (`write_shard_report`). Returns (the trained
+    modules to call, by name, *the prepared others)."""
+    if not is_fsdp(accelerator):
+        trained = {name: accelerator.prepare(m) for name, m in trained.items()}
+        return (trained, *accelerator.prepare(*others))
+    _, *prepared = prepare_trained(accelerator, trained, *others)
+    write_shard_report(report_dir, accelerator.process_index, trained)
+    return (trained, *prepared)
+
+
 def _dtensor_type():
     from torch.distributed.tensor import DTensor
 
