@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from personalize.errors import ConfigError
+from personalize.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TrainedModules(torch.nn.Module):
             self.add_module(name, module)
 
     def forward(self, *args, **kwargs):  # the loop calls the modules themselves
-        raise RuntimeError("TrainedModules is a container; call its modules")
+        raise TrainingError("TrainedModules is a container; call its modules")
 
 
 def _shard_units(modules: dict[str, torch.nn.Module]) -> list[str]:
@@ -104,7 +104,7 @@ def prepare_trained(accelerator, modules: dict[str, torch.nn.Module], *others) -
     container, *prepared = accelerator.prepare(container, *others)
     not_units = [name for name, m in modules.items() if not isinstance(m, FSDPModule)]
     if not_units:  # the loop would call weights sharded in the container's group
-        raise RuntimeError(f"FSDP did not make {not_units} their own shard units")
+        raise TrainingError(f"FSDP did not make {not_units} their own shard units")
     return (container, *prepared)
 
 
