@@ -9,6 +9,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
     ProjectConfiguration,
     parse_flag_from_env,
 )
@@ -40,7 +42,7 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
     mixed_precision = runtime_precision(
         t.mixed_precision, state.device, "train.mixed_precision", warn=state.is_main_process
     )
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=log_with,
@@ -52,6 +54,26 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
         ),
     )
+    _fsdp_on_cpu_ranks(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu_ranks(accelerator: Accelerator) -> None:
+    """accelerate turns an FSDP launch into plain DDP on CPU ranks (its state enables FSDP
+    only for accelerator devices), so `launch/fsdp.yaml` on CPUs would shard nothing while
+    looking as if it did. torch's `fully_shard` does run on gloo: switch the state to FSDP
+    with the launch's plugin, which is how the CPU tests prove sharding."""
+    if not (
+        parse_flag_from_env("ACCELERATE_USE_FSDP")
+        and accelerator.distributed_type == DistributedType.MULTI_CPU
+    ):
+        return
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch env
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # As accelerate does when it picks FSDP itself: a later AcceleratorState() re-reads it here.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if accelerator.is_main_process:
+        logger.info("FSDP on %d CPU processes (gloo)", accelerator.num_processes)
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:

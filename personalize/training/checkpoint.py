@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from personalize.errors import CheckpointError, CheckpointMismatch, CheckpointNotFoundError
 from personalize.io import atomic_write_json, atomic_write_text
 from personalize.logs import quieted
-from personalize.training import faults
+from personalize.training import faults, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +173,12 @@ class TrainableState:
         accelerator.register_load_state_pre_hook(self._load)
 
     def _save(self, models, weights, output_dir) -> None:
+        state = None
+        if sharding.is_fsdp(self.accelerator):
+            # Sharded weights are gathered by every rank (a collective), saved by the main one.
+            state = sharding.full_state(self.method.trainable_state_dict(self.parts))
         if self.accelerator.is_main_process:
-            state = self.method.trainable_state_dict(self.parts)
+            state = state or self.method.trainable_state_dict(self.parts)
             save_file(
                 {k: v.float().cpu().contiguous() for k, v in state.items()},
                 str(Path(output_dir) / TRAINABLE_FILE),
@@ -184,7 +188,12 @@ class TrainableState:
     def _load(self, models, input_dir) -> None:
         path = Path(input_dir) / TRAINABLE_FILE
         try:
-            self.method.load_trainable_state_dict(self.parts, load_file(str(path)))
+            state = load_file(str(path))
+            if sharding.is_fsdp(self.accelerator):
+                # Each rank keeps its own shard of the full weights in the file.
+                like = self.method.trainable_state_dict(self.parts)
+                state = sharding.shard_like(state, like)
+            self.method.load_trainable_state_dict(self.parts, state)
         except (ValueError, OSError, SafetensorError) as e:
             raise CheckpointMismatch(str(e)) from e
         models.clear()

@@ -29,7 +29,7 @@ from personalize.methods.base import Method, StepOutputs, get_method
 from personalize.models import SDParts, load_parts
 from personalize.signals import StopRequest, TrainingInterrupted
 from personalize.training import checkpoint as ckpt
-from personalize.training import faults
+from personalize.training import faults, sharding
 from personalize.training.accelerator import cast_for_training, make_accelerator, weight_dtype
 from personalize.training.conditioning import CacheSettings, Conditioning
 from personalize.training.data import build_training_data
@@ -60,6 +60,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = acc = make_accelerator(cfg)
+        sharding.check_fsdp_config(cfg, acc)  # before minutes of model loading
         if acc.is_main_process:
             prepare_output_dir(cfg)
         # A resume path that is not a checkpoint fails here, before minutes of model loading.
@@ -141,21 +142,18 @@ class Trainer:
         )
         optimizer = make_optimizer(self.cfg, param_groups, acc.device)
         lr_scheduler = make_lr_scheduler(self.cfg, optimizer, acc.num_processes)
-        # Only modules that train are wrapped (DDP syncs their gradients); frozen ones are
-        # used as they are.
-        self.unet = acc.prepare(self.parts.unet) if self.trains["unet"] else self.parts.unet
-        self.text_encoder = self.parts.text_encoder
-        self.trained_modules = [self.unet] if self.trains["unet"] else []
-        for name, module in self.parts.text_encoders().items():  # SDXL has two
-            if self.trains[name]:
-                wrapped = acc.prepare(module)
-                self.conditioning.use_wrapped_text_encoder(wrapped, name)
-                self.trained_modules.append(wrapped)
-                if name == "text_encoder":
-                    self.text_encoder = wrapped
-        self.optimizer, self.dataloader, self.lr_scheduler = acc.prepare(
-            optimizer, self.dataloader, lr_scheduler
+        trained = {name: m for name, m in self.parts.modules().items() if self.trains[name]}
+        trained, self.optimizer, self.dataloader, self.lr_scheduler = sharding.prepare_modules(
+            acc, trained, optimizer, self.dataloader, lr_scheduler, report_dir=self.out / "logs"
         )
+        if sharding.is_fsdp(acc):  # the optimizer holds new (sharded) parameters: clip those
+            self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.unet = trained.get("unet", self.parts.unet)
+        self.text_encoder = trained.get("text_encoder", self.parts.text_encoder)
+        for name in self.parts.text_encoders():  # SDXL has two
+            if name in trained:
+                self.conditioning.use_wrapped_text_encoder(trained[name], name)
+        self.trained_modules = list(trained.values())
         ckpt.TrainableState(acc, self.method, self.parts)  # what checkpoints hold
 
     # ------------------------------------------------------------------------ one step
@@ -264,9 +262,11 @@ class Trainer:
     def _after_step(self, due: Due) -> bool:
         """Do what is due after a step; True when training should stop."""
         step = self.global_step
-        if due.save and self.accelerator.is_main_process:
+        if due.save:
             # Before the stop check: an interrupted run resumes after this step.
-            self.method.save_intermediate(self.out, self.parts, step)
+            with sharding.full_weights(self.accelerator, self.trained_modules):
+                if self.accelerator.is_main_process:
+                    self.method.save_intermediate(self.out, self.parts, step)
         if due.sync_point:
             self._check(step, due.log)
         signum = self.stop_request.agreed(self.accelerator, due.sync_point)
@@ -388,7 +388,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # Schedule-free: save its averaged weights. Switched on every rank, so the ranks'
         # weights stay identical (the switch back is not bit-exact).
-        with eval_weights(self.optimizer):
+        with (
+            eval_weights(self.optimizer),
+            sharding.full_weights(self.accelerator, self.trained_modules),
+        ):
             if self.accelerator.is_main_process:
                 self.method.save(out_dir, self.parts, self.global_step)
             self.accelerator.wait_for_everyone()
