@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from personalize.data.transforms import to_tensor
+from personalize.data.transforms import apply_geometry, fit_geometry, to_tensor
 from personalize.errors import ConfigError
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -86,23 +86,8 @@ def prepare_image_to_size(
 
     The rectangular twin of `transforms.prepare_image`; with a square size it gives the
     same pixels."""
-    target_w, target_h = size
-    width, height = image.size
-    scale = max(target_w / width, target_h / height)
-    new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
-    if new_size != image.size:
-        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-        image = image.resize(new_size, resample=resample)
-    extra_w, extra_h = image.size[0] - target_w, image.size[1] - target_h
-    if center_crop or crop_rng is None:
-        left, top = extra_w // 2, extra_h // 2
-    else:
-        left, top = int(crop_rng.integers(0, extra_w + 1)), int(crop_rng.integers(0, extra_h + 1))
-    if image.size != size:
-        image = image.crop((left, top, left + target_w, top + target_h))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    geometry = fit_geometry(image.size, size, center_crop=center_crop, flip=flip, crop_rng=crop_rng)
+    return to_tensor(apply_geometry(image, geometry))
 
 
 def record_sizes(records, resolution: int, min_size: int, max_size: int, step: int) -> list[Size]:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from personalize.data.masks import MaskRef, mask_tensor, read_mask
 from personalize.data.records import Record, no_caption_message, read_image
-from personalize.data.transforms import prepare_image
+from personalize.data.transforms import Geometry, apply_geometry, fit_geometry, to_tensor
 from personalize.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ImageCaptionDataset(Dataset):
         caption_fn: Callable[[str], str] | None = None,
         sizes: list[tuple[int, int]] | None = None,
         latents: Mapping[tuple[int, bool], torch.Tensor] | None = None,
+        masks: list[MaskRef | None] | None = None,
+        mask_scale: int = 8,
     ) -> None:
         if not records:
             raise DataError("No training images: the record list is empty.")
@@ -76,6 +79,13 @@ class ImageCaptionDataset(Dataset):
         # items then carry "latent_dist" instead of "pixel_values", with the same flip draw.
         # A LatentStore fills as training goes: a view it lacks comes as pixels + its key.
         self.latents = latents
+        # Loss masks (data/masks.py), one per record (None: all ones), or None when the loss
+        # is not masked. Items then carry "loss_mask" [1, h / mask_scale, w / mask_scale]:
+        # the mask at latent resolution, cut by the same crop and flip as the pixels.
+        if masks is not None and len(masks) != len(self.records):
+            raise DataError(f"masks has {len(masks)} entries for {len(self.records)} records.")
+        self.masks = masks
+        self.mask_scale = mask_scale
         # Fail now, not at the first batch, when an image has nothing to be trained on.
         uncaptioned = [r for r in self.records if r.caption is None]
         if uncaptioned and self.instance_prompt is None:
@@ -113,12 +123,15 @@ class ImageCaptionDataset(Dataset):
         flip = self.random_flip and flip_rng.random() < 0.5
         view = (i % len(self.records), flip)
         params = self.latents.get(view) if self.latents is not None else None
-        if params is not None:
+        if self.masks is not None:
+            image = self._masked_item(view, params, crop_rng)
+        elif params is not None:
             image = {"latent_dist": params}
         else:
             image = {"pixel_values": self.view(*view, crop_rng)}
-            if self.latents is not None:  # a LatentStore view not encoded yet: the loop
-                image["latent_key"] = self.latents.key_of(view)  # encodes and stores it
+        if "pixel_values" in image and self.latents is not None:
+            # A LatentStore view not encoded yet: the loop encodes and stores it.
+            image["latent_key"] = self.latents.key_of(view)
         caption = record.caption or self.instance_prompt
         if caption is None:  # records mutated after __init__; keep the message anyway
             raise DataError(no_caption_message(record, 1))
@@ -135,24 +148,47 @@ class ImageCaptionDataset(Dataset):
     ) -> torch.Tensor:
         """Record `index` as a training tensor: cropped (centered unless `crop_rng` and
         random crops), to its bucket's size when bucketing, flipped when asked."""
-        record = self.records[index]
-        if self.sizes is not None:
-            from personalize.data.buckets import prepare_image_to_size
+        image = read_image(self.records[index])
+        return to_tensor(apply_geometry(image, self._geometry(index, image.size, flip, crop_rng)))
 
-            return prepare_image_to_size(
-                read_image(record),
-                self.sizes[index],
-                center_crop=self.center_crop,
-                flip=flip,
-                crop_rng=crop_rng,
-            )
-        return prepare_image(
-            read_image(record),
-            self.resolution,
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(w, h) of record `index`'s training view: its bucket, or the square."""
+        return self.sizes[index] if self.sizes is not None else (self.resolution,) * 2
+
+    def _geometry(self, index: int, source: tuple[int, int], flip: bool, crop_rng) -> Geometry:
+        return fit_geometry(
+            source,
+            self.target_size(index),
             center_crop=self.center_crop,
             flip=flip,
             crop_rng=crop_rng,
         )
+
+    def _masked_item(self, view, params, crop_rng) -> dict[str, torch.Tensor]:
+        """The item of a masked-loss view: cached latents and mask where the store has
+        them; otherwise pixels and mask cut by one shared geometry (so they line up)."""
+        index, flip = view
+        store = self.latents
+        mask = store.get_mask(view) if store is not None else None
+        item: dict[str, torch.Tensor] = {} if params is None else {"latent_dist": params}
+        if params is not None and mask is not None:
+            return {**item, "loss_mask": mask}
+        record, ref = self.records[index], self.masks[index]
+        image = read_image(record) if params is None else None
+        if image is not None:
+            source = image.size
+        elif ref is not None:
+            source = read_mask(record, ref).size
+        else:
+            source = self.target_size(index)  # an all-ones mask: the crop does not matter
+        geometry = self._geometry(index, source, flip, crop_rng)
+        if image is not None:
+            item["pixel_values"] = to_tensor(apply_geometry(image, geometry))
+        if mask is None:
+            mask = mask_tensor(record, ref, geometry, self.target_size(index), self.mask_scale)
+            if store is not None and ref is not None:
+                store.put_mask(view, mask)
+        return {**item, "loss_mask": mask}
 
 
 def shuffle_caption_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:

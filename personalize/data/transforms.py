@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -202,6 +202,58 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)) / 127.5 - 1.0
 
 
+class Geometry(NamedTuple):
+    """Where a training view's pixels come from: scale the source to `resized` (w, h),
+    take `box` (left, top, right, bottom) of it, then mirror when `flip`. One Geometry is
+    applied to an image and to its loss mask alike, so the two stay aligned."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+    shrinks: bool  # the scale is < 1 (chooses the resampling filter)
+
+
+def fit_geometry(
+    source: tuple[int, int],
+    target: tuple[int, int],
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    crop_rng: np.random.Generator | None = None,
+) -> Geometry:
+    """Scale a `source` (w, h) image to cover `target` (w, h) keeping its aspect ratio, then
+    crop `target` from it (centered, or uniformly random from `crop_rng` when not
+    `center_crop`)."""
+    width, height = source
+    target_w, target_h = target
+    scale = max(target_w / width, target_h / height)
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    extra_w, extra_h = resized[0] - target_w, resized[1] - target_h
+    if center_crop or crop_rng is None:
+        left, top = extra_w // 2, extra_h // 2
+    else:
+        left, top = int(crop_rng.integers(0, extra_w + 1)), int(crop_rng.integers(0, extra_h + 1))
+    return Geometry(resized, (left, top, left + target_w, top + target_h), flip, scale < 1)
+
+
+def apply_geometry(image: Image.Image, geometry: Geometry, *, mask: bool = False) -> Image.Image:
+    """`image` resized, cropped and flipped as `geometry` says. Pictures: LANCZOS when
+    shrinking (sharpest), BICUBIC when enlarging (LANCZOS rings). Masks (`mask`): BOX when
+    shrinking, the area average of a coverage map, and BILINEAR when enlarging; neither
+    overshoots, so a mask stays within its 0..255 range without clipping artefacts."""
+    if geometry.resized != image.size:
+        if mask:
+            resample = Image.Resampling.BOX if geometry.shrinks else Image.Resampling.BILINEAR
+        else:
+            resample = Image.Resampling.LANCZOS if geometry.shrinks else Image.Resampling.BICUBIC
+        image = image.resize(geometry.resized, resample=resample)
+    if image.size != (geometry.box[2] - geometry.box[0], geometry.box[3] - geometry.box[1]):
+        image = image.crop(geometry.box)
+    if geometry.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
 def prepare_image(
     image: Image.Image,
     resolution: int,
@@ -211,13 +263,11 @@ def prepare_image(
     crop_rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """Resize shorter side -> square crop (center, or random from `crop_rng`) -> flip -> tensor."""
-    image = resize_shorter_side(image, resolution)
-    if center_crop or crop_rng is None:
-        left, top = crop_offsets(*image.size, resolution)
-    else:
-        left, top = crop_offsets(*image.size, resolution, crop_rng)
-    if image.size != (resolution, resolution):
-        image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    geometry = fit_geometry(
+        image.size,
+        (resolution, resolution),
+        center_crop=center_crop,
+        flip=flip,
+        crop_rng=crop_rng,
+    )
+    return to_tensor(apply_geometry(image, geometry))

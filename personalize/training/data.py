@@ -63,6 +63,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch["latent_keys"] = keys
     if any(cached) and not all(cached):
         batch["cached"] = cached
+    masks = [e.get("loss_mask") for e in examples]
+    if any(m is not None for m in masks):
+        # data.masked_loss: examples without a mask (class images) weigh every pixel 1.
+        ones = torch.ones_like(next(m for m in masks if m is not None))
+        batch["loss_mask"] = torch.stack([ones if m is None else m for m in masks])
     return batch
 
 
@@ -160,7 +165,8 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
         image_column=d.image_column,
         caption_column=d.caption_column,
         strict=d.strict,
-        skip=[Path(cfg.output_dir), *method.output_folders()],
+        skip=[Path(cfg.output_dir), *method.output_folders()]
+        + ([Path(d.mask_dir)] if d.masked_loss and d.mask_dir else []),
     )
     records = load_records(d.path, **read)
     if d.validation_path:
@@ -188,6 +194,7 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
             "aspect buckets (w x h: images): %s",
             ", ".join(f"{w}x{h}: {sizes.count((w, h))}" for w, h in sorted(set(sizes))),
         )
+    masking = _loss_masks(cfg, parts, records, val_records)
     train_dataset = ImageCaptionDataset(
         records,
         center_crop=d.center_crop,
@@ -197,10 +204,13 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
         keep_tokens=d.keep_tokens,
         repeats=d.repeats,
         sizes=sizes,
+        **masking.get("train", {}),
         **common,
     )
     val_dataset = (
-        ImageCaptionDataset(val_records, center_crop=True, **common) if val_records else None
+        ImageCaptionDataset(val_records, center_crop=True, **masking.get("val", {}), **common)
+        if val_records
+        else None
     )
     dataset = method.wrap_train_dataset(train_dataset, parts, accelerator)
     bucket_of = None
@@ -238,6 +248,24 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
         dataloader.batch_sampler if bucket_of is not None else None,
         _fixed_captions(cfg, method, prompt, train_dataset, val_dataset),
     )
+
+
+def _loss_masks(cfg, parts, records, val_records) -> dict[str, dict[str, Any]]:
+    """data.masked_loss: the masks of the training and held-out images, checked now (one
+    clear error before any training; data/masks.py), as ImageCaptionDataset arguments."""
+    d = cfg.data
+    if not d.masked_loss:
+        return {}
+    from personalize.data.masks import find_masks
+
+    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    found = {"train": find_masks(records, source=d.mask_source, mask_dir=d.mask_dir)}
+    if val_records:
+        # Held-out images without masks are fine: their validation loss is unmasked.
+        found["val"] = find_masks(
+            val_records, source=d.mask_source, mask_dir=d.mask_dir, require_any=False
+        )
+    return {name: {"masks": refs, "mask_scale": scale} for name, refs in found.items()}
 
 
 def _fixed_captions(cfg, method, prompt, train_dataset, val_dataset) -> list[str] | None:
