@@ -343,34 +343,95 @@ def test_alpha_and_file_masks_of_one_image_have_different_keys(tmp_path):
 
 
 def test_training_with_white_masks_has_exactly_the_unmasked_loss(tiny_model_dir, tmp_path):
-    """The whole path (find, transform, cache, collate, loss, prior-free LoRA): masks of all
-    white give the very loss of masked_loss=false; a half mask gives another."""
+    """The whole path (find, transform, cache, collate, loss, validation loss): masks of all
+    white give the very losses of masked_loss=false; half masks give others."""
     from personalize.testing import write_synthetic_images
     from personalize.training.loop import Trainer
 
     data = tmp_path / "data"
-    paths = write_synthetic_images(data, count=2, size=32)
+    paths = write_synthetic_images(data, count=4, size=32)
     for path in paths:
         Image.new("L", (32, 32), 255).save(path.with_name(f"{path.stem}-masklabel.png"))
 
-    def first_loss(name: str, **data_settings) -> torch.Tensor:
+    def losses(name: str, **data_settings) -> tuple[torch.Tensor, float]:
         cfg = base_config(
-            tiny_model_dir, data, tmp_path / name, data={"random_flip": True, **data_settings}
+            tiny_model_dir,
+            data,
+            tmp_path / name,
+            data={"random_flip": True, "validation_split": 0.5, **data_settings},
+            validation={"loss_every_steps": 100},
         )
         trainer = Trainer(from_dict(cfg))
         batch = next(iter(trainer.dataloader))
         assert ("loss_mask" in batch) == data_settings.get("masked_loss", False)
         with torch.no_grad():
-            return trainer.compute_loss(batch)
+            train_loss = trainer.compute_loss(batch)
+        inputs = (trainer.unet, trainer.conditioning, trainer.parts.noise_scheduler)
+        return train_loss, trainer.validation_loss.compute(*inputs)
 
-    plain = first_loss("plain")
-    assert torch.equal(first_loss("white", masked_loss=True), plain)
+    plain, plain_val = losses("plain")
+    white, white_val = losses("white", masked_loss=True)
+    assert torch.equal(white, plain) and white_val == plain_val
     for path in paths:
         _half_mask(32, 32).save(path.with_name(f"{path.stem}-masklabel.png"))
-    half = first_loss("half", masked_loss=True)
+    half, half_val = losses("half", masked_loss=True)
     assert torch.isfinite(half) and not torch.equal(half, plain)
+    assert half_val != plain_val
     # The masks went into the latent cache beside the latents.
     from safetensors.torch import load_file
 
     cached = (tmp_path / "half" / "cache" / "latents").rglob("*.safetensors")
     assert sum("loss_mask" in load_file(path) for path in cached) == 2
+
+
+def test_prior_preservation_class_rows_are_unmasked(tiny_model_dir, tmp_path):
+    """LoRA + class images + half masks: the instance rows are weighed by their masks, the
+    class rows (no mask) by ones, then instance mean + loss_weight * class mean; and a run
+    trains to its end with masks cached."""
+    from personalize.testing import write_synthetic_images
+    from personalize.training.loop import Trainer
+
+    data = tmp_path / "data"
+    for path in write_synthetic_images(data, count=2, size=32):
+        _half_mask(32, 32).save(path.with_name(f"{path.stem}-masklabel.png"))
+    weight = 0.37
+    cfg = base_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        data={"masked_loss": True, "unmasked_weight": 0.1},
+        train={"max_steps": 2},
+        prior={
+            "enabled": True,
+            "class_prompt": "a photo of a disc",
+            "class_data_dir": str(tmp_path / "class"),
+            "num_class_images": 2,
+            "generation_steps": 1,
+            "generation_batch_size": 2,
+            "loss_weight": weight,
+        },
+    )
+    trainer = Trainer(from_dict(cfg))
+    batch = next(iter(trainer.dataloader))
+    assert batch["is_prior"].tolist() == [False, False, True, True]
+    assert batch["loss_mask"][2:].eq(1).all() and not batch["loss_mask"][:2].eq(1).all()
+    seen = {}
+    inner = trainer.method.extra_loss
+
+    def spy(b, outputs, parts):
+        seen["outputs"] = outputs
+        return inner(b, outputs, parts)
+
+    trainer.method.extra_loss = spy
+    with torch.no_grad():
+        loss = trainer.compute_loss(batch)
+    out = seen["outputs"]
+    elements = (out.model_pred.float() - out.target.float()) ** 2
+    instance = weigh_loss(elements[:2], batch["loss_mask"][:2], 0.1, True)
+    expected = instance.mean() + weight * elements[2:].mean()
+    torch.testing.assert_close(loss, expected)
+    unmasked = elements[:2].mean() + weight * elements[2:].mean()
+    assert not torch.allclose(expected, unmasked)
+    trainer.method.extra_loss = inner
+    trainer.run()
+    assert trainer.global_step == 2
