@@ -121,6 +121,12 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(d.repeats >= 1, "data.repeats", "must be >= 1")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _validate_concepts(cfg)
+    need(
+        d.mask_source in ("alpha", "file", "auto"),
+        "data.mask_source",
+        f"must be alpha, file or auto, got {d.mask_source!r}",
+    )
+    need(0.0 <= d.unmasked_weight <= 1.0, "data.unmasked_weight", "must be in [0, 1]")
     if d.bucketing:
         need(
             d.bucket_step > 0 and d.bucket_step % 8 == 0,

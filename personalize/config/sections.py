@@ -101,6 +101,15 @@ class DataConfig:
     bucket_min_size: int = 256
     bucket_max_size: int = 1024
     bucket_step: int = 64
+    # Masked loss: weigh the denoising loss by a mask per image (white = learn, black =
+    # ignore), from its alpha channel or a same-name mask file (docs/data.md).
+    masked_loss: bool = False
+    mask_source: str = "auto"  # alpha | file | auto (a mask file if there is one, else alpha)
+    mask_dir: str | None = None  # a folder of masks named like the images (kohya, SimpleTuner)
+    unmasked_weight: float = 0.0  # the least weight a pixel gets (1.0 = the mask is ignored)
+    # Divide by the mean weight: a small subject's loss is the mean over the subject, not
+    # tiny (OneTrainer's normalize_masked_area_loss).
+    normalize_masked_loss: bool = True
 
 
 @dataclass

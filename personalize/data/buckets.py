@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from personalize.data.transforms import crop_to
+from personalize.data.transforms import apply_geometry, fit_geometry, to_tensor
 from personalize.errors import ConfigError
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -86,7 +86,8 @@ def prepare_image_to_size(
 
     The rectangular twin of `transforms.prepare_image`; with a square size it gives the
     same pixels."""
-    return crop_to(image, size, center_crop=center_crop, flip=flip, crop_rng=crop_rng)[0]
+    geometry = fit_geometry(image.size, size, center_crop=center_crop, flip=flip, crop_rng=crop_rng)
+    return to_tensor(apply_geometry(image, geometry))
 
 
 def record_sizes(records, resolution: int, min_size: int, max_size: int, step: int) -> list[Size]:

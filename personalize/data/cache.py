@@ -185,6 +185,29 @@ def _latent_keys(dataset, vae: torch.nn.Module) -> tuple[list, list[str]]:
     return views, keys
 
 
+def _mask_keys(dataset, views: list[tuple[int, bool]]) -> dict[tuple[int, bool], str]:
+    """Cache keys of the loss masks of `views` (data.masked_loss), for images that have a
+    mask. Keyed by the image's content and the mask's (its file's sha256, or "alpha": the
+    image's own alpha channel), the view's size, crop and flip and the latent scale; so
+    another mask for the same pixels, or the other source, never reads a stale entry. The
+    loss-time settings (unmasked_weight, normalization) act on the stored mask: not keys."""
+    masks = getattr(dataset, "masks", None)
+    if masks is None:
+        return {}
+    digests = {i: content_digest(dataset.records[i]) for i, _ in views if masks[i] is not None}
+    keys = {}
+    for i, flip in views:
+        ref = masks[i]
+        if ref is None:
+            continue
+        size = list(dataset.target_size(i))
+        identity = [ref.kind, ref.digest]
+        keys[(i, flip)] = _sha256(
+            "mask", CACHE_VERSION, digests[i], identity, size, "center", flip, dataset.mask_scale
+        )
+    return keys
+
+
 class LatentStore:
     """The latent cache filled as training first uses each view (what the loop uses).
 
@@ -194,9 +217,18 @@ class LatentStore:
     looked up on disk again, so loader workers and other processes see what the main
     process wrote."""
 
-    def __init__(self, folder: str | Path, keys: dict[tuple[int, bool], str]):
+    def __init__(
+        self,
+        folder: str | Path,
+        keys: dict[tuple[int, bool], str],
+        mask_keys: dict[tuple[int, bool], str] | None = None,
+    ):
         self.cache = TensorCache(folder)
         self.keys = keys
+        # Loss masks at latent resolution (data.masked_loss), one entry per masked view;
+        # the dataset computes and puts them, in whichever process draws the view first.
+        self.mask_keys = mask_keys or {}
+        self.masks: dict[tuple[int, bool], torch.Tensor] = {}
         self.views_of: dict[str, list[tuple[int, bool]]] = {}  # identical images share a key
         for view, key in keys.items():
             self.views_of.setdefault(key, []).append(view)
@@ -240,6 +272,26 @@ class LatentStore:
     @property
     def complete(self) -> bool:
         return len(self.entries) == len(self.keys)
+
+    def get_mask(self, view: tuple[int, bool]) -> torch.Tensor | None:
+        """The cached loss mask of `view`, or None (not computed yet, or no mask)."""
+        if view in self.masks:
+            return self.masks[view]
+        key = self.mask_keys.get(view)
+        if key is None or not self.cache.exists(key):
+            return None
+        tensors = self.cache.load(key)
+        if tensors is None:
+            return None
+        self.masks[view] = tensors["loss_mask"]
+        return self.masks[view]
+
+    def put_mask(self, view: tuple[int, bool], mask: torch.Tensor) -> None:
+        key = self.mask_keys.get(view)
+        if key is None:
+            return
+        self.masks[view] = mask
+        self.cache.save(key, {"loss_mask": mask.contiguous()})
 
 
 class LatentCache:
@@ -286,7 +338,7 @@ class LatentCache:
 def latent_store(dataset, vae: torch.nn.Module, folder: str | Path) -> LatentStore:
     """A `LatentStore` for `dataset`'s views (center crops; both flips when it flips)."""
     views, keys = _latent_keys(dataset, vae)
-    store = LatentStore(folder, dict(zip(views, keys)))
+    store = LatentStore(folder, dict(zip(views, keys)), _mask_keys(dataset, views))
     logger.info(
         "latent cache %s: %d views, %d on disk; the rest are encoded on first use",
         folder,

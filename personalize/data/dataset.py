@@ -15,8 +15,16 @@ import torch
 from torch.utils.data import Dataset
 
 from personalize.data.concepts import Concept
+from personalize.data.masks import MaskRef, mask_tensor, read_mask
 from personalize.data.records import Record, no_caption_message, read_image
-from personalize.data.transforms import CropGeometry, cover_crop, crop_geometry, crop_to
+from personalize.data.transforms import (
+    CropGeometry,
+    Geometry,
+    apply_geometry,
+    crop_geometry,
+    fit_geometry,
+    to_tensor,
+)
 from personalize.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,8 @@ class ImageCaptionDataset(Dataset):
         concepts: Sequence[Concept] | None = None,
         concept_of: Sequence[int] | None = None,
         order: Sequence[int] | None = None,
+        masks: list[MaskRef | None] | None = None,
+        mask_scale: int = 8,
     ) -> None:
         if not records:
             raise DataError("No training images: the record list is empty.")
@@ -112,6 +122,13 @@ class ImageCaptionDataset(Dataset):
         # items then carry "latent_dist" instead of "pixel_values", with the same flip draw.
         # A LatentStore fills as training goes: a view it lacks comes as pixels + its key.
         self.latents = latents
+        # Loss masks (data/masks.py), one per record (None: all ones), or None when the loss
+        # is not masked. Items then carry "loss_mask" [1, h / mask_scale, w / mask_scale]:
+        # the mask at latent resolution, cut by the same crop and flip as the pixels.
+        if masks is not None and len(masks) != len(self.records):
+            raise DataError(f"masks has {len(masks)} entries for {len(self.records)} records.")
+        self.masks = masks
+        self.mask_scale = mask_scale
         # Fail now, not at the first batch, when an image has nothing to be trained on.
         uncaptioned = [
             r for j, r in enumerate(self.records) if r.caption is None and not self.prompt_of(j)
@@ -171,14 +188,19 @@ class ImageCaptionDataset(Dataset):
         flip = self.random_flip and flip_rng.random() < 0.5
         view = (index, flip)
         params = self.latents.get(view) if self.latents is not None else None
-        if params is not None:
-            # Cached views are center crops: their geometry needs only the image's size.
-            image = {"latent_dist": params, "time_ids": self.center_geometry(*view).time_ids()}
+        if self.masks is not None:
+            image = self._masked_item(view, params, crop_rng)
+        elif params is not None:
+            image = {"latent_dist": params}
         else:
             pixels, geometry = self.view_with_geometry(*view, crop_rng)
             image = {"pixel_values": pixels, "time_ids": geometry.time_ids()}
-            if self.latents is not None:  # a LatentStore view not encoded yet: the loop
-                image["latent_key"] = self.latents.key_of(view)  # encodes and stores it
+        if "time_ids" not in image:
+            # Cached views are center crops: their geometry needs only the image's size.
+            image["time_ids"] = self.center_geometry(*view).time_ids()
+        if "pixel_values" in image and self.latents is not None:
+            # A LatentStore view not encoded yet: the loop encodes and stores it.
+            image["latent_key"] = self.latents.key_of(view)
         caption = record.caption or concept.prompt
         if caption is None:  # records mutated after __init__; keep the message anyway
             raise DataError(no_caption_message(record, 1))
@@ -198,18 +220,21 @@ class ImageCaptionDataset(Dataset):
         return self.view_with_geometry(index, flip, crop_rng)[0]
 
     def target_size(self, index: int) -> tuple[int, int]:
-        """(w, h) of record `index`'s views: its bucket, or the resolution square."""
-        if self.sizes is not None:
-            return self.sizes[index]
-        return (self.resolution, self.resolution)
+        """(w, h) of record `index`'s training view: its bucket, or the square."""
+        return self.sizes[index] if self.sizes is not None else (self.resolution,) * 2
 
     def view_with_geometry(
         self, index: int, flip: bool, crop_rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, CropGeometry]:
         """`view` and where it came from (original size, crop corner, target size: SDXL's
         size/crop conditioning)."""
-        return crop_to(
-            read_image(self.records[index]),
+        image = read_image(self.records[index])
+        geometry = self._geometry(index, image.size, flip, crop_rng)
+        return to_tensor(apply_geometry(image, geometry)), crop_geometry(image.size, geometry)
+
+    def _geometry(self, index: int, source: tuple[int, int], flip: bool, crop_rng) -> Geometry:
+        return fit_geometry(
+            source,
             self.target_size(index),
             center_crop=self.center_crop,
             flip=flip,
@@ -231,8 +256,34 @@ class ImageCaptionDataset(Dataset):
                 image_bytes = row.dataset[row.index][row.column]["bytes"]
                 self._natural_sizes[index] = upright_size(image_bytes)
         size, target = self._natural_sizes[index], self.target_size(index)
-        resized, left_top = cover_crop(size, target, center_crop=True)
-        return crop_geometry(size, target, resized, left_top, flip)
+        return crop_geometry(size, fit_geometry(size, target, center_crop=True, flip=flip))
+
+    def _masked_item(self, view, params, crop_rng) -> dict[str, torch.Tensor]:
+        """The item of a masked-loss view: cached latents and mask where the store has
+        them; otherwise pixels and mask cut by one shared geometry (so they line up)."""
+        index, flip = view
+        store = self.latents
+        mask = store.get_mask(view) if store is not None else None
+        item: dict[str, torch.Tensor] = {} if params is None else {"latent_dist": params}
+        if params is not None and mask is not None:
+            return {**item, "loss_mask": mask}
+        record, ref = self.records[index], self.masks[index]
+        image = read_image(record) if params is None else None
+        if image is not None:
+            source = image.size
+        elif ref is not None:
+            source = read_mask(record, ref).size
+        else:
+            source = self.target_size(index)  # an all-ones mask: the crop does not matter
+        geometry = self._geometry(index, source, flip, crop_rng)
+        if image is not None:
+            item["pixel_values"] = to_tensor(apply_geometry(image, geometry))
+            item["time_ids"] = crop_geometry(source, geometry).time_ids()
+        if mask is None:
+            mask = mask_tensor(record, ref, geometry, self.target_size(index), self.mask_scale)
+            if store is not None and ref is not None:
+                store.put_mask(view, mask)
+        return {**item, "loss_mask": mask}
 
 
 def shuffle_caption_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:

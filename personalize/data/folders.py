@@ -27,6 +27,10 @@ METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 # Our own files that sit beside images and are not data: not reported as ignored files.
 # class_images.json ties a class-image folder to its prompt and model (methods/class_images.py).
 OWN_FILES = ("class_images.json",)
+# Loss masks beside their images (data/masks.py): OneTrainer's `x-masklabel.png`,
+# `x.mask.png`, and `masks/x.png` in the image's folder.
+MASK_SUFFIXES = ("-masklabel", ".mask")
+MASK_FOLDER = "masks"
 
 
 class FolderImage(NamedTuple):
@@ -45,6 +49,11 @@ def folder_images(
     """Every image under `root` with its sidecar caption; `skip` holds real paths of
     folders to leave out (see find_images). DataError when there is no image at all."""
     images, others, skipped = find_images(root, skip)
+    # Loss masks (x-masklabel.png, x.mask.png, masks/x.png beside x.jpg) are not pictures to
+    # train on, whether or not data.masked_loss uses them.
+    images, mask_files = split_mask_files(images)
+    if mask_files:
+        logger.info("%d mask file(s) in %s are not training images", len(mask_files), root)
     if skipped:
         count = sum(skipped.values())
         logger.warning(
@@ -133,6 +142,27 @@ def _report_folder_leftovers(
             root,
             some(other_case),
         )
+
+
+def is_mask_file(path: Path, image_names: set[tuple[Path, str]]) -> bool:
+    """Whether image file `path` is the mask of another image; `image_names` holds
+    (folder, stem) of every image found. Such files are never training images."""
+    stem = path.stem
+    for suffix in MASK_SUFFIXES:
+        if stem.endswith(suffix) and (path.parent, stem[: -len(suffix)]) in image_names:
+            return True
+    return path.parent.name == MASK_FOLDER and (path.parent.parent, stem) in image_names
+
+
+def split_mask_files(images: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training images, mask files) of a folder scan: `x-masklabel.png`, `x.mask.png` and
+    `masks/x.png` are masks when an image `x.*` sits where they point."""
+    names = {(p.parent, p.stem) for p in images}
+    masks = [p for p in images if is_mask_file(p, names)]
+    if not masks:
+        return list(images), []
+    taken = set(masks)
+    return [p for p in images if p not in taken], masks
 
 
 def find_images(

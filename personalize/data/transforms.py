@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -221,61 +221,65 @@ class CropGeometry:
         )
 
 
-def cover_crop(
-    size: tuple[int, int],
-    target: tuple[int, int],
-    center_crop: bool = True,
-    crop_rng: np.random.Generator | None = None,
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """For an image of `size` (w, h): the size it is scaled to so it covers `target` (w, h)
-    keeping its aspect ratio, and the (left, top) of the `target` crop in it (centered, or
-    uniformly random from `crop_rng`)."""
-    (width, height), (target_w, target_h) = size, target
-    scale = max(target_w / width, target_h / height)
-    new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
-    extra_w, extra_h = new_size[0] - target_w, new_size[1] - target_h
-    if center_crop or crop_rng is None:
-        return new_size, (extra_w // 2, extra_h // 2)
-    left = int(crop_rng.integers(0, extra_w + 1))
-    return new_size, (left, int(crop_rng.integers(0, extra_h + 1)))
+class Geometry(NamedTuple):
+    """Where a training view's pixels come from: scale the source to `resized` (w, h),
+    take `box` (left, top, right, bottom) of it, then mirror when `flip`. One Geometry is
+    applied to an image and to its loss mask alike, so the two stay aligned."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+    shrinks: bool  # the scale is < 1 (chooses the resampling filter)
 
 
-def crop_geometry(
-    size: tuple[int, int],
-    target: tuple[int, int],
-    resized: tuple[int, int],
-    left_top: tuple[int, int],
-    flip: bool,
-) -> CropGeometry:
-    """The CropGeometry of a view (all sizes (w, h) as PIL gives them)."""
-    left, top = left_top
-    if flip:  # the same pixels, seen as a crop of the flipped image
-        left = resized[0] - left - target[0]
-    return CropGeometry((size[1], size[0]), (top, left), (target[1], target[0]))
-
-
-def crop_to(
-    image: Image.Image,
+def fit_geometry(
+    source: tuple[int, int],
     target: tuple[int, int],
     *,
     center_crop: bool = True,
     flip: bool = False,
     crop_rng: np.random.Generator | None = None,
-) -> tuple[torch.Tensor, CropGeometry]:
-    """Scale to cover `target` (w, h), crop (center, or random from `crop_rng`), flip ->
-    ([3, H, W] tensor in [-1, 1], where the view came from)."""
-    original = image.size
-    resized, (left, top) = cover_crop(original, target, center_crop, crop_rng)
-    if resized != image.size:
-        # LANCZOS is sharpest when shrinking; when enlarging it rings, BICUBIC does not.
-        shrink = resized[0] < image.size[0]
-        resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.BICUBIC
-        image = image.resize(resized, resample=resample)
-    if image.size != target:
-        image = image.crop((left, top, left + target[0], top + target[1]))
-    if flip:
+) -> Geometry:
+    """Scale a `source` (w, h) image to cover `target` (w, h) keeping its aspect ratio, then
+    crop `target` from it (centered, or uniformly random from `crop_rng` when not
+    `center_crop`)."""
+    width, height = source
+    target_w, target_h = target
+    scale = max(target_w / width, target_h / height)
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    extra_w, extra_h = resized[0] - target_w, resized[1] - target_h
+    if center_crop or crop_rng is None:
+        left, top = extra_w // 2, extra_h // 2
+    else:
+        left, top = int(crop_rng.integers(0, extra_w + 1)), int(crop_rng.integers(0, extra_h + 1))
+    return Geometry(resized, (left, top, left + target_w, top + target_h), flip, scale < 1)
+
+
+def apply_geometry(image: Image.Image, geometry: Geometry, *, mask: bool = False) -> Image.Image:
+    """`image` resized, cropped and flipped as `geometry` says. Pictures: LANCZOS when
+    shrinking (sharpest), BICUBIC when enlarging (LANCZOS rings). Masks (`mask`): BOX when
+    shrinking, the area average of a coverage map, and BILINEAR when enlarging; neither
+    overshoots, so a mask stays within its 0..255 range without clipping artefacts."""
+    if geometry.resized != image.size:
+        if mask:
+            resample = Image.Resampling.BOX if geometry.shrinks else Image.Resampling.BILINEAR
+        else:
+            resample = Image.Resampling.LANCZOS if geometry.shrinks else Image.Resampling.BICUBIC
+        image = image.resize(geometry.resized, resample=resample)
+    if image.size != (geometry.box[2] - geometry.box[0], geometry.box[3] - geometry.box[1]):
+        image = image.crop(geometry.box)
+    if geometry.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image), crop_geometry(original, target, resized, (left, top), flip)
+    return image
+
+
+def crop_geometry(source: tuple[int, int], geometry: Geometry) -> CropGeometry:
+    """Where the view `geometry` cuts from a `source` (w, h) image came from, as SDXL is
+    conditioned on it; a flipped view is told the corner of its crop in the flipped image."""
+    left, top, right, bottom = geometry.box
+    if geometry.flip:  # the same pixels, seen as a crop of the flipped image
+        left = geometry.resized[0] - right
+    return CropGeometry((source[1], source[0]), (top, left), (bottom - top, right - left))
 
 
 def prepare_image(
@@ -287,6 +291,11 @@ def prepare_image(
     crop_rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """Resize shorter side -> square crop (center, or random from `crop_rng`) -> flip -> tensor."""
-    return crop_to(
-        image, (resolution, resolution), center_crop=center_crop, flip=flip, crop_rng=crop_rng
-    )[0]
+    geometry = fit_geometry(
+        image.size,
+        (resolution, resolution),
+        center_crop=center_crop,
+        flip=flip,
+        crop_rng=crop_rng,
+    )
+    return to_tensor(apply_geometry(image, geometry))

@@ -67,6 +67,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     # SDXL's size/crop conditioning per example (only SDXL reads it); an example that does
     # not record where it came from (a class image) counts as uncropped at its own size.
     batch["time_ids"] = torch.stack([_time_ids(e) for e in examples])
+    masks = [e.get("loss_mask") for e in examples]
+    if any(m is not None for m in masks):
+        # data.masked_loss: examples without a mask (class images) weigh every pixel 1.
+        ones = torch.ones_like(next(m for m in masks if m is not None))
+        batch["loss_mask"] = torch.stack([ones if m is None else m for m in masks])
     return batch
 
 
@@ -172,6 +177,8 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
     d, t = cfg.data, cfg.train
     # Never our own outputs as data: a second run would train on the first's samples.
     skip = [Path(cfg.output_dir), *method.output_folders()]
+    if d.masked_loss and d.mask_dir:
+        skip.append(Path(d.mask_dir))
     read = dict(
         caption_extension=d.caption_extension,
         image_column=d.image_column,
@@ -235,6 +242,7 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
                 concept.repeats,
                 d.concept_balance,
             )
+    masking = _loss_masks(cfg, parts, records, val_records)
     train_dataset = ImageCaptionDataset(
         records,
         center_crop=d.center_crop,
@@ -243,6 +251,7 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
         concepts=concepts,
         concept_of=concept_of,
         order=order,
+        **masking.get("train", {}),
         **common,
     )
     val_dataset = (
@@ -251,6 +260,7 @@ def build_training_data(cfg, method, parts, accelerator, prompt: str | None) -> 
             center_crop=True,
             concepts=[_replace_prompt(c, c.prompt, plain=True) for c in val_concepts],
             concept_of=val_concept_of,
+            **masking.get("val", {}),
             **common,
         )
         if val_records
@@ -312,6 +322,24 @@ def _concept_records(concept: Concept, read: dict[str, Any], several: bool) -> l
         if not several:
             raise
         raise DataError(f"Concept {concept.name!r}: {exc}") from exc
+
+
+def _loss_masks(cfg, parts, records, val_records) -> dict[str, dict[str, Any]]:
+    """data.masked_loss: the masks of the training and held-out images, checked now (one
+    clear error before any training; data/masks.py), as ImageCaptionDataset arguments."""
+    d = cfg.data
+    if not d.masked_loss:
+        return {}
+    from personalize.data.masks import find_masks
+
+    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    found = {"train": find_masks(records, source=d.mask_source, mask_dir=d.mask_dir)}
+    if val_records:
+        # Held-out images without masks are fine: their validation loss is unmasked.
+        found["val"] = find_masks(
+            val_records, source=d.mask_source, mask_dir=d.mask_dir, require_any=False
+        )
+    return {name: {"masks": refs, "mask_scale": scale} for name, refs in found.items()}
 
 
 def _fixed_captions(cfg, method, train_dataset, val_dataset) -> list[str] | None:

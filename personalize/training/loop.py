@@ -90,7 +90,12 @@ class Trainer:
         v, t = cfg.validation, cfg.train
         self.validation_prompts = self.method.validation_prompts(v.prompts)
         self.validation_loss = (
-            ValidationLoss(self.val_dataset, v.loss_timesteps, cfg.seed)
+            ValidationLoss(
+                self.val_dataset,
+                v.loss_timesteps,
+                cfg.seed,
+                mask_weighting=(cfg.data.unmasked_weight, cfg.data.normalize_masked_loss),
+            )
             if self.val_dataset is not None and v.loss_every_steps
             else None
         )
@@ -183,8 +188,16 @@ class Trainer:
             noisy, timesteps, text.hidden_states, **text.unet_kwargs, return_dict=False
         )[0]
         target = training_target(sched, latents, noise, timesteps)
+        d = self.cfg.data
         per_example = per_example_loss(
-            model_pred, target, sched, timesteps, self.cfg.train.snr_gamma
+            model_pred,
+            target,
+            sched,
+            timesteps,
+            self.cfg.train.snr_gamma,
+            mask=batch.get("loss_mask"),  # data.masked_loss; class images' rows are ones
+            unmasked_weight=d.unmasked_weight,
+            normalize_mask=d.normalize_masked_loss,
         )
         loss = self.method.reduce_loss(per_example, batch)
         outputs = StepOutputs(

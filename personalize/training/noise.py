@@ -64,10 +64,20 @@ def per_example_loss(
     noise_scheduler,
     timesteps: torch.Tensor,
     snr_gamma: float | None,
+    mask: torch.Tensor | None = None,
+    unmasked_weight: float = 0.0,
+    normalize_mask: bool = True,
 ) -> torch.Tensor:
-    """MSE per example, optionally Min-SNR-gamma weighted (Hang et al. 2023)."""
+    """MSE per example, optionally Min-SNR-gamma weighted (Hang et al. 2023). `mask`
+    [B, 1, h, w] (data.masked_loss) weighs each element before the mean (data/masks.py
+    `weigh_loss`); the SNR weight then applies to the example as a whole."""
     loss = torch.nn.functional.mse_loss(model_pred.float(), target.float(), reduction="none")
-    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if mask is not None:
+        from personalize.data.masks import weigh_loss
+
+        loss = weigh_loss(loss, mask, unmasked_weight, normalize_mask)
+    else:
+        loss = loss.mean(dim=list(range(1, loss.ndim)))
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=snr_gamma) / snr

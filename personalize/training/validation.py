@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from personalize.training.data import collate
-from personalize.training.noise import training_target
+from personalize.training.noise import per_example_loss, training_target
 
 if TYPE_CHECKING:
     from personalize.config import ValidationConfig
@@ -71,10 +71,18 @@ class ValidationLoss:
     drive early stopping and the choice of the best checkpoint.
     """
 
-    def __init__(self, dataset, timesteps: list[int], seed: int):
+    def __init__(
+        self,
+        dataset,
+        timesteps: list[int],
+        seed: int,
+        mask_weighting: tuple[float, bool] = (0.0, True),
+    ):
         self.dataset = dataset
         self.timesteps = timesteps
         self.seed = seed
+        # (unmasked_weight, normalize) for held-out images with a loss mask (masked_loss).
+        self.mask_weighting = mask_weighting
 
     @torch.no_grad()
     def compute(self, unet: torch.nn.Module, conditioning: Conditioning, scheduler) -> float:
@@ -101,7 +109,18 @@ class ValidationLoss:
                             noisy, ts, text.hidden_states, **text.unet_kwargs, return_dict=False
                         )[0]
                     target = training_target(scheduler, latents, noise, ts)
-                    total += torch.nn.functional.mse_loss(pred.float(), target.float())
+                    if "loss_mask" in batch:  # measured as training measures it
+                        total += per_example_loss(
+                            pred,
+                            target,
+                            scheduler,
+                            ts,
+                            None,
+                            batch["loss_mask"],
+                            *self.mask_weighting,
+                        ).mean()
+                    else:
+                        total += torch.nn.functional.mse_loss(pred.float(), target.float())
                     count += 1
         total = acc.reduce(total, "sum")
         count = acc.reduce(count, "sum")
