@@ -190,6 +190,18 @@ DIAGNOSTICS.update(
 # DreamBooth: prior weight 2, because weight 1 missed class -> subject by 0.008 (0.208).
 RECIPES["dreambooth_recommended"] = copy.deepcopy(DIAGNOSTICS["dreambooth_prior_te_w2"])
 RECIPES["lora_recommended"] = copy.deepcopy(DIAGNOSTICS["lora_prior_te"])
+# Issue 18, EMA: the recommended recipes with an EMA of the trained weights (validated and
+# saved instead of the raw ones). 0.99: a window of ~100 steps, a quarter of the 400-600
+# steps; the decay ramps up as (1 + s) / (10 + s) (diffusers' schedule) before it reaches it.
+DIAGNOSTICS.update(
+    {
+        f"{method}_recommended_ema": _merge(
+            copy.deepcopy(RECIPES[f"{method}_recommended"]),
+            {"config": {"train": {"ema_decay": 0.99}}},
+        )
+        for method in ("dreambooth", "lora")
+    }
+)
 VARIANTS = tuple(RECIPES)
 ALL_RECIPES = {**RECIPES, **DIAGNOSTICS}
 

@@ -33,10 +33,11 @@ from personalize.training import faults
 from personalize.training.accelerator import cast_for_training, make_accelerator, weight_dtype
 from personalize.training.conditioning import CacheSettings, Conditioning
 from personalize.training.data import build_training_data
+from personalize.training.ema import ema_only, evaluation_weights, make_ema
 from personalize.training.fastpaths import apply_fast_paths, make_optimizer
 from personalize.training.guard import NonFiniteError, NonFiniteGuard
 from personalize.training.noise import add_training_noise, per_example_loss, training_target
-from personalize.training.optimizers import eval_weights, make_lr_scheduler
+from personalize.training.optimizers import make_lr_scheduler
 from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_dir
 from personalize.training.progress import Progress
 from personalize.training.schedule import Due, Schedule
@@ -155,6 +156,8 @@ class Trainer:
             optimizer, self.dataloader, lr_scheduler
         )
         ckpt.TrainableState(acc, self.method, self.parts)  # what checkpoints hold
+        # After TrainableState: the EMA's own checkpoint hooks come second.
+        self.ema = make_ema(self.cfg, self.trainable, acc, self.method, self.parts)
 
     # ------------------------------------------------------------------------ one step
 
@@ -233,6 +236,8 @@ class Trainer:
                     continue  # accumulating
                 self.global_step += 1
                 self.method.after_optimizer_step(self.parts, self.global_step)
+                if self.ema is not None:  # after the method's fix-ups (TI's frozen rows)
+                    self.ema.update()
                 self.progress.step_done()
                 faults.error_point(f"error-rank{self.accelerator.process_index}", self.global_step)
                 self.timer.step_done()
@@ -262,7 +267,8 @@ class Trainer:
         step = self.global_step
         if due.save and self.accelerator.is_main_process:
             # Before the stop check: an interrupted run resumes after this step.
-            self.method.save_intermediate(self.out, self.parts, step)
+            with ema_only(self.ema):
+                self.method.save_intermediate(self.out, self.parts, step)
         if due.sync_point:
             self._check(step, due.log)
         signum = self.stop_request.agreed(self.accelerator, due.sync_point)
@@ -270,10 +276,10 @@ class Trainer:
             self._interrupt(signum)
         stop = due.stop
         if due.validate:
-            with self.conditioning.all_on_device(), eval_weights(self.optimizer):
+            with self.conditioning.all_on_device(), self._evaluation_weights():
                 stop = self._validate() or stop
         if due.sample:
-            with self.conditioning.all_on_device(), eval_weights(self.optimizer):
+            with self.conditioning.all_on_device(), self._evaluation_weights():
                 save_validation_samples(
                     self.parts,
                     self.accelerator,
@@ -380,11 +386,15 @@ class Trainer:
             keep=self.cfg.train.checkpoints_total_limit,
         )
 
+    def _evaluation_weights(self):
+        """What validation, samples and artifacts use (training/ema.py)."""
+        return evaluation_weights(self.optimizer, self.ema)
+
     def _save_artifact(self, out_dir: Path) -> None:
         self.accelerator.wait_for_everyone()
-        # Schedule-free: save its averaged weights. Switched on every rank, so the ranks'
-        # weights stay identical (the switch back is not bit-exact).
-        with eval_weights(self.optimizer):
+        # The EMA, or schedule-free's averaged weights. Switched on every rank, so the
+        # ranks' weights stay identical (schedule-free's switch back is not bit-exact).
+        with self._evaluation_weights():
             if self.accelerator.is_main_process:
                 self.method.save(out_dir, self.parts, self.global_step)
             self.accelerator.wait_for_everyone()
