@@ -191,6 +191,23 @@ def test_resuming_a_checkpoint_without_ema_says_so(tiny_model_dir, instance_dir,
         _run(cfg)
 
 
+def test_resuming_an_ema_checkpoint_without_ema_warns(
+    tiny_model_dir, instance_dir, tmp_path, caplog
+):
+    cfg = base_config(
+        tiny_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        train=dict(EMA, max_steps=2, checkpoint_every=2),
+    )
+    _run(cfg)
+    cfg = dict(cfg, resume="latest")
+    cfg["train"] = dict(cfg["train"], max_steps=3, ema_decay=None)
+    with caplog.at_level("WARNING", logger="personalize"):
+        _run(cfg)
+    assert "holds an EMA of the weights, but train.ema_decay is off" in caplog.text
+
+
 def test_textual_inversion_frozen_rows_stay_exact(tiny_model_dir, instance_dir, tmp_path):
     from personalize.adapters.embeddings import DIFFUSERS_FILE
 

@@ -33,7 +33,7 @@ from personalize.training import faults
 from personalize.training.accelerator import cast_for_training, make_accelerator, weight_dtype
 from personalize.training.conditioning import CacheSettings, Conditioning
 from personalize.training.data import build_training_data
-from personalize.training.ema import ema_only, evaluation_weights, make_ema
+from personalize.training.ema import EMA_FILE, ema_only, evaluation_weights, make_ema
 from personalize.training.fastpaths import apply_fast_paths, make_optimizer
 from personalize.training.guard import NonFiniteError, NonFiniteGuard
 from personalize.training.noise import add_training_noise, per_example_loss, training_target
@@ -307,6 +307,12 @@ class Trainer:
             ) from e.__cause__
         self.global_step = int(state["step"])
         self.early.load_state(state)
+        if self.ema is None and (path / EMA_FILE).is_file():
+            logger.warning(
+                "%s holds an EMA of the weights, but train.ema_decay is off: the raw weights "
+                "train on and are saved; set train.ema_decay as before to keep the EMA",
+                path,
+            )
         logger.info("resumed from %s at step %d", path, self.global_step)
         return self.global_step, self.global_step * self.cfg.train.gradient_accumulation_steps
 
