@@ -73,7 +73,7 @@ class WeightEMA:
             # diffusers' decay is 0 at the first update: the shadow becomes the weights.
             # Copied rather than computed as s - (s - w), which may round, so rows that
             # never train (TI's frozen embedding rows) are bit-identical from here on
-            # (s - (1 - d) * 0 == s).
+            # (a lerp between equal values is exact).
             for s, p in zip(self.shadow, self.params):
                 s.copy_(p)
             self.ema.optimization_step = 1
