@@ -299,3 +299,20 @@ def test_bad_decay_is_one_line(decay):
         assert not from_dict({"train": {"ema_decay": off}}).train.ema_decay
     with pytest.raises(ConfigError, match=r"train\.ema_power"):
         from_dict({"train": {"ema_power": 0}})
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_benchmark_ema_variants_are_the_recommended_recipes_with_ema(method, tmp_path):
+    from personalize.toyworld import base_model_path
+    from personalize.toyworld.benchmark import variant_config
+    from personalize.toyworld.subjects import get_subject
+
+    subject = get_subject("striped_heart")
+    cfgs = [
+        variant_config(v, subject, base_model_path(), tmp_path / "d", tmp_path / "o")
+        for v in (f"{method}_recommended", f"{method}_recommended_ema")
+    ]
+    plain, ema = (from_dict(c) for c in cfgs)
+    assert ema.train.ema_decay == 0.99 and not plain.train.ema_decay
+    cfgs[1]["train"].pop("ema_decay")
+    assert cfgs[0] == cfgs[1]

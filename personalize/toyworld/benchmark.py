@@ -191,8 +191,8 @@ DIAGNOSTICS.update(
 RECIPES["dreambooth_recommended"] = copy.deepcopy(DIAGNOSTICS["dreambooth_prior_te_w2"])
 RECIPES["lora_recommended"] = copy.deepcopy(DIAGNOSTICS["lora_prior_te"])
 # Issue 18, EMA: the recommended recipes with an EMA of the trained weights (validated and
-# saved instead of the raw ones). 0.99: a window of ~100 steps, a quarter of the 400-600
-# steps; the decay ramps up as (1 + s) / (10 + s) (diffusers' schedule) before it reaches it.
+# saved instead of the raw ones). 0.99 caps diffusers' ramp (1 + s) / (10 + s), which is
+# still ~0.98 at step 400: the average spans the last ~45 of the 400-600 steps.
 DIAGNOSTICS.update(
     {
         f"{method}_recommended_ema": _merge(
