@@ -251,6 +251,7 @@ def _fsdp_accelerator(version: int = 2):
             "l2sp .* does not run under FSDP",
         ),
         ({"validation": {"prompts": ["a"], "every_steps": 2}}, "validation.every_steps=0"),
+        ({"train": {"ema_decay": 0.99}}, "train.ema_decay: the EMA is not supported under FSDP"),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_shard(

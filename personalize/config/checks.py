@@ -101,6 +101,12 @@ def validate(cfg: PersonalizeConfig) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = no clipping)")
     need(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", "must be > 0 or null")
+    need(
+        not t.ema_decay or 0 < t.ema_decay < 1,
+        "train.ema_decay",
+        f"must be in (0, 1), e.g. 0.99, or null/0 for no EMA; got {t.ema_decay}",
+    )
+    need(t.ema_power > 0, "train.ema_power", f"must be > 0, got {t.ema_power}")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
     need(

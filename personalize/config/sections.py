@@ -152,6 +152,13 @@ class TrainConfig:
     # Fused AdamW (one kernel for all parameters; also lets the NaN guard skip a step on the
     # device, without a host sync); falls back to foreach where unsupported.
     fused_optimizer: bool = True
+    # An exponential moving average of the trained weights, validated and saved instead of
+    # the raw ones (docs/loop.md, "EMA"): e.g. 0.99 for a few hundred steps, 0.999 for
+    # thousands. null (or 0) = off. ema_warmup: diffusers' use_ema_warmup, the decay grows as
+    # 1 - (1 + step) ** -ema_power (else as (1 + step) / (10 + step)), capped at ema_decay.
+    ema_decay: float | None = None
+    ema_warmup: bool = False
+    ema_power: float = 2 / 3
 
 
 @dataclass

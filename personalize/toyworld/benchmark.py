@@ -190,6 +190,18 @@ DIAGNOSTICS.update(
 # DreamBooth: prior weight 2, because weight 1 missed class -> subject by 0.008 (0.208).
 RECIPES["dreambooth_recommended"] = copy.deepcopy(DIAGNOSTICS["dreambooth_prior_te_w2"])
 RECIPES["lora_recommended"] = copy.deepcopy(DIAGNOSTICS["lora_prior_te"])
+# Issue 18, EMA: the recommended recipes with an EMA of the trained weights (validated and
+# saved instead of the raw ones). 0.99 caps diffusers' ramp (1 + s) / (10 + s), which is
+# still ~0.98 at step 400: the average spans the last ~45 of the 400-600 steps.
+DIAGNOSTICS.update(
+    {
+        f"{method}_recommended_ema": _merge(
+            copy.deepcopy(RECIPES[f"{method}_recommended"]),
+            {"config": {"train": {"ema_decay": 0.99}}},
+        )
+        for method in ("dreambooth", "lora")
+    }
+)
 VARIANTS = tuple(RECIPES)
 ALL_RECIPES = {**RECIPES, **DIAGNOSTICS}
 

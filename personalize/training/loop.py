@@ -33,10 +33,11 @@ from personalize.training import faults, sharding
 from personalize.training.accelerator import cast_for_training, make_accelerator, weight_dtype
 from personalize.training.conditioning import CacheSettings, Conditioning
 from personalize.training.data import build_training_data
+from personalize.training.ema import EMA_FILE, ema_only, evaluation_weights, make_ema
 from personalize.training.fastpaths import apply_fast_paths, make_optimizer
 from personalize.training.guard import NonFiniteError, NonFiniteGuard
 from personalize.training.noise import add_training_noise, per_example_loss, training_target
-from personalize.training.optimizers import eval_weights, make_lr_scheduler
+from personalize.training.optimizers import make_lr_scheduler
 from personalize.training.output_dir import LOG_FILE, RUN_FILE, prepare_output_dir
 from personalize.training.progress import Progress
 from personalize.training.schedule import Due, Schedule
@@ -160,6 +161,8 @@ class Trainer:
                 self.conditioning.use_wrapped_text_encoder(trained[name], name)
         self.trained_modules = list(trained.values())
         ckpt.TrainableState(acc, self.method, self.parts)  # what checkpoints hold
+        # After TrainableState: the EMA's own checkpoint hooks come second.
+        self.ema = make_ema(self.cfg, self.trainable, acc, self.method, self.parts)
 
     # ------------------------------------------------------------------------ one step
 
@@ -248,6 +251,8 @@ class Trainer:
                     continue  # accumulating
                 self.global_step += 1
                 self.method.after_optimizer_step(self.parts, self.global_step)
+                if self.ema is not None:  # after the method's fix-ups (TI's frozen rows)
+                    self.ema.update()
                 self.progress.step_done()
                 faults.error_point(f"error-rank{self.accelerator.process_index}", self.global_step)
                 self.timer.step_done()
@@ -277,7 +282,7 @@ class Trainer:
         step = self.global_step
         if due.save:
             # Before the stop check: an interrupted run resumes after this step.
-            with sharding.full_weights(self.accelerator, self.trained_modules):
+            with ema_only(self.ema), sharding.full_weights(self.accelerator, self.trained_modules):
                 if self.accelerator.is_main_process:
                     self.method.save_intermediate(self.out, self.parts, step)
         if due.sync_point:
@@ -287,10 +292,10 @@ class Trainer:
             self._interrupt(signum)
         stop = due.stop
         if due.validate:
-            with self.conditioning.all_on_device(), eval_weights(self.optimizer):
+            with self.conditioning.all_on_device(), self._evaluation_weights():
                 stop = self._validate() or stop
         if due.sample:
-            with self.conditioning.all_on_device(), eval_weights(self.optimizer):
+            with self.conditioning.all_on_device(), self._evaluation_weights():
                 save_validation_samples(
                     self.parts,
                     self.accelerator,
@@ -318,6 +323,12 @@ class Trainer:
             ) from e.__cause__
         self.global_step = int(state["step"])
         self.early.load_state(state)
+        if self.ema is None and (path / EMA_FILE).is_file():
+            logger.warning(
+                "%s holds an EMA of the weights, but train.ema_decay is off: the raw weights "
+                "train on and are saved; set train.ema_decay as before to keep the EMA",
+                path,
+            )
         logger.info("resumed from %s at step %d", path, self.global_step)
         return self.global_step, self.global_step * self.cfg.train.gradient_accumulation_steps
 
@@ -397,12 +408,16 @@ class Trainer:
             keep=self.cfg.train.checkpoints_total_limit,
         )
 
+    def _evaluation_weights(self):
+        """What validation, samples and artifacts use (training/ema.py)."""
+        return evaluation_weights(self.optimizer, self.ema)
+
     def _save_artifact(self, out_dir: Path) -> None:
         self.accelerator.wait_for_everyone()
-        # Schedule-free: save its averaged weights. Switched on every rank, so the ranks'
-        # weights stay identical (the switch back is not bit-exact).
+        # The EMA, or schedule-free's averaged weights. Switched on every rank, so the
+        # ranks' weights stay identical (schedule-free's switch back is not bit-exact).
         with (
-            eval_weights(self.optimizer),
+            self._evaluation_weights(),
             sharding.full_weights(self.accelerator, self.trained_modules),
         ):
             if self.accelerator.is_main_process:

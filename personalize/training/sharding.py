@@ -55,6 +55,11 @@ def check_fsdp_config(cfg, accelerator) -> None:
             "regularization.weight_constraint=l2sp reads every trained weight outside the "
             "forward pass and does not run under FSDP; use DDP or drop the constraint"
         )
+    if cfg.train.ema_decay:
+        raise ConfigError(
+            "train.ema_decay: the EMA is not supported under FSDP yet (its copies of the "
+            "sharded weights are untested); use DDP or set train.ema_decay=null"
+        )
     if cfg.validation.prompts and cfg.validation.every_steps:
         raise ConfigError(
             "validation sample images are drawn by the main process alone, which a sharded "
