@@ -289,3 +289,41 @@ def test_shipped_textual_inversion_config_trains_an_sdxl_model_unchanged(
     assert code == 0, captured.err[-3000:]
     assert (out / DIFFUSERS_FILE).is_file() and (out / DIFFUSERS_FILE_2).is_file()
     assert set(load_file(out / "my-cat.safetensors")) == {"clip_l", "clip_g"}
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """The accelerate state is a process-wide singleton fixed at the first precision used."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_keeps_both_tables_fp32_and_their_other_rows_exact(
+    tiny_sdxl_model_dir, instance_dir, tmp_path, fresh_accelerate_state, monkeypatch
+):
+    # Keep bf16 on the CPU (a CPU run otherwise falls back to fp32): bf16 is what is checked.
+    monkeypatch.setattr(
+        "personalize.training.accelerator.runtime_precision", lambda requested, *_, **__: requested
+    )
+    cfg = _cfg(
+        tiny_sdxl_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        train={"max_steps": 2, "mixed_precision": "bf16", "weight_decay": 0.5},
+    )
+    parts = load_parts(str(tiny_sdxl_model_dir))
+    tables = {name: _table(parts.modules()[name]).clone() for name in ENCODERS}
+    trainer = Trainer(cfg, parts=parts)
+    trainer.run()
+    for name in ENCODERS:
+        module = trainer.parts.modules()[name]
+        weight = _table(module)
+        assert weight.dtype == torch.float32, name  # the trainable tables stay fp32
+        layers = [p for n, p in module.named_parameters() if ".layers." in n]
+        assert layers and all(p.dtype == torch.bfloat16 for p in layers), name
+        assert torch.equal(weight[: tables[name].shape[0]], tables[name]), name
+    for file in (DIFFUSERS_FILE, DIFFUSERS_FILE_2):
+        assert torch.isfinite(load_file(tmp_path / "run" / file)[TOKEN]).all()

@@ -400,10 +400,10 @@ def _targets(pipe, emb: Embedding, path: Path) -> list[tuple[torch.Tensor, Any, 
     for (vectors, _, text_encoder), name in zip(targets, ("text_encoder", "text_encoder_2")):
         width = _width(text_encoder)
         if vectors.shape[1] != width:
-            which = f" for {name}" if emb.is_sdxl else ""
+            which, encoder = (f" for {name}", name) if emb.is_sdxl else ("", "text encoder")
             raise EmbeddingError(
                 f"{path}: embedding width{which} {_describe_width(int(vectors.shape[1]))} does "
-                f"not fit this pipeline's {name} width {_describe_width(width)}; it was made "
+                f"not fit this pipeline's {encoder} width {_describe_width(width)}; it was made "
                 "for another base model. Use an embedding trained on this model family."
             )
     return targets
