@@ -358,6 +358,42 @@ def webui_embedding(data) -> torch.Tensor:
     return emb.unsqueeze(0) if emb.dim() == 1 else emb
 
 
+def webui_sdxl_embedding(data, expected_width: int) -> dict[str, torch.Tensor]:
+    """The webui on an SDXL model: create_embedding_from_data takes a dict with clip_g and
+    clip_l as {key: float tensor}, its shape = clip_g width + clip_l width, its token count =
+    clip_g's rows; the embedding is registered only when that shape equals the model's
+    (encode_embedding_init_text over both encoders: 768 + 1280), else skipped. Each encoder's
+    EmbeddingsWithFixes then splices `vec[textual_inversion_key]` (clip_l / clip_g) into the
+    prompt, `vectors` positions from the token on."""
+    assert "clip_g" in data and "clip_l" in data, "not an SDXL embedding"
+    vec = {k: v.detach().float() for k, v in data.items()}
+    shape = data["clip_g"].shape[-1] + data["clip_l"].shape[-1]
+    assert shape == expected_width, f"skipped: shape {shape} != {expected_width}"
+    vectors = data["clip_g"].shape[0]
+    # The positions taken come from clip_g: clip_l with other rows would splice a wrong span.
+    assert vec["clip_l"].shape[0] == vectors, "clip_l and clip_g rows differ"
+    return {"clip_l": vec["clip_l"], "clip_g": vec["clip_g"]}
+
+
+def comfyui_sdxl_embedding(data, clip_l_width: int, clip_g_width: int) -> dict[str, torch.Tensor]:
+    """ComfyUI on SDXL: SDXLTokenizer holds a clip_l tokenizer (embedding_key 'clip_l', 768)
+    and SDXLClipGTokenizer (embedding_key 'clip_g', 1280); each runs sd1_clip.load_embed on
+    the same file, takes its own key (else the first value), and drops the embedding with a
+    warning when the width is not its embedding_size."""
+    out = {}
+    for key, width in (("clip_l", clip_l_width), ("clip_g", clip_g_width)):
+        embed = comfyui_embedding(data, key)
+        assert embed.shape[-1] == width, f"{key}: width {embed.shape[-1]} != {width}, dropped"
+        out[key] = embed
+    return out
+
+
+def kohya_sdxl_embedding(data) -> dict[str, torch.Tensor]:
+    """sd-scripts sdxl_train_textual_inversion: save_weights writes {"clip_l": te1's,
+    "clip_g": te2's} and load_weights reads exactly those two keys."""
+    return {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+
+
 def kohya_embedding(data) -> torch.Tensor:
     """sd-scripts train_textual_inversion load_weights: string_to_param's dict, else the
     file's dict; its first tensor."""

@@ -945,10 +945,10 @@ def _(env):
 
 @case(
     "embedding-sdxl",
-    "an SDXL embedding (clip_l + clip_g)",
+    "an SDXL embedding (clip_l + clip_g) into the SD1-style pipeline",
     raises=ArtifactError,
-    message=r"{tmp}/xl\.safetensors is an SDXL embedding \(clip_l \+ clip_g tensors\); "
-    r"personalize loads SD 1\.x/2\.x embeddings",
+    message=r"{tmp}/xl\.safetensors is an SDXL embedding \(clip_l 768 \+ clip_g 1280 wide\) "
+    r"and this pipeline has one text encoder \(32\): load it into a StableDiffusionXLPipeline",
 )
 def _(env):
     save_file(

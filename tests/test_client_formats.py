@@ -18,12 +18,15 @@ from client_rules import (
     comfyui_hypernetwork,
     comfyui_key_map,
     comfyui_load_lora,
+    comfyui_sdxl_embedding,
     kohya_embedding,
     kohya_module_shapes,
+    kohya_sdxl_embedding,
     webui_embedding,
     webui_layer_mapping,
     webui_load_network,
     webui_safe_check,
+    webui_sdxl_embedding,
 )
 from conftest import base_config
 from diffusers import StableDiffusionPipeline
@@ -363,6 +366,33 @@ def test_embedding_safetensors_layouts_every_client_reads(tmp_path):
     torch.testing.assert_close(
         comfyui_embedding({"clip_g": torch.zeros(1, 1280), "clip_l": vectors}), vectors
     )
+
+
+def test_sdxl_embedding_file_every_client_reads_into_both_encoders(tmp_path):
+    """One clip_l/clip_g file at SDXL's real widths (768 + 1280): the webui registers it for
+    a 2048-wide model, ComfyUI's two tokenizers each take their key, kohya reads both."""
+    clip_l, clip_g = torch.randn(3, 768), torch.randn(3, 1280)
+    path = E.save_sdxl(tmp_path / "sks.safetensors", "sks", clip_l, clip_g, step=5)
+    data = load_file(path)
+    assert set(data) == {"clip_l", "clip_g"}
+    for read in (
+        lambda d: webui_sdxl_embedding(d, expected_width=768 + 1280),
+        lambda d: comfyui_sdxl_embedding(d, clip_l_width=768, clip_g_width=1280),
+        kohya_sdxl_embedding,
+    ):
+        got = read(data)
+        torch.testing.assert_close(got["clip_l"], clip_l)
+        torch.testing.assert_close(got["clip_g"], clip_g)
+    emb = E.read_embedding(path)
+    assert emb.is_sdxl and emb.token == "sks" and emb.step == 5 and emb.num_vectors == 3
+    # The rules bite: an SD1 embedding is skipped by the webui on SDXL and dropped by
+    # ComfyUI's clip_g tokenizer; rows that differ between the encoders are refused here.
+    with pytest.raises(AssertionError, match="not an SDXL embedding"):
+        webui_sdxl_embedding({"emb_params": clip_l}, expected_width=2048)
+    with pytest.raises(AssertionError, match="clip_g: width 768"):
+        comfyui_sdxl_embedding({"emb_params": clip_l}, clip_l_width=768, clip_g_width=1280)
+    with pytest.raises(E.EmbeddingError, match="3 and 2 vectors"):
+        E.save_sdxl(tmp_path / "bad.safetensors", "bad", clip_l, clip_g[:2], step=None)
 
 
 HN_OPTIONS = {

@@ -97,7 +97,9 @@ def test_only_the_placeholder_rows_change(ti_run):
     table = parts.text_encoder.get_input_embeddings().weight.detach()
     assert ids == [old.shape[0], old.shape[0] + 1]  # appended after the base vocabulary
     assert torch.equal(table[: old.shape[0]], old)  # bit for bit, despite weight decay
-    assert not torch.equal(table[ids], trainer.method._original[ids])  # the new rows learned
+    assert not torch.equal(
+        table[ids], trainer.method.rows["text_encoder"]._original[ids]
+    )  # the new rows learned
     for name in ("unet", "vae", "text_encoder"):
         for key, value in parts.modules()[name].state_dict().items():
             if key != table_key:

@@ -45,6 +45,15 @@ def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
             f"models/embeddings (prompt: embedding:{stem}), webui embeddings/ (prompt: "
             f"{stem}); learned_embeds.safetensors -> diffusers load_textual_inversion"
         )
+    if method == "textual_inversion_sdxl":
+        stem = files["stem"]
+        return (
+            f"SDXL embedding saved in {out}: {stem}.safetensors (clip_l + clip_g) -> ComfyUI "
+            f"models/embeddings (prompt: embedding:{stem}), webui embeddings/ (prompt: {stem}); "
+            "learned_embeds.safetensors -> diffusers load_textual_inversion(..., "
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer) and "
+            "learned_embeds_2.safetensors -> the same with text_encoder_2 and tokenizer_2"
+        )
     if method == "hypernetwork":
         name = files["name"]
         return (

@@ -8,6 +8,10 @@ Three layouts are in use (docs/textual_inversion.md, REFERENCE.md):
   {"*": tensor[n, dim]}, "name", "step", "sd_checkpoint", "sd_checkpoint_name"}`.
 - single tensor files: safetensors cannot nest dicts, so the webui reads a `.safetensors`
   embedding as a dict holding exactly one tensor (kohya writes `{"emb_params": tensor}`).
+- SDXL (two text encoders): one file `{"clip_l": [n, 768], "clip_g": [n, 1280]}` (the webui,
+  ComfyUI, kohya and diffusers' advanced SDXL script), or diffusers' pair
+  `learned_embeds.safetensors` (text_encoder) + `learned_embeds_2.safetensors` (text_encoder_2)
+  from `textual_inversion_sdxl.py`, each `{token: tensor}`.
 
 In the webui the trigger word is the file name; in diffusers it is the dict key (or the
 webui `name`). We follow both: a diffusers key names the token, a generic key
@@ -31,6 +35,11 @@ from personalize.io import atomic_save_safetensors, atomic_save_webui_pt, torch_
 logger = logging.getLogger(__name__)
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
+# diffusers' textual_inversion_sdxl.py writes text_encoder_2's vectors beside DIFFUSERS_FILE.
+DIFFUSERS_STEM, DIFFUSERS_STEM_2 = "learned_embeds", "learned_embeds_2"
+DIFFUSERS_FILE_2 = f"{DIFFUSERS_STEM_2}.safetensors"
+# The keys of a one-file SDXL embedding: CLIP-L (text_encoder) and OpenCLIP-bigG (text_encoder_2).
+SDXL_KEYS = ("clip_l", "clip_g")
 # Keys that name a layout, not a token: the token then comes from the file name.
 GENERIC_KEYS = ("emb_params", "*", "string_to_param.*")
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth")
@@ -49,11 +58,16 @@ KNOWN_WIDTHS = {
 class Embedding:
     """One learned token: its vectors and where they came from."""
 
-    vectors: torch.Tensor  # [num_vectors, dim], float32
+    vectors: torch.Tensor  # [num_vectors, dim], float32 (SDXL: text_encoder's, clip_l)
     token: str  # the trigger word a prompt must contain
     step: int | None = None
-    layout: str = "diffusers"  # diffusers | webui | single_tensor
+    layout: str = "diffusers"  # diffusers | webui | single_tensor | sdxl | diffusers_pair
     metadata: dict[str, str] = field(default_factory=dict)
+    vectors_2: torch.Tensor | None = None  # SDXL: text_encoder_2's (clip_g); None otherwise
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.vectors_2 is not None
 
     @property
     def num_vectors(self) -> int:
@@ -98,12 +112,28 @@ def _as_vectors(tensor: Any, where: str) -> torch.Tensor:
     return tensor.detach().float().contiguous()
 
 
-def _sdxl_error(path: Path) -> EmbeddingError:
-    return EmbeddingError(
-        f"{path} is an SDXL embedding (clip_l + clip_g tensors); personalize loads SD 1.x/2.x "
-        "embeddings. Load it into an SDXL pipeline with diffusers' load_textual_inversion, "
-        "once per text encoder (state_dict['clip_l'] and ['clip_g'])."
-    )
+def _step_of(metadata: dict[str, str], key: str = "step") -> int | None:
+    step = metadata.get(key)
+    return int(step) if step and step.isdigit() else None
+
+
+def _sdxl_pair(vectors: torch.Tensor, vectors_2: torch.Tensor, path: Path, what: str) -> None:
+    """Both encoders must see the same number of vectors: the webui counts the prompt's
+    tokens from clip_g and reads that many rows of clip_l."""
+    if vectors.shape[0] != vectors_2.shape[0]:
+        raise EmbeddingError(
+            f"{path}: {what} hold {vectors.shape[0]} and {vectors_2.shape[0]} vectors; an SDXL "
+            "embedding has the same number for both text encoders"
+        )
+
+
+def _from_sdxl_dict(data: dict, path: Path, metadata: dict[str, str]) -> Embedding:
+    """`{"clip_l": [n, 768], "clip_g": [n, 1280]}`: named by its file, as in the webui."""
+    clip_l = _as_vectors(data["clip_l"], f"{path} ['clip_l']")
+    clip_g = _as_vectors(data["clip_g"], f"{path} ['clip_g']")
+    _sdxl_pair(clip_l, clip_g, path, "clip_l and clip_g")
+    token = metadata.get("name") or path.stem
+    return Embedding(clip_l, token, _step_of(metadata), "sdxl", metadata, vectors_2=clip_g)
 
 
 def _from_dict(data: dict, path: Path, metadata: dict[str, str]) -> Embedding:
@@ -125,8 +155,8 @@ def _from_dict(data: dict, path: Path, metadata: dict[str, str]) -> Embedding:
             "webui",
             {"name": str(data.get("name", stem))},
         )
-    if {"clip_l", "clip_g"} <= set(data):
-        raise _sdxl_error(path)
+    if set(SDXL_KEYS) <= set(data):
+        return _from_sdxl_dict(data, path, metadata)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != 1 or len(data) != 1:
         raise EmbeddingError(
@@ -138,27 +168,53 @@ def _from_dict(data: dict, path: Path, metadata: dict[str, str]) -> Embedding:
     vectors = _as_vectors(tensor, f"{path} [{key!r}]")
     if key in GENERIC_KEYS:
         token = metadata.get("name") or stem
-        step = metadata.get("step")
-        return Embedding(
-            vectors,
-            token,
-            int(step) if step and step.isdigit() else None,
-            "single_tensor",
-            metadata,
-        )
-    step = metadata.get("personalize_step")
+        return Embedding(vectors, token, _step_of(metadata), "single_tensor", metadata)
+    return Embedding(vectors, key, _step_of(metadata, "personalize_step"), "diffusers", metadata)
+
+
+def diffusers_pair(path: Path) -> tuple[Path, Path] | None:
+    """(text_encoder's, text_encoder_2's) files when `path` is one half of diffusers' SDXL
+    pair (`learned_embeds[-steps-N]` + `learned_embeds_2[-steps-N]`, any suffix) and the
+    other half lies beside it; else None."""
+    name = path.name
+    if name.startswith(DIFFUSERS_STEM_2):
+        first = path.with_name(name.replace(DIFFUSERS_STEM_2, DIFFUSERS_STEM, 1))
+        return (first, path) if first.is_file() else None
+    if name.startswith(DIFFUSERS_STEM):
+        second = path.with_name(name.replace(DIFFUSERS_STEM, DIFFUSERS_STEM_2, 1))
+        return (path, second) if second.is_file() else None
+    return None
+
+
+def _read_pair(first: Path, second: Path) -> Embedding:
+    one, two = _read_file(first), _read_file(second)
+    for emb, file in ((one, first), (two, second)):
+        if emb.is_sdxl or emb.layout == "webui":
+            raise EmbeddingError(
+                f"{file}: one half of a diffusers SDXL pair must be {{token: tensor}}, found "
+                f"a {emb.layout} embedding"
+            )
+    _sdxl_pair(one.vectors, two.vectors, first, f"{first.name} and {second.name}")
     return Embedding(
-        vectors, key, int(step) if step and step.isdigit() else None, "diffusers", metadata
+        one.vectors, one.token, one.step, "diffusers_pair", one.metadata, vectors_2=two.vectors
     )
 
 
 def read_embedding(path: str | Path) -> Embedding:
-    """Read any embedding layout above from a file (or a training output folder)."""
+    """Read any embedding layout above from a file (or a training output folder). One half of
+    diffusers' SDXL pair reads as the pair when the other half lies beside it."""
     path = Path(path)
     if path.is_dir():
         if not (path / DIFFUSERS_FILE).is_file():
             raise EmbeddingError(f"{path} holds no {DIFFUSERS_FILE}")
         path = path / DIFFUSERS_FILE
+    pair = diffusers_pair(path) if path.is_file() else None
+    if pair:
+        return _read_pair(*pair)
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> Embedding:
     if not path.is_file():
         raise ArtifactNotFoundError(f"embedding {path} does not exist")
     if path.suffix == ".safetensors":
@@ -236,10 +292,32 @@ def save_single_tensor(
     return atomic_save_safetensors({"emb_params": _as_vectors(vectors, name)}, path, meta)
 
 
+def save_sdxl(
+    path: str | Path,
+    name: str,
+    vectors: torch.Tensor,
+    vectors_2: torch.Tensor,
+    step: int | None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """`{"clip_l": text_encoder's [n, 768], "clip_g": text_encoder_2's [n, 1280]}`: the one
+    SDXL embedding file the webui, ComfyUI and kohya read. Name and step in the metadata."""
+    meta = dict(metadata or {}, name=name)
+    if step is not None:
+        meta["step"] = str(step)
+    tensors = {"clip_l": _as_vectors(vectors, name), "clip_g": _as_vectors(vectors_2, name)}
+    _sdxl_pair(tensors["clip_l"], tensors["clip_g"], Path(path), "clip_l and clip_g")
+    return atomic_save_safetensors(tensors, path, meta)
+
+
 def save_embedding(emb: Embedding, path: str | Path) -> Path:
     """Write `emb` in the layout the suffix implies: `.pt` = webui, `.safetensors` = diffusers
-    when `emb.token` is a usable key, else single tensor."""
+    when `emb.token` is a usable key, else single tensor; SDXL = clip_l/clip_g."""
     path = Path(path)
+    if emb.is_sdxl:
+        if path.suffix != ".safetensors":
+            raise EmbeddingError(f"{path}: write SDXL embeddings as .safetensors")
+        return save_sdxl(path, emb.token, emb.vectors, emb.vectors_2, emb.step)
     if path.suffix in PICKLE_SUFFIXES:
         return save_webui_pt(path, emb.token, emb.vectors, emb.step)
     if path.suffix != ".safetensors":
@@ -266,8 +344,8 @@ def detect_embedding(path: str | Path) -> Path | None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
-                if set(keys) == {"clip_l", "clip_g"}:
-                    return path  # SDXL: claimed so that loading says why it cannot
+                if set(SDXL_KEYS) <= set(keys):
+                    return path  # SDXL: both encoders' vectors
                 if len(keys) == 1 and len(f.get_slice(keys[0]).get_shape()) in (1, 2):
                     return path
         except Exception as e:
@@ -290,34 +368,49 @@ def _describe_width(dim: int) -> str:
     return f"{dim} ({KNOWN_WIDTHS[dim]})" if dim in KNOWN_WIDTHS else str(dim)
 
 
-def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str]:
-    """Add the embedding at `path` to `pipe` under `token` (default: the file's token);
-    return the tokens added. Checks what diffusers' loader would get wrong silently or with
-    a vague message: the width, a token that is already taken, a token the tokenizer would
-    never produce as one piece."""
-    emb = read_embedding(path)
-    token = token or emb.token
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    width = text_encoder.get_input_embeddings().weight.shape[-1]
-    if emb.dim != width:
+def _is_sdxl_pipeline(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None and (
+        getattr(pipe, "tokenizer_2", None) is not None
+    )
+
+
+def _width(text_encoder) -> int:
+    return int(text_encoder.get_input_embeddings().weight.shape[-1])
+
+
+def _targets(pipe, emb: Embedding, path: Path) -> list[tuple[torch.Tensor, Any, Any]]:
+    """(vectors, tokenizer, text_encoder) for every encoder the embedding goes into; a file
+    of the other model family is refused in one line (the webui skips it silently)."""
+    if _is_sdxl_pipeline(pipe) != emb.is_sdxl:
+        if emb.is_sdxl:
+            raise EmbeddingError(
+                f"{path} is an SDXL embedding (clip_l {emb.dim} + clip_g "
+                f"{emb.vectors_2.shape[1]} wide) and this pipeline has one text encoder "
+                f"({_describe_width(_width(pipe.text_encoder))}): load it into a "
+                "StableDiffusionXLPipeline, or use an embedding trained on this model"
+            )
         raise EmbeddingError(
-            f"{path}: embedding width {_describe_width(emb.dim)} does not fit this pipeline's "
-            f"text encoder width {_describe_width(width)}; it was made for another base model. "
-            "Use an embedding trained on this model family."
+            f"{path} is a one-encoder embedding ({_describe_width(emb.dim)}) and this SDXL "
+            "pipeline needs vectors for both text encoders (a clip_l + clip_g file, or "
+            f"diffusers' {DIFFUSERS_FILE} + {DIFFUSERS_FILE_2}): train it on an SDXL model"
         )
-    if not token or any(ch.isspace() for ch in token):
-        raise EmbeddingError(
-            f"{path}: token {token!r} must be one word without spaces; "
-            "pass another with adapter_name="
-        )
-    tokens = expand_tokens(token, emb.num_vectors)
-    taken = [t for t in tokens if t in tokenizer.get_vocab()]
-    if taken:
-        raise EmbeddingError(
-            f"{path}: token(s) {taken} are already in the tokenizer (a word of the model, or an "
-            "embedding loaded before). Load it under another token: "
-            "personalize.load(pipe, path, adapter_name='<my-token>')."
-        )
+    targets = [(emb.vectors, pipe.tokenizer, pipe.text_encoder)]
+    if emb.is_sdxl:
+        targets.append((emb.vectors_2, pipe.tokenizer_2, pipe.text_encoder_2))
+    for (vectors, _, text_encoder), name in zip(targets, ("text_encoder", "text_encoder_2")):
+        width = _width(text_encoder)
+        if vectors.shape[1] != width:
+            which, encoder = (f" for {name}", name) if emb.is_sdxl else ("", "text encoder")
+            raise EmbeddingError(
+                f"{path}: embedding width{which} {_describe_width(int(vectors.shape[1]))} does "
+                f"not fit this pipeline's {encoder} width {_describe_width(width)}; it was made "
+                "for another base model. Use an embedding trained on this model family."
+            )
+    return targets
+
+
+def _add_tokens(pipe, path: Path, token: str, vectors: torch.Tensor, tokenizer, text_encoder):
+    tokens = expand_tokens(token, int(vectors.shape[0]))
     # Make room first: diffusers' loader would fit a Gaussian to the whole table to draw rows
     # it then overwrites (and log about it); at the size it asks for, its resize is a no-op.
     needed = len(tokenizer) + len(tokens)
@@ -325,10 +418,7 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str
         text_encoder.resize_token_embeddings(needed, mean_resizing=False)
     # diffusers' loader reads a bare tensor with an explicit token, whatever the layout.
     pipe.load_textual_inversion(
-        emb.vectors.to(text_encoder.dtype),
-        token=token,
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        vectors.to(text_encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=text_encoder
     )
     ids = tokenizer.convert_tokens_to_ids(tokens)
     got = tokenizer.encode(" ".join(tokens), add_special_tokens=False)
@@ -338,12 +428,41 @@ def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str
             f"({got} != {ids}), so prompts could never use it; pass another adapter_name "
             "(lower case, no spaces)."
         )
+    return tokens
+
+
+def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str]:
+    """Add the embedding at `path` to `pipe` under `token` (default: the file's token);
+    return the tokens added. An SDXL embedding goes into both text encoders of an SDXL
+    pipeline. Checks what diffusers' loader would get wrong silently or with a vague
+    message: the model family and width, a token that is already taken, a token the
+    tokenizer would never produce as one piece."""
+    emb = read_embedding(path)
+    token = token or emb.token
+    targets = _targets(pipe, emb, Path(path))
+    if not token or any(ch.isspace() for ch in token):
+        raise EmbeddingError(
+            f"{path}: token {token!r} must be one word without spaces; "
+            "pass another with adapter_name="
+        )
+    tokens = expand_tokens(token, emb.num_vectors)
+    # Every tokenizer is checked before any is changed, so a refusal leaves the pipe as it was.
+    for _, tokenizer, _ in targets:
+        taken = [t for t in tokens if t in tokenizer.get_vocab()]
+        if taken:
+            raise EmbeddingError(
+                f"{path}: token(s) {taken} are already in the tokenizer (a word of the model, "
+                "or an embedding loaded before). Load it under another token: "
+                "personalize.load(pipe, path, adapter_name='<my-token>')."
+            )
+    for vectors, tokenizer, text_encoder in targets:
+        _add_tokens(pipe, path, token, vectors, tokenizer, text_encoder)
     _warn_when_unused(pipe, token)
     logger.info(
-        "embedding %s: %d vector(s) of width %d; write %s in the prompt",
+        "embedding %s: %d vector(s) of width %s; write %s in the prompt",
         path,
         emb.num_vectors,
-        emb.dim,
+        " + ".join(str(int(v.shape[1])) for v, _, _ in targets),
         token,
     )
     return tokens

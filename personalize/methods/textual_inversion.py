@@ -1,12 +1,15 @@
 """Textual Inversion: learn only the embedding row(s) of a new pseudo-word.
 
-What trains: the text encoder's token embedding table, but only the rows of the new
-placeholder token(s) may change. Gradients of every other row are masked to zero (so
+What trains: the text encoder's token embedding table (SDXL: both text encoders' tables, as
+diffusers' textual_inversion_sdxl.py trains them), but only the rows of the new placeholder
+token(s) may change. Gradients of every other row are masked to zero (so
 gradient clipping and the logged norm see only the new rows), and after each optimizer step
 every other row is copied back from a copy taken before training, bit for bit: AdamW's
 weight decay touches the whole table, and a mixed-precision cast may round it.
 What joins the loss: nothing. What is saved: the new rows, as diffusers'
-`learned_embeds.safetensors` and as the webui's `.pt` and single-tensor `.safetensors`.
+`learned_embeds.safetensors` and as the webui's `.pt` and single-tensor `.safetensors`; for
+SDXL as diffusers' pair `learned_embeds.safetensors` + `learned_embeds_2.safetensors` and one
+`clip_l`/`clip_g` `.safetensors` for the webui, ComfyUI and kohya.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import torch
 from personalize.adapters.clients import log_client_guide
 from personalize.adapters.embeddings import (
     DIFFUSERS_FILE,
+    DIFFUSERS_STEM,
+    DIFFUSERS_STEM_2,
     expand_prompt,
     expand_tokens,
     save_diffusers,
+    save_sdxl,
     save_single_tensor,
     save_webui_pt,
     webui_name,
@@ -37,11 +43,81 @@ from personalize.models import SDParts
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "text_encoder.placeholder_vectors"
+STATE_KEY_2 = "text_encoder_2.placeholder_vectors"  # SDXL's second text encoder
 
-_RESERVED_STEMS = ("learned_embeds",)
+_RESERVED_STEMS = (DIFFUSERS_STEM, DIFFUSERS_STEM_2)
+_STATE_KEYS = {"text_encoder": STATE_KEY, "text_encoder_2": STATE_KEY_2}
 
 
 _need = need  # the shared validator (personalize.errors.need)
+
+
+class NewRows:
+    """One text encoder's token table in which only the rows `ids` may change.
+
+    Gradients of every other row are masked to zero (so gradient clipping and the logged norm
+    see only the new rows), and after each optimizer step every other row is copied back
+    from the table taken before training, bit for bit."""
+
+    def __init__(self, text_encoder: torch.nn.Module, ids: list[int]):
+        self.ids = ids
+        self.embedding = text_encoder.get_input_embeddings()
+        self._original = self.weight.detach().clone()  # the whole table before training
+        self._exact = False  # the table holds _original's exact values (not a cast's)
+        self._masks: dict[torch.device, torch.Tensor] = {}
+        self.weight.requires_grad_(True)
+        self.weight.register_hook(self._mask_grad)
+        self.embedding.register_forward_pre_hook(self._exact_before_first_forward)
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.embedding.weight
+
+    def vectors(self) -> torch.Tensor:
+        """The learned vectors [num_vectors, dim], float32 on the CPU."""
+        return self.weight[self.ids].detach().float().cpu().contiguous()
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        mask = self._masks.get(grad.device)
+        if mask is None:
+            mask = torch.zeros(grad.shape[0], 1, dtype=torch.bool, device=grad.device)
+            mask[self.ids] = True
+            self._masks[grad.device] = mask
+        return grad.masked_fill(~mask, 0)
+
+    def _original_on(self, device: torch.device) -> torch.Tensor:
+        if self._original.device != device:
+            self._original = self._original.to(device)
+        return self._original
+
+    @torch.no_grad()
+    def restore_other_rows(self) -> None:
+        weight = self.weight
+        learned = weight[self.ids].clone()
+        weight.copy_(self._original_on(weight.device))  # exact: the copy is the loaded dtype
+        weight[self.ids] = learned
+        self._exact = True
+
+    @torch.no_grad()
+    def set_rows(self, vectors: torch.Tensor) -> None:
+        """Put `vectors` in the new rows (a resumed run) and every other row back."""
+        self.weight[self.ids] = vectors.to(self.weight.device, self.weight.dtype)
+        self.restore_other_rows()
+
+    @torch.no_grad()
+    def _exact_before_first_forward(self, module: torch.nn.Module, args) -> None:
+        """The loop casts the table to the mixed-precision dtype and back to fp32, which rounds
+        every row; the first step (of a fresh run: a resumed one restores in
+        load_trainable_state_dict) must see the exact rows, as all later steps do."""
+        if not self._exact:
+            module.weight.copy_(self._original_on(module.weight.device))
+            self._exact = True
+
+
+def _tokenizers_and_encoders(parts: SDParts) -> dict[str, tuple[Any, torch.nn.Module]]:
+    """(tokenizer, text encoder) by encoder name: text_encoder, and text_encoder_2 for SDXL."""
+    tokenizers = {"text_encoder": parts.tokenizer, "text_encoder_2": parts.tokenizer_2}
+    return {name: (tokenizers[name], te) for name, te in parts.text_encoders().items()}
 
 
 class TextualInversion(Method):
@@ -70,19 +146,40 @@ class TextualInversion(Method):
             self.templates = (
                 STYLE_TEMPLATES if c.learnable_property == "style" else OBJECT_TEMPLATES
             )
-        self.ids: list[int] = []
-        self._original: torch.Tensor | None = None  # the whole table before training
-        self._exact = False  # the table holds _original's exact values (not a cast's)
-        self._masks: dict[torch.device, torch.Tensor] = {}
+        self.rows: dict[str, NewRows] = {}  # by text encoder name (SDXL: two)
 
     # --- what is trainable -------------------------------------------------------------
 
+    @property
+    def ids(self) -> list[int]:
+        """The new tokens' ids in the (first) tokenizer."""
+        return self.rows["text_encoder"].ids if self.rows else []
+
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
-        tokenizer, te = parts.tokenizer, parts.text_encoder
-        self._check_placeholder_is_new(tokenizer)
-        init = self._initial_vectors(tokenizer, te.get_input_embeddings().weight.detach())
+        encoders = _tokenizers_and_encoders(parts)
+        # Every tokenizer is checked before any changes, as diffusers' SDXL script adds the
+        # tokens to both.
+        initial = {}
+        for name, (tokenizer, te) in encoders.items():
+            self._check_placeholder_is_new(tokenizer)
+            initial[name] = self._initial_vectors(
+                tokenizer, te.get_input_embeddings().weight.detach()
+            )
+        for name, (tokenizer, te) in encoders.items():
+            self.rows[name] = self._add_rows(tokenizer, te, initial[name])
+            logger.info(
+                "textual inversion: %d new token(s) %s (ids %s) in %s's table of %d rows",
+                len(self.tokens),
+                self.tokens,
+                self.rows[name].ids,
+                name,
+                self.rows[name].weight.shape[0],
+            )
+        return [{"params": [rows.weight for rows in self.rows.values()]}]
+
+    def _add_rows(self, tokenizer, te: torch.nn.Module, init: torch.Tensor) -> NewRows:
         tokenizer.add_tokens(self.tokens)
-        self.ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        ids = tokenizer.convert_tokens_to_ids(self.tokens)
         # The tokenizer must read the placeholder back as exactly the new ids, or training
         # would learn rows no prompt ever reaches.
         got = tokenizer.encode(
@@ -90,32 +187,22 @@ class TextualInversion(Method):
             add_special_tokens=False,
         )
         _need(
-            got[-len(self.ids) :] == self.ids,
+            got[-len(ids) :] == ids,
             "textual_inversion.placeholder_token",
             f"the tokenizer splits {self.placeholder!r} instead of reading it as the new "
-            f"token ({got} vs {self.ids}); use lower case letters, digits, - and <>",
+            f"token ({got} vs {ids}); use lower case letters, digits, - and <>",
         )
         rows = te.get_input_embeddings().weight.shape[0]
-        if max(self.ids) >= rows:
+        if max(ids) >= rows:
             # mean_resizing would draw the new rows from a fitted Gaussian; they are set below.
-            te.resize_token_embeddings(max(self.ids) + 1, mean_resizing=False)
+            te.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
         te.requires_grad_(False)  # resizing built a new Embedding that requires grad
         weight = te.get_input_embeddings().weight
         with torch.no_grad():
-            weight[self.ids] = init.to(weight.dtype)
-        self._original = weight.detach().clone()
-        weight.requires_grad_(True)
-        weight.register_hook(self._mask_grad)
-        te.get_input_embeddings().register_forward_pre_hook(self._exact_before_first_forward)
+            weight[ids] = init.to(weight.dtype)
+        new_rows = NewRows(te, ids)
         self._compute_in_frozen_dtype(te)
-        logger.info(
-            "textual inversion: %d new token(s) %s (ids %s) in a table of %d rows",
-            len(self.ids),
-            self.tokens,
-            self.ids,
-            weight.shape[0],
-        )
-        return [{"params": [weight]}]
+        return new_rows
 
     @staticmethod
     def _compute_in_frozen_dtype(te: torch.nn.Module) -> None:
@@ -181,44 +268,13 @@ class TextualInversion(Method):
         )
         return table[ids].float()
 
-    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        mask = self._masks.get(grad.device)
-        if mask is None:
-            mask = torch.zeros(grad.shape[0], 1, dtype=torch.bool, device=grad.device)
-            mask[self.ids] = True
-            self._masks[grad.device] = mask
-        return grad.masked_fill(~mask, 0)
-
-    def _weight(self, parts: SDParts) -> torch.nn.Parameter:
-        return parts.text_encoder.get_input_embeddings().weight
-
-    def vectors(self, parts: SDParts) -> torch.Tensor:
-        """The learned vectors [num_vectors, dim], float32 on the CPU."""
-        return self._weight(parts)[self.ids].detach().float().cpu().contiguous()
-
-    def _original_on(self, device: torch.device) -> torch.Tensor:
-        if self._original.device != device:
-            self._original = self._original.to(device)
-        return self._original
-
-    @torch.no_grad()
-    def _restore_other_rows(self, weight: torch.Tensor) -> None:
-        learned = weight[self.ids].clone()
-        weight.copy_(self._original_on(weight.device))  # exact: the copy is the loaded dtype
-        weight[self.ids] = learned
-        self._exact = True
-
-    @torch.no_grad()
-    def _exact_before_first_forward(self, module: torch.nn.Module, args) -> None:
-        """The loop casts the table to the mixed-precision dtype and back to fp32, which rounds
-        every row; the first step (of a fresh run: a resumed one restores in
-        load_trainable_state_dict) must see the exact rows, as all later steps do."""
-        if not self._exact:
-            module.weight.copy_(self._original_on(module.weight.device))
-            self._exact = True
+    def vectors(self, parts: SDParts, encoder: str = "text_encoder") -> torch.Tensor:
+        """The learned vectors [num_vectors, dim] of `encoder`, float32 on the CPU."""
+        return self.rows[encoder].vectors()
 
     def after_optimizer_step(self, parts: SDParts, step: int) -> None:
-        self._restore_other_rows(self._weight(parts))
+        for rows in self.rows.values():
+            rows.restore_other_rows()
 
     # --- captions ----------------------------------------------------------------------
 
@@ -306,7 +362,9 @@ class TextualInversion(Method):
             "personalize_placeholder_token": self.placeholder,
             "personalize_num_vectors": str(len(self.tokens)),
             "personalize_initializer_token": str(self.cfg.textual_inversion.initializer_token),
-            "personalize_text_width": str(self._weight(parts).shape[1]),
+            "personalize_text_width": "+".join(
+                str(rows.weight.shape[1]) for rows in self.rows.values()
+            ),
             "personalize_base_model": parts.source,
             "personalize_step": str(step),
         }
@@ -314,18 +372,44 @@ class TextualInversion(Method):
     def save_every(self) -> int:
         return self.cfg.textual_inversion.save_every
 
+    def _save_diffusers(self, out_dir: Path, parts: SDParts, step: int, suffix: str) -> Path:
+        """diffusers' file(s): `learned_embeds{suffix}.safetensors`, and for SDXL
+        `learned_embeds_2{suffix}.safetensors` beside it (as textual_inversion_sdxl.py
+        names them)."""
+        meta = self._metadata(parts, step)
+        stems = {"text_encoder": DIFFUSERS_STEM, "text_encoder_2": DIFFUSERS_STEM_2}
+        paths = [
+            save_diffusers(
+                Path(out_dir) / f"{stems[name]}{suffix}.safetensors",
+                self.placeholder,
+                rows.vectors(),
+                meta,
+            )
+            for name, rows in self.rows.items()
+        ]
+        return paths[0]
+
     def save_intermediate(self, out_dir: Path, parts: SDParts, step: int) -> Path:
-        path = Path(out_dir) / f"learned_embeds-steps-{step}.safetensors"
-        return save_diffusers(
-            path, self.placeholder, self.vectors(parts), self._metadata(parts, step)
-        )
+        return self._save_diffusers(out_dir, parts, step, f"-steps-{step}")
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         out_dir = Path(out_dir)
-        vectors, meta = self.vectors(parts), self._metadata(parts, step)
-        path = save_diffusers(out_dir / DIFFUSERS_FILE, self.placeholder, vectors, meta)
-        # The webui names an embedding by its file; both files carry the same vectors.
+        path = self._save_diffusers(out_dir, parts, step, "")
         stem = webui_name(self.placeholder)
+        if parts.is_sdxl:
+            # One file for the webui, ComfyUI and kohya; the webui names it by its file.
+            save_sdxl(
+                out_dir / f"{stem}.safetensors",
+                stem,
+                self.vectors(parts),
+                self.vectors(parts, "text_encoder_2"),
+                step,
+                self._metadata(parts, step),
+            )
+            log_client_guide("textual_inversion_sdxl", out_dir, stem=stem)
+            return path
+        vectors, meta = self.vectors(parts), self._metadata(parts, step)
+        # The webui names an embedding by its file; both files carry the same vectors.
         save_webui_pt(
             out_dir / f"{stem}.pt",
             stem,
@@ -340,23 +424,26 @@ class TextualInversion(Method):
     def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:
         # Only the new rows: the rest of the table is the base model's and is rebuilt by
         # setup() (which also re-adds the tokens) when a run resumes.
-        return {STATE_KEY: self._weight(parts)[self.ids].detach().contiguous()}
+        return {
+            _STATE_KEYS[name]: rows.weight[rows.ids].detach().contiguous()
+            for name, rows in self.rows.items()
+        }
 
     def load_trainable_state_dict(self, parts: SDParts, state: dict[str, torch.Tensor]) -> None:
-        weight = self._weight(parts)
-        if set(state) != {STATE_KEY} or tuple(state[STATE_KEY].shape) != (
-            len(self.ids),
-            weight.shape[1],
-        ):
-            shapes = {k: list(v.shape) for k, v in state.items()}
+        expected = {
+            _STATE_KEYS[name]: (len(rows.ids), rows.weight.shape[1])
+            for name, rows in self.rows.items()
+        }
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if found != expected:
             raise ConfigError(
-                f"checkpoint does not hold this run's placeholder vectors: found {shapes}, "
-                f"expected {STATE_KEY} of shape [{len(self.ids)}, {weight.shape[1]}]; was it "
-                "written by another method, textual_inversion.num_vectors or base model?"
+                f"checkpoint does not hold this run's placeholder vectors: found "
+                f"{ {k: list(v) for k, v in found.items()} }, expected "
+                f"{ {k: list(v) for k, v in expected.items()} }; was it written by another "
+                "method, textual_inversion.num_vectors or base model?"
             )
-        with torch.no_grad():
-            weight[self.ids] = state[STATE_KEY].to(weight.device, weight.dtype)
-        self._restore_other_rows(weight)
+        for name, rows in self.rows.items():
+            rows.set_rows(state[_STATE_KEYS[name]])
 
     # --- the demo ----------------------------------------------------------------------
 
