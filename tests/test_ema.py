@@ -225,7 +225,7 @@ def test_textual_inversion_frozen_rows_stay_exact(tiny_model_dir, instance_dir, 
     (table,) = trainer.ema.shadow
     frozen = torch.ones(table.shape[0], dtype=torch.bool)
     frozen[method.ids] = False
-    original = method._original.to(table.device)
+    original = method.rows["text_encoder"]._original.to(table.device)
     assert torch.equal(table[frozen], original[frozen])  # bit for bit, after 3 EMA updates
     assert not torch.equal(table[method.ids], original[method.ids])  # the new rows learned
     saved = load_file(out / DIFFUSERS_FILE)["<sks-disc>"]
