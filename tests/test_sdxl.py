@@ -434,3 +434,31 @@ def test_sample_cli_draws_with_an_sdxl_model_and_its_lora(
     tuned = sample(tmp_path / "tuned", "--load", str(sdxl_lora_run))
     assert base.shape == (32, 32, 3)
     assert np.abs(tuned - base).mean() > 0.1
+
+
+def test_prior_preservation_generates_class_images_with_sdxl(
+    tiny_sdxl_model_dir, instance_dir, tmp_path
+):
+    """DreamBooth-LoRA on SDXL: class images come from the SDXL pipeline (adapters of the
+    UNet and both text encoders off); a class row's time ids are its own uncropped size."""
+    cfg = _sdxl_config(
+        tiny_sdxl_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        train={"max_steps": 1},
+        lora={"train_text_encoder": True},
+        prior={
+            "enabled": True,
+            "class_prompt": "a disc",
+            "num_class_images": 2,
+            "generation_steps": 2,
+            "class_data_dir": str(tmp_path / "class"),
+        },
+    )
+    trainer = Trainer(from_dict(cfg))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    batch = next(iter(trainer.dataloader))
+    prior_rows = batch["time_ids"][batch["is_prior"]]
+    assert prior_rows.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * len(prior_rows)
+    trainer.run()
+    assert (tmp_path / "run" / LORA_WEIGHTS).is_file()

@@ -156,7 +156,7 @@ def wrap_with_prior(
 
     folder = class_data_dir(cfg)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    with adapters_disabled(parts.unet, parts.text_encoder):
+    with adapters_disabled(parts.unet, *parts.text_encoders().values()):
         ensure_class_images(
             folder,
             cfg.prior.class_prompt,
