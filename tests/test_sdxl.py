@@ -462,3 +462,35 @@ def test_prior_preservation_generates_class_images_with_sdxl(
     assert prior_rows.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * len(prior_rows)
     trainer.run()
     assert (tmp_path / "run" / LORA_WEIGHTS).is_file()
+
+
+def test_single_file_family_comes_from_diffusers_detection(tmp_path):
+    """A single .safetensors is classified by diffusers' own single-file detection, from
+    its header (the keys here are the ones diffusers looks for)."""
+    from safetensors.torch import save_file
+
+    from personalize.errors import ModelLoadError
+    from personalize.models import SD1, SD2
+
+    def checkpoint(name, tensors):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        return str(path)
+
+    unet_key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    xl = checkpoint(
+        "xl",
+        {
+            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
+            unet_key: torch.zeros(2, 2048),
+        },
+    )
+    assert detect_family(xl) == SDXL
+    assert detect_family(checkpoint("sd2", {unet_key: torch.zeros(2, 1024)})) == SD2
+    assert detect_family(checkpoint("sd1", {unet_key: torch.zeros(2, 768)})) == SD1
+    refiner = checkpoint(
+        "refiner",
+        {"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)},
+    )
+    with pytest.raises(ModelLoadError, match="refiner"):
+        detect_family(refiner)
