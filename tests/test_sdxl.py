@@ -73,8 +73,17 @@ def test_family_is_read_from_the_model_folder(tiny_sdxl_model_dir, tiny_model_di
 
 def test_lora_saves_all_three_components_for_stock_diffusers(sdxl_lora_run):
     with safe_open(str(sdxl_lora_run / LORA_WEIGHTS), "pt") as f:
-        prefixes = {k.split(".", 1)[0] for k in f.keys()}
-    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+        keys = list(f.keys())
+    assert {k.split(".", 1)[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    # SDXL reads text_encoder's penultimate layer: its last layer (1 of 0..1) gets no
+    # adapters, which could never learn; text_encoder_2's pooled output uses all its layers.
+    te1_layers = {
+        k.split("layers.")[1].split(".")[0] for k in keys if k.startswith("text_encoder.")
+    }
+    te2_layers = {
+        k.split("layers.")[1].split(".")[0] for k in keys if k.startswith("text_encoder_2.")
+    }
+    assert te1_layers == {"0"} and te2_layers == {"0", "1"}
 
 
 def test_lora_loads_into_a_fresh_stock_sdxl_pipeline_and_changes_the_image(
