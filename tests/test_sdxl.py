@@ -218,6 +218,12 @@ def test_time_ids_reach_the_unet_per_example(tiny_sdxl_model_dir, instance_dir, 
     torch.testing.assert_close(added["time_ids"], batch["time_ids"])
     assert added["text_embeds"].shape == (2, 48)  # text_encoder_2's projection
     assert text.hidden_states.shape[-1] == 32 + 48  # both encoders, concatenated
+    # A method's extra loss (a regularizer calling the UNet again) gets them too.
+    seen = []
+    trainer.method.extra_loss = lambda batch, outputs, parts: seen.append(outputs) or None
+    trainer.cfg.train.max_steps = 1
+    trainer.run()
+    assert seen and seen[0].unet_kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
 
 
 # ------------------------------------------------------------------ VAE and caches
