@@ -509,3 +509,18 @@ def test_single_file_family_comes_from_diffusers_detection(tmp_path):
     )
     with pytest.raises(ModelLoadError, match="refiner"):
         detect_family(refiner)
+
+
+def test_time_ids_stay_exact_with_half_precision_encoders(
+    tiny_sdxl_model_dir, instance_dir, tmp_path
+):
+    """bf16 holds integers exactly only up to 256: sizes go to the UNet in fp32."""
+    trainer = Trainer(from_dict(_sdxl_config(tiny_sdxl_model_dir, instance_dir, tmp_path / "r")))
+    for encoder in trainer.parts.text_encoders().values():
+        encoder.to(torch.bfloat16)
+    trainer.conditioning.text_cache = None
+    ids = torch.tensor([[1365.0, 2047, 3, 5, 1024, 1024]])
+    text = trainer.conditioning.text(["a photo of sks disc"], time_ids=ids)
+    assert text.hidden_states.dtype == torch.bfloat16
+    sent = text.unet_kwargs["added_cond_kwargs"]["time_ids"]
+    assert sent.dtype == torch.float32 and torch.equal(sent, ids)
