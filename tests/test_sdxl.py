@@ -524,3 +524,23 @@ def test_time_ids_stay_exact_with_half_precision_encoders(
     assert text.hidden_states.dtype == torch.bfloat16
     sent = text.unet_kwargs["added_cond_kwargs"]["time_ids"]
     assert sent.dtype == torch.float32 and torch.equal(sent, ids)
+
+
+def test_model_vae_path_replaces_the_vae(tiny_sdxl_model_dir, instance_dir, tmp_path):
+    """model.vae_path: e.g. an fp16-fixed SDXL VAE (force_upcast false), as a diffusers VAE
+    folder; a path that does not exist is a one-line error."""
+    from personalize.errors import ModelLoadError
+    from personalize.testing import tiny_sdxl_vae
+
+    fixed = tiny_sdxl_vae(seed=3)
+    fixed.register_to_config(force_upcast=False)
+    fixed.save_pretrained(tmp_path / "vae-fp16-fix")
+    cfg = _sdxl_config(tiny_sdxl_model_dir, instance_dir, tmp_path / "r")
+    cfg["model"]["vae_path"] = str(tmp_path / "vae-fp16-fix")
+    trainer = Trainer(from_dict(cfg))
+    assert trainer.parts.vae.config.force_upcast is False
+    torch.testing.assert_close(
+        trainer.parts.vae.encoder.conv_in.weight, fixed.encoder.conv_in.weight
+    )
+    with pytest.raises(ModelLoadError, match="vae_path"):
+        load_parts(str(tiny_sdxl_model_dir), vae_path=str(tmp_path / "missing"))
