@@ -91,9 +91,13 @@ def test_shipped_sdxl_config_trains_on_cpu_as_shipped(
 
 
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU fallback")
-@pytest.mark.parametrize("method", ["lora", "dreambooth"])
-def test_shipped_config_trains_through_cpu_2proc(method, tiny_model_dir, instance_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "sdxl_lora"])
+def test_shipped_config_trains_through_cpu_2proc(method, request, instance_dir, tmp_path):
     config = ROOT / "configs" / f"{method}.yaml"
+    sdxl = method.startswith("sdxl_")
+    model = request.getfixturevalue("tiny_sdxl_model_dir" if sdxl else "tiny_model_dir")
+    # SDXL: both text encoders train too, so each is wrapped for DDP beside the UNet.
+    extra = ["lora.train_text_encoder=true"] if sdxl else []
     out = tmp_path / "run"
     # launch/cpu_2proc.sh runs `accelerate launch`: put this interpreter's bin first on PATH.
     env = dict(
@@ -107,7 +111,8 @@ def test_shipped_config_trains_through_cpu_2proc(method, tiny_model_dir, instanc
         "bash",
         str(ROOT / "launch" / "cpu_2proc.sh"),
         str(config),
-        *_overrides(config, tiny_model_dir, instance_dir, out),
+        *_overrides(config, model, instance_dir, out),
+        *extra,
     ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -73,8 +73,17 @@ def test_family_is_read_from_the_model_folder(tiny_sdxl_model_dir, tiny_model_di
 
 def test_lora_saves_all_three_components_for_stock_diffusers(sdxl_lora_run):
     with safe_open(str(sdxl_lora_run / LORA_WEIGHTS), "pt") as f:
-        prefixes = {k.split(".", 1)[0] for k in f.keys()}
-    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+        keys = list(f.keys())
+    assert {k.split(".", 1)[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    # SDXL reads text_encoder's penultimate layer: its last layer (1 of 0..1) gets no
+    # adapters, which could never learn; text_encoder_2's pooled output uses all its layers.
+    te1_layers = {
+        k.split("layers.")[1].split(".")[0] for k in keys if k.startswith("text_encoder.")
+    }
+    te2_layers = {
+        k.split("layers.")[1].split(".")[0] for k in keys if k.startswith("text_encoder_2.")
+    }
+    assert te1_layers == {"0"} and te2_layers == {"0", "1"}
 
 
 def test_lora_loads_into_a_fresh_stock_sdxl_pipeline_and_changes_the_image(
@@ -209,6 +218,12 @@ def test_time_ids_reach_the_unet_per_example(tiny_sdxl_model_dir, instance_dir, 
     torch.testing.assert_close(added["time_ids"], batch["time_ids"])
     assert added["text_embeds"].shape == (2, 48)  # text_encoder_2's projection
     assert text.hidden_states.shape[-1] == 32 + 48  # both encoders, concatenated
+    # A method's extra loss (a regularizer calling the UNet again) gets them too.
+    seen = []
+    trainer.method.extra_loss = lambda batch, outputs, parts: seen.append(outputs) or None
+    trainer.cfg.train.max_steps = 1
+    trainer.run()
+    assert seen and seen[0].unet_kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
 
 
 # ------------------------------------------------------------------ VAE and caches
@@ -434,3 +449,98 @@ def test_sample_cli_draws_with_an_sdxl_model_and_its_lora(
     tuned = sample(tmp_path / "tuned", "--load", str(sdxl_lora_run))
     assert base.shape == (32, 32, 3)
     assert np.abs(tuned - base).mean() > 0.1
+
+
+def test_prior_preservation_generates_class_images_with_sdxl(
+    tiny_sdxl_model_dir, instance_dir, tmp_path
+):
+    """DreamBooth-LoRA on SDXL: class images come from the SDXL pipeline (adapters of the
+    UNet and both text encoders off); a class row's time ids are its own uncropped size."""
+    cfg = _sdxl_config(
+        tiny_sdxl_model_dir,
+        instance_dir,
+        tmp_path / "run",
+        train={"max_steps": 1},
+        lora={"train_text_encoder": True},
+        prior={
+            "enabled": True,
+            "class_prompt": "a disc",
+            "num_class_images": 2,
+            "generation_steps": 2,
+            "class_data_dir": str(tmp_path / "class"),
+        },
+    )
+    trainer = Trainer(from_dict(cfg))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    batch = next(iter(trainer.dataloader))
+    prior_rows = batch["time_ids"][batch["is_prior"]]
+    assert prior_rows.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * len(prior_rows)
+    trainer.run()
+    assert (tmp_path / "run" / LORA_WEIGHTS).is_file()
+
+
+def test_single_file_family_comes_from_diffusers_detection(tmp_path):
+    """A single .safetensors is classified by diffusers' own single-file detection, from
+    its header (the keys here are the ones diffusers looks for)."""
+    from safetensors.torch import save_file
+
+    from personalize.errors import ModelLoadError
+    from personalize.models import SD1, SD2
+
+    def checkpoint(name, tensors):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        return str(path)
+
+    unet_key = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    xl = checkpoint(
+        "xl",
+        {
+            "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
+            unet_key: torch.zeros(2, 2048),
+        },
+    )
+    assert detect_family(xl) == SDXL
+    assert detect_family(checkpoint("sd2", {unet_key: torch.zeros(2, 1024)})) == SD2
+    assert detect_family(checkpoint("sd1", {unet_key: torch.zeros(2, 768)})) == SD1
+    refiner = checkpoint(
+        "refiner",
+        {"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)},
+    )
+    with pytest.raises(ModelLoadError, match="refiner"):
+        detect_family(refiner)
+
+
+def test_time_ids_stay_exact_with_half_precision_encoders(
+    tiny_sdxl_model_dir, instance_dir, tmp_path
+):
+    """bf16 holds integers exactly only up to 256: sizes go to the UNet in fp32."""
+    trainer = Trainer(from_dict(_sdxl_config(tiny_sdxl_model_dir, instance_dir, tmp_path / "r")))
+    for encoder in trainer.parts.text_encoders().values():
+        encoder.to(torch.bfloat16)
+    trainer.conditioning.text_cache = None
+    ids = torch.tensor([[1365.0, 2047, 3, 5, 1024, 1024]])
+    text = trainer.conditioning.text(["a photo of sks disc"], time_ids=ids)
+    assert text.hidden_states.dtype == torch.bfloat16
+    sent = text.unet_kwargs["added_cond_kwargs"]["time_ids"]
+    assert sent.dtype == torch.float32 and torch.equal(sent, ids)
+
+
+def test_model_vae_path_replaces_the_vae(tiny_sdxl_model_dir, instance_dir, tmp_path):
+    """model.vae_path: e.g. an fp16-fixed SDXL VAE (force_upcast false), as a diffusers VAE
+    folder; a path that does not exist is a one-line error."""
+    from personalize.errors import ModelLoadError
+    from personalize.testing import tiny_sdxl_vae
+
+    fixed = tiny_sdxl_vae(seed=3)
+    fixed.register_to_config(force_upcast=False)
+    fixed.save_pretrained(tmp_path / "vae-fp16-fix")
+    cfg = _sdxl_config(tiny_sdxl_model_dir, instance_dir, tmp_path / "r")
+    cfg["model"]["vae_path"] = str(tmp_path / "vae-fp16-fix")
+    trainer = Trainer(from_dict(cfg))
+    assert trainer.parts.vae.config.force_upcast is False
+    torch.testing.assert_close(
+        trainer.parts.vae.encoder.conv_in.weight, fixed.encoder.conv_in.weight
+    )
+    with pytest.raises(ModelLoadError, match="vae_path"):
+        load_parts(str(tiny_sdxl_model_dir), vae_path=str(tmp_path / "missing"))

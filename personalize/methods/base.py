@@ -9,7 +9,7 @@ validation, logging), so a new method never needs a new loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,9 @@ class StepOutputs:
     model_pred: torch.Tensor
     target: torch.Tensor
     unet: torch.nn.Module  # the (possibly DDP-wrapped) UNet used for the forward pass
+    # Further UNet inputs of the model family (SDXL: added_cond_kwargs with the pooled
+    # embedding and size/crop ids): a regularizer calling the UNet again passes them too.
+    unet_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:

@@ -30,7 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 def _lora_config(
-    rank: int, alpha: float | None, dropout: float, targets: list[str], use_dora: bool
+    rank: int,
+    alpha: float | None,
+    dropout: float,
+    targets: list[str],
+    use_dora: bool,
+    layers: list[int] | None = None,
 ):
     from peft import LoraConfig
 
@@ -41,7 +46,19 @@ def _lora_config(
         init_lora_weights="gaussian",
         target_modules=targets,
         use_dora=use_dora,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
     )
+
+
+def _conditioning_layers(parts: SDParts, name: str) -> list[int] | None:
+    """The encoder layers whose adapters can learn, or None for all. SDXL reads only the
+    penultimate hidden states of text_encoder (CLIP-L) and not its pooled output, so its
+    last layer never shapes the conditioning: adapters there would get no gradient ever
+    (dead weights in the file, and DDP stops on parameters without one)."""
+    if not parts.is_sdxl or name != "text_encoder":
+        return None
+    return list(range(parts.text_encoder.config.num_hidden_layers - 1))
 
 
 def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) -> None:
@@ -78,9 +95,15 @@ class LoRA(prior.PriorPreservationHooks, Method):
                     c.text_encoder_target_modules,
                     "lora.text_encoder_target_modules",
                 )
+                layers = _conditioning_layers(parts, name)
                 inject_adapter_in_model(
                     _lora_config(
-                        c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora
+                        c.rank,
+                        c.alpha,
+                        c.dropout,
+                        c.text_encoder_target_modules,
+                        c.use_dora,
+                        layers,
                     ),
                     text_encoder,
                 )

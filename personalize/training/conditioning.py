@@ -301,7 +301,8 @@ class Conditioning:
         hidden, pooled = encoded["hidden"], encoded["pooled"]
         if time_ids is None:
             raise TrainingError("SDXL needs time_ids (size, crop, target size) per caption")
-        time_ids = time_ids.to(hidden.device, hidden.dtype, non_blocking=True)
+        # fp32, not the compute dtype: bf16 would round sizes above 256 (1365 -> 1368).
+        time_ids = time_ids.to(hidden.device, torch.float32, non_blocking=True)
         return TextConditioning(
             hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
         )

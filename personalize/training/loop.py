@@ -204,7 +204,15 @@ class Trainer:
         )
         loss = self.method.reduce_loss(per_example, batch)
         outputs = StepOutputs(
-            latents, noise, noisy, timesteps, text.hidden_states, model_pred, target, self.unet
+            latents,
+            noise,
+            noisy,
+            timesteps,
+            text.hidden_states,
+            model_pred,
+            target,
+            self.unet,
+            text.unet_kwargs,
         )
         extra = self.method.extra_loss(batch, outputs, self.parts)
         if extra is not None:
