@@ -45,6 +45,16 @@ def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
             f"models/embeddings (prompt: embedding:{stem}), webui embeddings/ (prompt: "
             f"{stem}); learned_embeds.safetensors -> diffusers load_textual_inversion"
         )
+    if method == "pivotal":
+        stem, token = files["stem"], files["token"]
+        return (
+            f"pivotal tuning: the embedding for {token} saved in {out} too: {stem}.safetensors "
+            f"-> ComfyUI models/embeddings (prompt: embedding:{stem}), webui embeddings/ "
+            f"(prompt: {stem}), with the LoRA/model above (not bundled into the LoRA: "
+            f"ComfyUI ignores bundle_emb keys); learned_embeds.safetensors -> diffusers "
+            f"load_textual_inversion; "
+            f"personalize.load(pipe, {out}) loads both; prompts must contain {token}"
+        )
     if method == "hypernetwork":
         name = files["name"]
         return (
