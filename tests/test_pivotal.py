@@ -105,11 +105,15 @@ def test_only_the_new_rows_and_the_lora_change(pivotal_run):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())
 
 
-def test_saved_files_load_into_a_stock_pipeline_and_change_the_output(
-    pivotal_run, tiny_model_dir
-):
+def test_saved_files_load_into_a_stock_pipeline_and_change_the_output(pivotal_run, tiny_model_dir):
     out, parts, *_ = pivotal_run
-    for name in (LORA_WEIGHTS, KOHYA_WEIGHTS, DIFFUSERS_FILE, "sks-disc.safetensors", "sks-disc.pt"):
+    for name in (
+        LORA_WEIGHTS,
+        KOHYA_WEIGHTS,
+        DIFFUSERS_FILE,
+        "sks-disc.safetensors",
+        "sks-disc.pt",
+    ):
         assert (out / name).is_file(), name
     learned = _rows(parts)
     for name in (DIFFUSERS_FILE, "sks-disc.safetensors", "sks-disc.pt"):
@@ -240,3 +244,20 @@ def test_client_guide_says_which_file_goes_where(tmp_path):
     line = client_guide("pivotal", tmp_path, stem="sks-disc", token=TOKEN)
     assert "sks-disc.safetensors -> ComfyUI models/embeddings" in line
     assert "learned_embeds.safetensors -> diffusers" in line and TOKEN in line
+
+
+def test_benchmark_variant_names_the_subject_with_a_token(tmp_path):
+    from personalize.toyworld import base_model_path
+    from personalize.toyworld.benchmark import VARIANTS, variant_config
+    from personalize.toyworld.recipes import subject_phrase
+    from personalize.toyworld.subjects import get_subject
+
+    assert "pivotal" in VARIANTS
+    cfg_dict = variant_config(
+        "pivotal", get_subject("striped_heart"), base_model_path(), tmp_path / "d", tmp_path / "o"
+    )
+    cfg = from_dict(cfg_dict)
+    assert cfg.method == "lora" and cfg.pivotal.enabled and cfg.pivotal.stop_after == 0.5
+    assert cfg.data.prompt == "a <sks-heart>" and subject_phrase(cfg.data.prompt) == "<sks-heart>"
+    assert cfg.textual_inversion.placeholder_token == "<sks-heart>"
+    assert cfg.textual_inversion.initializer_token == "heart"

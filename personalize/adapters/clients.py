@@ -51,7 +51,7 @@ def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
             f"pivotal tuning: the embedding for {token} saved in {out} too: {stem}.safetensors "
             f"-> ComfyUI models/embeddings (prompt: embedding:{stem}), webui embeddings/ "
             f"(prompt: {stem}), with the LoRA/model above (not bundled into the LoRA: "
-            f"ComfyUI ignores bundle_emb keys); learned_embeds.safetensors -> diffusers "
+            f"ComfyUI reads no embedding from a LoRA); learned_embeds.safetensors -> diffusers "
             f"load_textual_inversion; "
             f"personalize.load(pipe, {out}) loads both; prompts must contain {token}"
         )

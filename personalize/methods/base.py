@@ -19,7 +19,6 @@ from personalize.config import PersonalizeConfig
 from personalize.errors import ConfigError
 from personalize.models import SDParts
 
-
 # A parameter attribute: the method's own trainable_state_dict leaves it out, because a
 # helper saves (part of) it under its own key (methods/pivotal.py).
 SAVED_APART = "_personalize_saved_apart"

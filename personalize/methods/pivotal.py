@@ -102,7 +102,9 @@ class PivotalTuningHooks:
         stop = self.cfg.pivotal.stop_step(self.cfg.train.max_steps)
         if stop is not None and step >= stop and self.embedding_training(parts):
             self._stop_embedding(parts)
-            logger.info("pivotal tuning: embedding frozen after %d steps (pivotal.stop_after)", step)
+            logger.info(
+                "pivotal tuning: embedding frozen after %d steps (pivotal.stop_after)", step
+            )
 
     # --- captions and prompts ----------------------------------------------------------
 
