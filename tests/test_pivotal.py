@@ -206,6 +206,19 @@ def test_dreambooth_with_pivotal_saves_pipeline_and_embedding(
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), _rows(parts))
 
 
+def test_a_token_that_would_overwrite_the_lora_file_is_refused(tmp_path):
+    from personalize.methods.lora import LoRA
+
+    cfg = from_dict(
+        {
+            "pivotal": {"enabled": True},
+            "textual_inversion": {"placeholder_token": "lora_kohya"},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"placeholder_token.*overwrite.*lora_kohya"):
+        _ = LoRA(cfg).embedding
+
+
 def test_captions_without_the_token_are_refused_before_training(
     tiny_model_dir, instance_dir, tmp_path
 ):

@@ -26,11 +26,16 @@ import torch
 
 from personalize.adapters.clients import log_client_guide
 from personalize.adapters.embeddings import webui_name
+from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+from personalize.errors import need
 from personalize.methods.base import SAVED_APART
 from personalize.methods.textual_inversion import STATE_KEY, TextualInversion
 from personalize.models import SDParts
 
 logger = logging.getLogger(__name__)
+
+# The host's files the embedding's `<name>.safetensors` must not overwrite.
+_HOST_FILES = (LORA_WEIGHTS, KOHYA_WEIGHTS)
 
 # Whether the embedding still trains (1.0) or was stopped (0.0): a run resumed after
 # pivotal.stop_after must not move it for one more step.
@@ -55,6 +60,13 @@ class PivotalTuningHooks:
             # examples the LoRA/DreamBooth learns from (no TI templates).
             ti = dataclasses.replace(self.cfg.textual_inversion, learnable_property="caption")
             self._embedding = TextualInversion(dataclasses.replace(self.cfg, textual_inversion=ti))
+            stem = webui_name(self._embedding.placeholder)
+            need(
+                f"{stem}.safetensors" not in _HOST_FILES,
+                "textual_inversion.placeholder_token",
+                f"{self._embedding.placeholder!r} would overwrite the LoRA's {stem}.safetensors; "
+                "choose another name",
+            )
         return self._embedding
 
     # --- what is trainable -------------------------------------------------------------
