@@ -117,7 +117,37 @@ def load(pipe, path: str | Path, strength: float = 1.0, adapter_name: str | None
         if name == kind:
             apply(pipe, path, strength, adapter_name)
             logger.info("loaded %s from %s (strength %s)", kind, path, strength)
+    if kind in ("lora", "pipeline"):
+        _load_pivotal_embedding(pipe, path)
     return pipe
+
+
+def _load_pivotal_embedding(pipe, path: Path) -> None:
+    """A pivotal tuning run folder holds its token's embedding beside the LoRA (or
+    pipeline): the one without the other draws neither the subject nor its token."""
+    from personalize.adapters.embeddings import (
+        DIFFUSERS_FILE,
+        expand_tokens,
+        load_embedding,
+        read_embedding,
+    )
+
+    file = path / DIFFUSERS_FILE
+    if not (path.is_dir() and file.is_file()):
+        return
+    emb = read_embedding(file)
+    token = emb.token
+    if token in pipe.__dict__.get("_personalize_embedding_tokens", []):
+        # Loaded before (the same folder again, e.g. a re-run cell): its rows are replaced
+        # in place, as the LoRA adapter is, instead of failing on a taken token.
+        ids = pipe.tokenizer.convert_tokens_to_ids(expand_tokens(token, emb.num_vectors))
+        table = pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[ids] = emb.vectors.to(table.device, table.dtype)
+        logger.info("pivotal tuning: embedding %s was loaded already; its rows replaced", token)
+        return
+    load_embedding(pipe, file)  # logs the token to write, warns on prompts without it
+    logger.info("pivotal tuning: loaded the LoRA and the embedding; write %s in prompts", token)
 
 
 # ------------------------------------------------------------------------------ generation

@@ -175,7 +175,7 @@ def test_method_list_is_read_from_the_methods_package():
     from personalize.methods import Method, get_method
 
     # Every module of methods/ but the interface and the building blocks methods share.
-    shared = ("__init__", "base", "class_images", "prior", "regularizers")
+    shared = ("__init__", "base", "class_images", "pivotal", "prior", "regularizers")
     modules = {
         p.stem
         for p in (ROOT / "personalize" / "methods").glob("*.py")

@@ -54,6 +54,16 @@ def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
             "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer) and "
             "learned_embeds_2.safetensors -> the same with text_encoder_2 and tokenizer_2"
         )
+    if method == "pivotal":
+        stem, token = files["stem"], files["token"]
+        return (
+            f"pivotal tuning: the embedding for {token} saved in {out} too: {stem}.safetensors "
+            f"-> ComfyUI models/embeddings (prompt: embedding:{stem}), webui embeddings/ "
+            f"(prompt: {stem}), with the LoRA/model above (not bundled into the LoRA: "
+            f"ComfyUI reads no embedding from a LoRA); learned_embeds.safetensors -> diffusers "
+            f"load_textual_inversion; "
+            f"personalize.load(pipe, {out}) loads both; prompts must contain {token}"
+        )
     if method == "hypernetwork":
         name = files["name"]
         return (

@@ -2,7 +2,8 @@
 
 `prior` (prior preservation) and `regularization` (the L2-SP weight constraint) are read
 by both `method: dreambooth` and `method: lora`; `dreambooth`, `lora`,
-`textual_inversion` and `hypernetwork` by their method only. A new method adds its
+`textual_inversion` and `hypernetwork` by their method only (`textual_inversion`'s token
+keys also by pivotal tuning, the `pivotal` section, with lora or dreambooth). A new method adds its
 section here (a dataclass with defaults and a `check`) and one field in
 `PersonalizeConfig`; `checks.validate` calls every section's `check`.
 """
@@ -89,6 +90,69 @@ class TextualInversionConfig:
             "textual_inversion.save_every",
             "must be >= 0 (0 = only the final file)",
         )
+
+
+_PIVOTAL_METHODS = ("lora", "dreambooth")
+# textual_inversion keys that pivotal tuning does not read: it trains on the data's captions.
+_PIVOTAL_UNREAD = ("learnable_property", "templates", "save_every")
+
+
+@dataclass
+class PivotalConfig:
+    # Pivotal tuning (docs/lora.md): a new token's embedding (Textual Inversion) trained
+    # jointly with method lora or dreambooth. The token is textual_inversion.placeholder_token
+    # (with its initializer_token and num_vectors); data.prompt and captions must contain it.
+    enabled: bool = False
+    learning_rate: float | None = None  # the embedding's LR; None = train.lr
+    # Stop training the embedding after a fraction of train.max_steps (a number below 1) or
+    # after this many steps (a whole number >= 1); its rows then stay exactly as they are.
+    # None = it trains for the whole run.
+    stop_after: float | None = None
+
+    def stop_step(self, max_steps: int) -> int | None:
+        """The optimizer step after which the embedding stops training, or None."""
+        if self.stop_after is None:
+            return None
+        if self.stop_after < 1:
+            return max(1, round(self.stop_after * max_steps))
+        return int(self.stop_after)
+
+    def check(self, cfg) -> None:
+        if not self.enabled:
+            for key in _changed(self):
+                raise ConfigError(f"pivotal.{key} is read only with pivotal.enabled: true")
+            return
+        need(
+            cfg.method in _PIVOTAL_METHODS,
+            "pivotal.enabled",
+            f"trains a token beside method lora or dreambooth, not {cfg.method} "
+            "(method textual_inversion trains the token alone)",
+        )
+        need(
+            self.learning_rate is None
+            or (self.learning_rate > 0 and math.isfinite(self.learning_rate)),
+            "pivotal.learning_rate",
+            f"must be > 0 and finite, or null for train.lr; got {self.learning_rate}",
+        )
+        stop = self.stop_after
+        need(
+            stop is None or (stop > 0 and (stop < 1 or float(stop).is_integer())),
+            "pivotal.stop_after",
+            f"must be a fraction of train.max_steps below 1 (e.g. 0.5) or a whole number of "
+            f"steps, or null to train the embedding all run; got {stop}",
+        )
+        need(
+            not (cfg.method == "dreambooth" and cfg.dreambooth.train_text_encoder),
+            "pivotal.enabled",
+            "dreambooth.train_text_encoder trains the whole text encoder, the embedding table "
+            "included; use one or the other",
+        )
+        for key in _PIVOTAL_UNREAD:
+            if key in _changed(cfg.textual_inversion):
+                raise ConfigError(
+                    f"textual_inversion.{key} is not read by pivotal tuning: it trains on "
+                    "data.prompt and the captions, which must contain the placeholder token"
+                )
 
 
 @dataclass

@@ -15,6 +15,7 @@ from personalize.config.method_sections import (
     DreamBoothConfig,
     HypernetworkConfig,
     LoRAConfig,
+    PivotalConfig,
     PriorConfig,
     RegularizationConfig,
     TextualInversionConfig,
@@ -191,6 +192,8 @@ class PersonalizeConfig:
     # Training concepts more than one method reads.
     prior: PriorConfig = field(default_factory=PriorConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    # Pivotal tuning: textual_inversion's token trained beside lora or dreambooth.
+    pivotal: PivotalConfig = field(default_factory=PivotalConfig)
     # One section per method, read by that method only.
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)

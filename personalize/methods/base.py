@@ -19,6 +19,10 @@ from personalize.config import PersonalizeConfig
 from personalize.errors import ConfigError
 from personalize.models import SDParts
 
+# A parameter attribute: the method's own trainable_state_dict leaves it out, because a
+# helper saves (part of) it under its own key (methods/pivotal.py).
+SAVED_APART = "_personalize_saved_apart"
+
 
 @dataclass
 class StepOutputs:
@@ -129,15 +133,20 @@ class Method:
 
     def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:
         """Everything a checkpoint must hold to resume: all parameters that require grad."""
-        state = {}
+        return {k: p.detach().contiguous() for k, p in self._saved_parameters(parts).items()}
+
+    def _saved_parameters(self, parts: SDParts) -> dict[str, torch.nn.Parameter]:
+        """The parameters that require grad, by checkpoint key, but those marked with
+        SAVED_APART (pivotal tuning's embedding table: only its new rows are state)."""
+        params = {}
         for module_name, module in parts.modules().items():
             for name, p in module.named_parameters():
-                if p.requires_grad:
-                    state[f"{module_name}.{name}"] = p.detach().contiguous()
-        return state
+                if p.requires_grad and not getattr(p, SAVED_APART, False):
+                    params[f"{module_name}.{name}"] = p
+        return params
 
     def load_trainable_state_dict(self, parts: SDParts, state: dict[str, torch.Tensor]) -> None:
-        expected = self.trainable_state_dict(parts)
+        expected = self._saved_parameters(parts)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:

@@ -8,7 +8,9 @@ images (methods/prior.py: `instance + prior_loss_weight * class`), or a distilla
 from a frozen copy of the original UNet, and optionally the L2-SP pull toward the
 pretrained weights (methods/regularizers.py). What is saved: a complete diffusers
 pipeline in output_dir (`StableDiffusionPipeline.from_pretrained(output_dir)` loads it),
-optionally one original-layout .safetensors file for webui/ComfyUI.
+optionally one original-layout .safetensors file for webui/ComfyUI. With pivotal.enabled
+a new token's embedding trains beside it and is saved next to the pipeline
+(methods/pivotal.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from personalize.adapters.pipeline import save_pipeline, save_single_file
 from personalize.errors import ConfigError
 from personalize.io import atomic_write_json
 from personalize.methods import prior
-from personalize.methods.base import Method
+from personalize.methods.base import SAVED_APART, Method
+from personalize.methods.pivotal import PivotalTuningHooks
 from personalize.methods.regularizers import Regularizers, build_regularizers
 from personalize.models import SDParts
 from personalize.precision import precision_dtype
@@ -67,8 +70,9 @@ def select_unet_params(unet: torch.nn.Module, blocks: list[str] | None) -> list[
     return chosen
 
 
-class DreamBooth(prior.PriorPreservationHooks, Method):
-    name = "dreambooth"
+class FullFineTuning(prior.PriorPreservationHooks, Method):
+    """method dreambooth without pivotal tuning (`DreamBooth` below adds it as the outer
+    layer)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -132,6 +136,8 @@ class DreamBooth(prior.PriorPreservationHooks, Method):
         for module_name, module in (("unet", parts.unet), ("text_encoder", parts.text_encoder)):
             everything = module_name == "text_encoder" and self.cfg.dreambooth.train_text_encoder
             for name, p in module.named_parameters():
+                if getattr(p, SAVED_APART, False):
+                    continue  # pivotal tuning's embedding table (methods/pivotal.py)
                 if p.requires_grad or everything:
                     out[f"{module_name}.{name}"] = p
         return out
@@ -215,3 +221,8 @@ class DreamBooth(prior.PriorPreservationHooks, Method):
         recipe["steps"] = 400  # full fine-tuning shows the subject sooner
         recipe["config"]["prior"] = {"class_prompt": f"a {class_word}"}  # when prior is on
         return recipe
+
+
+class DreamBooth(PivotalTuningHooks, FullFineTuning):
+    # Pivotal tuning's hooks wrap DreamBooth's own (methods/pivotal.py).
+    name = "dreambooth"

@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters (peft) on the UNet's attention and optionally the text encoder.
 
 The base weights never change (peft adds separate lora_A/lora_B matrices), so the saved file
-is small and the base model stays exactly itself when the adapter is off.
+is small and the base model stays exactly itself when the adapter is off. With
+pivotal.enabled a new token's embedding trains beside it (methods/pivotal.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from personalize.adapters.lora import (  # noqa: F401 (the file names, re-export
 from personalize.errors import ConfigError
 from personalize.methods import prior
 from personalize.methods.base import Method
+from personalize.methods.pivotal import PivotalTuningHooks
 from personalize.methods.regularizers import build_regularizers
 from personalize.models import SDParts
 
@@ -71,8 +73,8 @@ def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) 
         )
 
 
-class LoRA(prior.PriorPreservationHooks, Method):
-    name = "lora"
+class LoRAAdapters(prior.PriorPreservationHooks, Method):
+    """method lora without pivotal tuning (`LoRA` below adds it as the outer layer)."""
 
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
         c = self.cfg.lora
@@ -154,3 +156,8 @@ class LoRA(prior.PriorPreservationHooks, Method):
         recipe = super().toy_world_recipe(identifier, class_word, unet_config)
         recipe["config"]["prior"] = {"class_prompt": f"a {class_word}"}  # when prior is on
         return recipe
+
+
+class LoRA(PivotalTuningHooks, LoRAAdapters):
+    # Pivotal tuning's hooks wrap the LoRA's own (methods/pivotal.py).
+    name = "lora"

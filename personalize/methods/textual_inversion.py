@@ -146,6 +146,12 @@ class TextualInversion(Method):
             self.templates = (
                 STYLE_TEMPLATES if c.learnable_property == "style" else OBJECT_TEMPLATES
             )
+        # Pivotal tuning (methods/pivotal.py) trains this token beside a LoRA or DreamBooth,
+        # on the data's captions; error messages then name its setting.
+        self._pivotal = cfg.pivotal.enabled and cfg.method != self.name
+        self._trains_on_captions = (
+            "pivotal.enabled" if self._pivotal else "textual_inversion.learnable_property=caption"
+        )
         self.rows: dict[str, NewRows] = {}  # by text encoder name (SDXL: two)
 
     # --- what is trainable -------------------------------------------------------------
@@ -307,9 +313,9 @@ class TextualInversion(Method):
 
             raise DataError(
                 f"caption {caption!r} does not contain the placeholder {self.placeholder} "
-                "(textual_inversion.learnable_property=caption trains on your captions): put the "
-                "token or {} "
-                "in every caption and in data.prompt, or use learnable_property object/style"
+                f"({self._trains_on_captions} trains on your captions): put the token or {{}} "
+                "in every caption and in data.prompt"
+                + ("" if self._pivotal else ", or use learnable_property object/style")
             )
         return expand_prompt(caption, self.placeholder, len(self.tokens))
 
@@ -349,8 +355,7 @@ class TextualInversion(Method):
 
             raise DataError(
                 f"{len(bad)} caption(s) do not contain the placeholder {self.placeholder} or "
-                f"{{}} (e.g. {', '.join(bad[:5])}); with "
-                "textual_inversion.learnable_property=caption every "
+                f"{{}} (e.g. {', '.join(bad[:5])}); with {self._trains_on_captions} every "
                 "caption (and data.prompt for images without one) must name the token"
             )
 
@@ -393,6 +398,14 @@ class TextualInversion(Method):
         return self._save_diffusers(out_dir, parts, step, f"-steps-{step}")
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        path = self.save_embedding_files(out_dir, parts, step)
+        guide = "textual_inversion_sdxl" if parts.is_sdxl else "textual_inversion"
+        log_client_guide(guide, Path(out_dir), stem=webui_name(self.placeholder))
+        return path
+
+    def save_embedding_files(self, out_dir: Path, parts: SDParts, step: int) -> Path:
+        """The diffusers file and the webui/ComfyUI files, without the log line (pivotal
+        tuning saves them beside its LoRA and says where each goes itself)."""
         out_dir = Path(out_dir)
         path = self._save_diffusers(out_dir, parts, step, "")
         stem = webui_name(self.placeholder)
@@ -406,7 +419,6 @@ class TextualInversion(Method):
                 step,
                 self._metadata(parts, step),
             )
-            log_client_guide("textual_inversion_sdxl", out_dir, stem=stem)
             return path
         vectors, meta = self.vectors(parts), self._metadata(parts, step)
         # The webui names an embedding by its file; both files carry the same vectors.
@@ -418,7 +430,6 @@ class TextualInversion(Method):
             Path(parts.source).name if parts.source else None,
         )
         save_single_tensor(out_dir / f"{stem}.safetensors", stem, vectors, step, meta)
-        log_client_guide("textual_inversion", out_dir, stem=stem)
         return path
 
     def trainable_state_dict(self, parts: SDParts) -> dict[str, torch.Tensor]:

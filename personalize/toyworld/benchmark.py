@@ -190,6 +190,25 @@ DIAGNOSTICS.update(
 # DreamBooth: prior weight 2, because weight 1 missed class -> subject by 0.008 (0.208).
 RECIPES["dreambooth_recommended"] = copy.deepcopy(DIAGNOSTICS["dreambooth_prior_te_w2"])
 RECIPES["lora_recommended"] = copy.deepcopy(DIAGNOSTICS["lora_prior_te"])
+# Pivotal tuning (issue 18): the lora recipe plus a new token's embedding, named and
+# initialized as the textual_inversion recipe names its subject ("a <sks-heart>", initializer
+# "heart"), at TI's LR; the embedding trains for the first half of the run, the default
+# of diffusers' advanced script (--train_text_encoder_ti_frac 0.5). Set by rule, before
+# any pivotal number was seen.
+RECIPES["pivotal"] = _merge(
+    copy.deepcopy(RECIPES["lora"]),
+    {
+        "names_subject_as": "textual_inversion",
+        "config": {
+            "pivotal": {
+                "enabled": True,
+                "learning_rate": RECIPES["textual_inversion"]["config"]["train"]["lr"],
+                "stop_after": 0.5,
+            },
+            "textual_inversion": {"num_vectors": 1},
+        },
+    },
+)
 # Issue 18, EMA: the recommended recipes with an EMA of the trained weights (validated and
 # saved instead of the raw ones). 0.99 caps diffusers' ramp (1 + s) / (10 + s), which is
 # still ~0.98 at step 400: the average spans the last ~45 of the 400-600 steps.
@@ -219,7 +238,8 @@ def variant_config(
     recipe's, then how the method names the subject (`Method.toy_world_recipe`)."""
     recipe = ALL_RECIPES[variant]
     method = recipe["method"]
-    toy = toy_recipe(method, subject, model_path)
+    # A recipe may name its subject another method's way (pivotal: a TI token).
+    toy = toy_recipe(recipe.get("names_subject_as", method), subject, model_path)
     run = {
         "method": method,
         "seed": train_seed,
