@@ -50,7 +50,7 @@ def _embedding_file(path: Path) -> Path | None:
 
 
 def _load_embedding(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
-    from personalize.adapters.embeddings import apply_embedding
+    from personalize.adapters.embedding_load import apply_embedding
 
     apply_embedding(pipe, path, strength, adapter_name)
 
@@ -125,12 +125,8 @@ def load(pipe, path: str | Path, strength: float = 1.0, adapter_name: str | None
 def _load_pivotal_embedding(pipe, path: Path) -> None:
     """A pivotal tuning run folder holds its token's embedding beside the LoRA (or
     pipeline): the one without the other draws neither the subject nor its token."""
-    from personalize.adapters.embeddings import (
-        DIFFUSERS_FILE,
-        expand_tokens,
-        load_embedding,
-        read_embedding,
-    )
+    from personalize.adapters.embedding_load import load_embedding
+    from personalize.adapters.embeddings import DIFFUSERS_FILE, expand_tokens, read_embedding
 
     file = path / DIFFUSERS_FILE
     if not (path.is_dir() and file.is_file()):

@@ -165,7 +165,7 @@ def test_personalize_load_folder_and_webui_file(ti_run, tiny_model_dir, caplog):
     webui = load(_pipe(tiny_model_dir), out / "sks-disc.pt")
     assert torch.equal(_prompt_embeds(webui, "a photo of sks-disc"), expected)
     # A prompt without the token gets a warning (once) instead of silently doing nothing.
-    with caplog.at_level(logging.WARNING, logger="personalize.adapters.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="personalize.adapters.embedding_load"):
         _prompt_embeds(pipe, OTHER)
         _prompt_embeds(pipe, OTHER)
     warnings = [r for r in caplog.records if "does not contain the embedding token" in r.message]
