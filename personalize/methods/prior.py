@@ -242,7 +242,7 @@ def wrap_with_prior(
         )
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     model = model_identity(cfg.model.path, cfg.model.revision, cfg.model.variant)
-    with adapters_disabled(parts.unet, parts.text_encoder):
+    with adapters_disabled(parts.unet, *parts.text_encoders().values()):
         for entry in folders:
             if not entry.generate:
                 continue
