@@ -1,8 +1,10 @@
 """A complete diffusers pipeline folder (what DreamBooth trains): save, detect, load.
 
-Saved so that `StableDiffusionPipeline.from_pretrained(folder)` loads it, optionally with one
-original-layout (SD 1.x/2.x) .safetensors file for webui/ComfyUI (adapters/sd_single_file.py).
-Loaded into an existing pipeline by swapping in its UNet and text encoder.
+Saved so that `StableDiffusionPipeline.from_pretrained(folder)` loads it
+(`StableDiffusionXLPipeline` for SDXL: text_encoder_2/ and tokenizer_2/ too), optionally with
+one original-layout .safetensors file for webui/ComfyUI (adapters/sd_single_file.py: the
+CompVis layout for SD 1.x/2.x, the SGM one for SDXL). Loaded into an existing pipeline by
+swapping in its UNet and text encoder(s).
 """
 
 from __future__ import annotations
@@ -106,8 +108,7 @@ def save_pipeline(
     source = _local_pipeline_dir(parts.source)
     scheduler = _inference_scheduler(parts, source)
     states: dict[str, dict[str, torch.Tensor]] = {}
-    for name in ("unet", "text_encoder", "vae"):
-        module = getattr(parts, name)
+    for name, module in parts.modules().items():  # SDXL: text_encoder_2 too
         with atomic_dir(out_dir / name) as tmp:
             if (
                 name not in trained
@@ -119,7 +120,9 @@ def save_pipeline(
             else:
                 states[name] = _module_state(module, name, source, dtype)
                 _save_model(module, states[name], tmp)
-    for name, component in (("tokenizer", parts.tokenizer), ("scheduler", scheduler)):
+    others = {"tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2}
+    others = {name: c for name, c in others.items() if c is not None}
+    for name, component in {**others, "scheduler": scheduler}.items():
         with atomic_dir(out_dir / name) as tmp:
             component.save_pretrained(tmp)
     pipe = pipeline_from_parts(parts, scheduler)
@@ -139,16 +142,18 @@ def save_single_file(
     dtype: torch.dtype,
     step: int,
 ) -> Path:
-    """The saved pipeline as one original-layout (SD 1.x/2.x) .safetensors checkpoint."""
+    """The saved pipeline as one original-layout .safetensors checkpoint (SD 1.x/2.x:
+    CompVis layout; SDXL: SGM layout, both text encoders under `conditioner.embedders`)."""
     from personalize.adapters.sd_single_file import to_original_sd
 
     states = dict(states)
-    for name in ("unet", "vae", "text_encoder"):
+    modules = parts.modules()
+    for name, module in modules.items():
         if name not in states:
             # Copied from the base model: read back what the pipeline folder holds.
-            module = type(getattr(parts, name)).from_pretrained(pipeline_dir / name)
-            states[name] = module.state_dict()
-            del module
+            copy = type(module).from_pretrained(pipeline_dir / name)
+            states[name] = copy.state_dict()
+            del copy
     tensors = to_original_sd(
         parts.unet.config, parts.vae.config, parts.text_encoder.config, states, dtype
     )
@@ -171,7 +176,7 @@ def is_pipeline_dir(path: Path) -> bool:
 
 
 def load_pipeline_dir(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
-    """A fine-tuned (DreamBooth) pipeline: swap in its UNet and text encoder."""
+    """A fine-tuned (DreamBooth) pipeline: swap in its UNet and text encoder(s)."""
     from diffusers import UNet2DConditionModel
 
     if strength != 1.0:
@@ -184,7 +189,10 @@ def load_pipeline_dir(pipe, path: Path, strength: float, adapter_name: str | Non
             f"{pipe.unet.config.cross_attention_dim}"
         )
     pipe.unet = unet.to(pipe.device, pipe.unet.dtype)
-    if (path / "text_encoder").is_dir():
-        te = type(pipe.text_encoder).from_pretrained(path, subfolder="text_encoder")
-        pipe.text_encoder = te.to(pipe.device, pipe.text_encoder.dtype)
-    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
+    swapped = {"unet": pipe.unet}
+    for name in ("text_encoder", "text_encoder_2"):  # text_encoder_2: SDXL
+        current = getattr(pipe, name, None)
+        if current is not None and (path / name).is_dir():
+            te = type(current).from_pretrained(path, subfolder=name)
+            swapped[name] = te.to(pipe.device, current.dtype)
+    pipe.register_modules(**swapped)

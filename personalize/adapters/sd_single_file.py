@@ -1,4 +1,5 @@
-"""diffusers Stable Diffusion 1.x/2.x weights -> one original-layout (CompVis/LDM) state dict.
+"""diffusers Stable Diffusion weights -> one original-layout state dict (CompVis/LDM for SD
+1.x/2.x, Stability's SGM layout for SDXL).
 
 webui, ComfyUI and most model sites use the original single-file layout:
 `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
@@ -7,6 +8,16 @@ webui, ComfyUI and most model sites use the original single-file layout:
 It is the inverse of diffusers' own reader and is derived from the model's config
 (blocks, layers per block), not hard-coded for SD's four blocks; the round trip is tested
 through `StableDiffusionPipeline.from_single_file`.
+
+SDXL (the SGM layout of `sd_xl_base_1.0.safetensors`, as diffusers'
+`scripts/convert_diffusers_to_original_sdxl.py` writes it): the same `model.diffusion_model.*`
+UNet names plus `label_emb.0.{0,2}` (the pooled-text/size embedding, diffusers'
+`add_embedding`), the same VAE, CLIP-L under `conditioner.embedders.0.transformer.text_model.*`
+and OpenCLIP-bigG under `conditioner.embedders.1.model.*` in OpenCLIP's layout (fused q/k/v,
+every block: SDXL's pooled output reads the last one) with `text_projection` stored as
+OpenCLIP holds it, (width, projection) — diffusers' Linear weight transposed; diffusers'
+reader transposes it back (the script above writes the Linear weight untransposed under
+`text_projection.weight`, which no reader looks for).
 
 SD 2.x text encoders (OpenCLIP ViT-H) are written in OpenCLIP's layout,
 `cond_stage_model.model.*` with fused q/k/v (`attn.in_proj_weight`), as SD 2.x checkpoints
@@ -28,6 +39,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_FIXED = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -35,6 +48,11 @@ _UNET_FIXED = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+}
+# SDXL's embedding of the pooled text and the size/crop ids (diffusers' add_embedding).
+_SDXL_UNET_FIXED = {
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _RESNET = {
     "norm1": "in_layers.0",
@@ -94,17 +112,23 @@ def unet_prefix_map(unet_state: dict[str, torch.Tensor], config: Any) -> list[tu
     return pairs
 
 
+def is_sdxl_unet(config: Any) -> bool:
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
 def convert_unet(unet_state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    if getattr(config, "addition_embed_type", None) or getattr(config, "class_embed_type", None):
+    sdxl = is_sdxl_unet(config)
+    added = getattr(config, "addition_embed_type", None)
+    if (added and not sdxl) or getattr(config, "class_embed_type", None):
         raise ConversionError(
-            "UNet has class/added embeddings (SDXL-like); only SD 1.x/2.x "
-            "UNets map to the original single-file layout here"
+            f"UNet has class/added embeddings ({added or config.class_embed_type}); only "
+            "SD 1.x/2.x and SDXL UNets map to the original single-file layout here"
         )
     if _has_prefix(unet_state, "mid_block.") and not _has_prefix(
         unet_state, "mid_block.attentions.0."
     ):
         raise ConversionError("UNet mid block without attention has no original-layout slot")
-    fixed = list(_UNET_FIXED.items())
+    fixed = list(_UNET_FIXED.items()) + (list(_SDXL_UNET_FIXED.items()) if sdxl else [])
     blocks = unet_prefix_map(unet_state, config)
     out: dict[str, torch.Tensor] = {}
     for key, value in unet_state.items():
@@ -185,10 +209,17 @@ def convert_text_encoder(te_state: dict[str, torch.Tensor], config: Any) -> dict
     renamed and fused."""
     if getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
         return convert_open_clip_text_encoder(te_state)
-    # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); the original
-    # layout (and every reader of it) has that level.
+    return convert_clip_text_encoder(te_state)
+
+
+def convert_clip_text_encoder(
+    te_state: dict[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX
+) -> dict[str, torch.Tensor]:
+    """CLIP-L in transformers' own names under `prefix`. transformers >= 5.6 flattened
+    CLIPTextModel (no "text_model." level); the original layout (and every reader of it)
+    has that level."""
     return {
-        TEXT_ENCODER_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
+        prefix + (k if k.startswith("text_model.") else "text_model." + k): v
         for k, v in te_state.items()
         if not k.endswith("position_ids")
     }
@@ -210,10 +241,13 @@ _OPEN_CLIP_LAYER = {
 _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
-def convert_open_clip_text_encoder(te_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' CLIPTextModel of SD 2.x -> OpenCLIP's `cond_stage_model.model.*` names:
-    `transformer.resblocks.<i>.{ln_1, attn.in_proj_weight/bias (q, k, v stacked),
-    attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, token/positional embedding, ln_final."""
+def convert_open_clip_text_encoder(
+    te_state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """diffusers' CLIPTextModel of SD 2.x (or CLIPTextModelWithProjection of SDXL) ->
+    OpenCLIP's names under `prefix`: `transformer.resblocks.<i>.{ln_1, attn.in_proj_weight/bias
+    (q, k, v stacked), attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, token/positional
+    embedding, ln_final, and SDXL's `text_projection` as OpenCLIP holds it (transposed)."""
     state = {k.removeprefix("text_model."): v for k, v in te_state.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -221,12 +255,15 @@ def convert_open_clip_text_encoder(te_state: dict[str, torch.Tensor]) -> dict[st
         if key.endswith("position_ids"):
             continue
         if key in _OPEN_CLIP_FIXED:
-            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_FIXED[key]] = value
+            out[prefix + _OPEN_CLIP_FIXED[key]] = value
+            continue
+        if key == "text_projection.weight":  # OpenCLIP computes x @ text_projection
+            out[prefix + "text_projection"] = value.T.contiguous()
             continue
         m = _LAYER_KEY.match(key)
         if not m:
             raise ConversionError(f"text encoder weight {key} has no place in OpenCLIP's layout")
-        block, rest = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m.group(1)}.", m.group(2)
+        block, rest = f"{prefix}transformer.resblocks.{m.group(1)}.", m.group(2)
         proj = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
         if proj:
             qkv.setdefault((block, proj.group(2)), {})[proj.group(1)] = value
@@ -252,12 +289,23 @@ def to_original_sd(
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """One original-layout state dict from the diffusers "unet", "vae" and "text_encoder"
-    state dicts in `states`, floating tensors cast to `dtype` when given."""
+    state dicts in `states` (SDXL: and "text_encoder_2"), floating tensors cast to `dtype`
+    when given."""
     parts = [
         convert_unet(states["unet"], unet_config),
         convert_vae(states["vae"], vae_config),
-        convert_text_encoder(states["text_encoder"], text_encoder_config),
     ]
+    if is_sdxl_unet(unet_config):
+        if "text_encoder_2" not in states:
+            raise ConversionError("an SDXL single file needs text_encoder_2's weights too")
+        # SDXL's first encoder is CLIP-L whatever its activation says (the tiny test
+        # model's is gelu); the second is OpenCLIP-bigG.
+        parts.append(convert_clip_text_encoder(states["text_encoder"], SDXL_CLIP_L_PREFIX))
+        parts.append(
+            convert_open_clip_text_encoder(states["text_encoder_2"], SDXL_OPEN_CLIP_PREFIX)
+        )
+    else:
+        parts.append(convert_text_encoder(states["text_encoder"], text_encoder_config))
     out: dict[str, torch.Tensor] = {}
     for part in parts:
         for k, v in part.items():

@@ -251,6 +251,7 @@ class RegularizationConfig:
 _LORA_COUNTERPART = {
     "train_text_encoder": "lora.train_text_encoder",
     "text_encoder_lr": "lora.text_encoder_lr",
+    "text_encoder_2_lr": "lora.text_encoder_2_lr",
     "train_unet_blocks": "lora.unet_target_modules",
 }
 
@@ -261,6 +262,9 @@ class DreamBoothConfig:
     # Fine-tune the text encoder too (LoRA has lora.train_text_encoder).
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None = train.lr
+    # SDXL: train_text_encoder fine-tunes both text encoders; the second (OpenCLIP-bigG)
+    # gets this LR. None = text_encoder_lr.
+    text_encoder_2_lr: float | None = None
     stop_text_encoder_training: int | None = None  # freeze it after this many steps
     # Train only these UNet blocks (dotted prefixes, e.g. [up_blocks, mid_block]); None = all.
     train_unet_blocks: list[str] | None = None
@@ -274,11 +278,9 @@ class DreamBoothConfig:
             "dreambooth.save_precision",
             f"must be fp32, fp16 or bf16, got {self.save_precision!r}",
         )
-        need(
-            self.text_encoder_lr is None or self.text_encoder_lr > 0,
-            "dreambooth.text_encoder_lr",
-            "must be > 0",
-        )
+        for key in ("text_encoder_lr", "text_encoder_2_lr"):
+            lr = getattr(self, key)
+            need(lr is None or lr > 0, f"dreambooth.{key}", "must be > 0")
         need(
             self.stop_text_encoder_training is None or self.stop_text_encoder_training > 0,
             "dreambooth.stop_text_encoder_training",

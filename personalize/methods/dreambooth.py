@@ -3,14 +3,15 @@ subject bound to a rare identifier ("a photo of sks dog"), Ruiz et al. 2023.
 
 What trains: the whole UNet, or only the blocks named in `dreambooth.train_unet_blocks` (the
 shallow ones stay as pretrained: "weight fixing"), plus the text encoder with its own LR
-until `dreambooth.stop_text_encoder_training`. What joins the loss: prior preservation with class
+until `dreambooth.stop_text_encoder_training` (SDXL: both text encoders, the second at
+`dreambooth.text_encoder_2_lr`). What joins the loss: prior preservation with class
 images (methods/prior.py: `instance + prior_loss_weight * class`), or a distillation prior
 from a frozen copy of the original UNet, and optionally the L2-SP pull toward the
 pretrained weights (methods/regularizers.py). What is saved: a complete diffusers
-pipeline in output_dir (`StableDiffusionPipeline.from_pretrained(output_dir)` loads it),
-optionally one original-layout .safetensors file for webui/ComfyUI. With pivotal.enabled
-a new token's embedding trains beside it and is saved next to the pipeline
-(methods/pivotal.py).
+pipeline in output_dir (`StableDiffusionPipeline.from_pretrained(output_dir)` loads it;
+`StableDiffusionXLPipeline` for SDXL), optionally one original-layout .safetensors file for
+webui/ComfyUI (the SGM layout for SDXL). With pivotal.enabled a new token's embedding trains
+beside it and is saved next to the pipeline (methods/pivotal.py).
 """
 
 from __future__ import annotations
@@ -94,13 +95,12 @@ class FullFineTuning(prior.PriorPreservationHooks, Method):
             else "",
         )
         if self.cfg.dreambooth.train_text_encoder:
-            parts.text_encoder.requires_grad_(True)
-            groups.append(
-                {
-                    "params": list(parts.text_encoder.parameters()),
-                    "lr": self.cfg.dreambooth.text_encoder_lr or self.cfg.train.lr,
-                }
-            )
+            c = self.cfg.dreambooth
+            te_lr = c.text_encoder_lr or self.cfg.train.lr
+            lrs = {"text_encoder": te_lr, "text_encoder_2": c.text_encoder_2_lr or te_lr}
+            for name, text_encoder in parts.text_encoders().items():  # SDXL: both
+                text_encoder.requires_grad_(True)
+                groups.append({"params": list(text_encoder.parameters()), "lr": lrs[name]})
         self.regularizers = build_regularizers(self.cfg, parts, adapters=False)
         return groups
 
@@ -121,20 +121,24 @@ class FullFineTuning(prior.PriorPreservationHooks, Method):
             )
 
     def _text_encoder_training(self, parts: SDParts) -> bool:
-        return any(p.requires_grad for p in parts.text_encoder.parameters())
+        return any(
+            p.requires_grad for te in parts.text_encoders().values() for p in te.parameters()
+        )
 
     def _freeze_text_encoder(self, parts: SDParts) -> None:
-        # Its parameters then get no gradient, which AdamW skips (no update, no decay).
-        parts.text_encoder.requires_grad_(False)
-        parts.text_encoder.train(False)
+        # Their parameters then get no gradient, which AdamW skips (no update, no decay).
+        for text_encoder in parts.text_encoders().values():
+            text_encoder.requires_grad_(False)
+            text_encoder.train(False)
 
     # --- checkpoints -------------------------------------------------------------------
 
     def _trainable_params(self, parts: SDParts) -> dict[str, torch.nn.Parameter]:
-        """The trained weights, by name; the text encoder's also after it was frozen."""
+        """The trained weights, by name; the text encoders' also after they were frozen."""
         out = {}
-        for module_name, module in (("unet", parts.unet), ("text_encoder", parts.text_encoder)):
-            everything = module_name == "text_encoder" and self.cfg.dreambooth.train_text_encoder
+        modules = {"unet": parts.unet, **parts.text_encoders()}
+        for module_name, module in modules.items():
+            everything = module_name != "unet" and self.cfg.dreambooth.train_text_encoder
             for name, p in module.named_parameters():
                 if getattr(p, SAVED_APART, False):
                     continue  # pivotal tuning's embedding table (methods/pivotal.py)
@@ -171,7 +175,9 @@ class FullFineTuning(prior.PriorPreservationHooks, Method):
 
     def save(self, out_dir: Path, parts: SDParts, step: int) -> Path:
         out_dir = Path(out_dir)
-        trained = {"unet"} | ({"text_encoder"} if self.cfg.dreambooth.train_text_encoder else set())
+        trained = {"unet"}
+        if self.cfg.dreambooth.train_text_encoder:
+            trained |= set(parts.text_encoders())  # SDXL: both
         dtype = precision_dtype(self.cfg.dreambooth.save_precision)
         states = save_pipeline(
             out_dir,

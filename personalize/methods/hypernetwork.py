@@ -33,22 +33,40 @@ logger = logging.getLogger(__name__)
 
 
 SD1_TEXT_WIDTH = 768
+# The webui's default enable_sizes' self-attention width of SD's first level; SDXL's first
+# level has no attention (its self-attention widths are 640 and 1280).
+SD1_FIRST_LEVEL_WIDTH = 320
 
 
 def sizes_for_model(sizes: list[int], parts: SDParts) -> list[int]:
-    """enable_sizes for this model: on SD 2.x, SD1's text width 768 (the default's first
-    entry, and the webui's) stands for the model's own text width (1024), so the default and
-    SD1 configs train the text cross-attention there too; other sizes are kept as given."""
+    """enable_sizes for this model. The webui keys a hypernetwork's layers by the width of
+    the context an attention layer reads (`context.shape[2]`), so on another model family
+    SD 1.x's text width 768 (the default's first entry, and the webui's) stands for the
+    model's own text context width: SD 2.x's 1024, SDXL's 2048 (CLIP-L 768 + OpenCLIP-bigG
+    1280, concatenated). On SDXL the default's 320 is dropped too when no attention layer
+    reads it (SDXL's first level has none). Other sizes are kept as given."""
     width = parts.unet.config.cross_attention_dim
-    if parts.family != "sd2" or width == SD1_TEXT_WIDTH or SD1_TEXT_WIDTH not in sizes:
+    if parts.family not in ("sd2", "sdxl"):
         return list(sizes)
-    logger.info(
-        "hypernetwork.enable_sizes: %d is SD 1.x's text width; this SD 2.x model's is %d, "
-        "used in its place",
-        SD1_TEXT_WIDTH,
-        width,
-    )
-    return [width if s == SD1_TEXT_WIDTH else s for s in sizes]
+    out = list(sizes)
+    if width != SD1_TEXT_WIDTH and SD1_TEXT_WIDTH in out:
+        logger.info(
+            "hypernetwork.enable_sizes: %d is SD 1.x's text width; this %s model's text "
+            "context is %d wide, used in its place",
+            SD1_TEXT_WIDTH,
+            "SDXL" if parts.is_sdxl else "SD 2.x",
+            width,
+        )
+        out = [width if s == SD1_TEXT_WIDTH else s for s in out]
+    if parts.is_sdxl and SD1_FIRST_LEVEL_WIDTH in out:
+        if SD1_FIRST_LEVEL_WIDTH not in attention_widths(parts.unet):
+            logger.info(
+                "hypernetwork.enable_sizes: no attention layer of this SDXL UNet reads "
+                "width %d (SD 1.x's first level); dropped",
+                SD1_FIRST_LEVEL_WIDTH,
+            )
+            out = [s for s in out if s != SD1_FIRST_LEVEL_WIDTH]
+    return list(dict.fromkeys(out))
 
 
 class HypernetworkMethod(Method):
@@ -73,7 +91,7 @@ class HypernetworkMethod(Method):
                 "UNet; its "
                 f"attention context widths are {sorted(have)} (text context width "
                 f"{parts.unet.config.cross_attention_dim}). SD1 uses [768, 320, 640, 1280], "
-                "SD2 [1024, 320, 640, 1280]."
+                "SD2 [1024, 320, 640, 1280], SDXL [2048, 640, 1280]."
             )
         options = HypernetworkOptions(
             layer_structure=c.layer_structure,

@@ -237,8 +237,13 @@ class DistillationPrior:
 
     x_t and t are the step's own noisy latents and timesteps: the question "what does the
     class prompt predict for this input?" must keep the original model's answer. With
-    `teacher_unet=None` the teacher is the live UNet with its adapters disabled (LoRA);
-    otherwise it is a frozen copy taken before training."""
+    `copy_teacher=False` the teacher is the live model with its adapters disabled (LoRA);
+    otherwise it is a frozen copy taken before training (of the UNet, and of each text
+    encoder that trains).
+
+    SDXL: the class prompt is encoded as the loop encodes captions (both encoders'
+    penultimate hidden states, text_encoder_2's pooled projection), and teacher and student
+    get the step's own size/crop ids (`batch["time_ids"]`) in `added_cond_kwargs`."""
 
     def __init__(
         self,
@@ -254,18 +259,22 @@ class DistillationPrior:
         self.mixed_precision = mixed_precision
         self.copy_teacher = copy_teacher
         self.teacher_unet: torch.nn.Module | None = None
-        self.teacher_text_encoder: torch.nn.Module | None = None
-        te_trains = any(p.requires_grad for p in parts.text_encoder.parameters())
+        self.teacher_text_encoders: dict[str, torch.nn.Module] = {}
+        training = {n: _trains(te) for n, te in parts.text_encoders().items()}
         if copy_teacher:
             self.teacher_unet = _frozen_copy(parts.unet)
-            if te_trains:
-                self.teacher_text_encoder = _frozen_copy(parts.text_encoder)
-        elif not (has_adapters(parts.unet) and (not te_trains or has_adapters(parts.text_encoder))):
+            self.teacher_text_encoders = {
+                n: _frozen_copy(te) for n, te in parts.text_encoders().items() if training[n]
+            }
+        elif not (
+            has_adapters(parts.unet)
+            and all(has_adapters(te) for n, te in parts.text_encoders().items() if training[n])
+        ):
             raise ConfigError(
                 "distillation with a shared teacher needs adapters on every "
                 "trained module (the teacher is the model with them disabled)"
             )
-        self._ids: torch.Tensor | None = None
+        self._ids: dict[str, torch.Tensor] = {}
         self._placed = False
         logger.info(
             "distillation prior: weight %g, class prompt %r, teacher: %s",
@@ -276,15 +285,45 @@ class DistillationPrior:
 
     def _place(self, device: torch.device) -> None:
         dtype = teacher_dtype(device, self.mixed_precision)
-        for teacher in (self.teacher_unet, self.teacher_text_encoder):
+        for teacher in (self.teacher_unet, *self.teacher_text_encoders.values()):
             if teacher is not None:
                 teacher.to(device=device, dtype=dtype)
         self._placed = True
 
-    def _class_ids(self, parts: SDParts, device: torch.device) -> torch.Tensor:
-        if self._ids is None or self._ids.device != device:
-            self._ids = tokenize(parts.tokenizer, [self.class_prompt]).to(device)
+    def _class_ids(self, parts: SDParts, device: torch.device) -> dict[str, torch.Tensor]:
+        """The class prompt's token ids per text encoder (SDXL: each its own tokenizer)."""
+        if not self._ids or next(iter(self._ids.values())).device != device:
+            tokenizers = {"text_encoder": parts.tokenizer, "text_encoder_2": parts.tokenizer_2}
+            self._ids = {
+                name: tokenize(tokenizers[name], [self.class_prompt]).to(device)
+                for name in parts.text_encoders()
+            }
         return self._ids
+
+    def _contexts(self, parts: SDParts, device: torch.device):
+        """(student, teacher) text conditioning of the class prompt, each (hidden states,
+        pooled or None); the student's carries gradients into text encoders that train."""
+        ids = self._class_ids(parts, device)
+        sdxl = parts.is_sdxl
+        student, teacher = [], []
+        for name, module in parts.text_encoders().items():
+            encoder = unwrap(module)
+            if not _trains(encoder):
+                with torch.no_grad():
+                    out = _encode(encoder, ids[name], sdxl)
+                student.append(out)
+                teacher.append(out)
+                continue
+            student.append(_encode(encoder, ids[name], sdxl))
+            with torch.no_grad():
+                if name in self.teacher_text_encoders:
+                    frozen = self.teacher_text_encoders[name]
+                    out = _encode(frozen, ids[name], sdxl, run=_run_teacher)
+                else:
+                    with adapters_disabled(encoder):
+                        out = _encode(encoder, ids[name], sdxl)
+            teacher.append(tuple(t.detach() if t is not None else None for t in out))
+        return _joined(student), _joined(teacher)
 
     def __call__(self, batch: dict[str, Any], outputs, parts: SDParts) -> torch.Tensor:
         unet = unwrap(outputs.unet)
@@ -293,34 +332,73 @@ class DistillationPrior:
         device = noisy.device
         if self.copy_teacher and not self._placed:
             self._place(device)
-        ids = self._class_ids(parts, device)
-        text_encoder = unwrap(parts.text_encoder)
-        te_trains = any(p.requires_grad for p in text_encoder.parameters())
-        if te_trains:
-            student_context = text_encoder(ids)[0]
-        else:
-            with torch.no_grad():
-                student_context = text_encoder(ids)[0]
+        (student_hidden, student_pooled), (teacher_hidden, teacher_pooled) = self._contexts(
+            parts, device
+        )
         batch_size = noisy.shape[0]
+        time_ids = batch.get("time_ids") if parts.is_sdxl else None
+
+        def unet_kwargs(pooled, dtype) -> dict[str, Any]:
+            if time_ids is None:
+                return {}
+            return {
+                "added_cond_kwargs": {
+                    "text_embeds": pooled.expand(batch_size, -1).to(dtype),
+                    "time_ids": time_ids.to(device, dtype),
+                }
+            }
+
         with torch.no_grad():
-            teacher_context = student_context.detach()
-            if te_trains and self.teacher_text_encoder is not None:
-                teacher_context = _run_teacher(self.teacher_text_encoder, ids)[0]
-            elif te_trains:
-                with adapters_disabled(text_encoder):
-                    teacher_context = text_encoder(ids)[0]
-            teacher_context = teacher_context.expand(batch_size, -1, -1)
+            context = teacher_hidden.expand(batch_size, -1, -1)
             if self.teacher_unet is not None:
+                dtype = next(self.teacher_unet.parameters()).dtype
                 target = _run_teacher(
-                    self.teacher_unet, noisy, timesteps, teacher_context, return_dict=False
+                    self.teacher_unet,
+                    noisy,
+                    timesteps,
+                    context,
+                    return_dict=False,
+                    **unet_kwargs(teacher_pooled, dtype),
                 )[0]
             else:
                 with adapters_disabled(unet):
-                    target = unet(noisy, timesteps, teacher_context, return_dict=False)[0]
+                    target = unet(
+                        noisy,
+                        timesteps,
+                        context,
+                        return_dict=False,
+                        **unet_kwargs(teacher_pooled, student_hidden.dtype),
+                    )[0]
         student = unet(
-            noisy, timesteps, student_context.expand(batch_size, -1, -1), return_dict=False
+            noisy,
+            timesteps,
+            student_hidden.expand(batch_size, -1, -1),
+            return_dict=False,
+            **unet_kwargs(student_pooled, student_hidden.dtype),
         )[0]
         return self.weight * F.mse_loss(student.float(), target.float())
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _encode(encoder, ids: torch.Tensor, sdxl: bool, run=None):
+    """(hidden states, pooled) of one text encoder as the UNet is conditioned: SD 1.x/2.x
+    its last hidden states (no pooled); SDXL its penultimate ones and, for text_encoder_2,
+    the projected pooled output (`text_embeds`)."""
+    run = run or (lambda module, *args, **kwargs: module(*args, **kwargs))
+    if not sdxl:
+        return run(encoder, ids)[0], None
+    out = run(encoder, ids, output_hidden_states=True, return_dict=True)
+    return out.hidden_states[-2], getattr(out, "text_embeds", None)
+
+
+def _joined(encoded: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Several encoders' (hidden, pooled) -> (hidden states concatenated, the last pooled)."""
+    hidden = torch.cat([h for h, _ in encoded], dim=-1) if len(encoded) > 1 else encoded[0][0]
+    pooled = next((p for _, p in reversed(encoded) if p is not None), None)
+    return hidden, pooled
 
 
 def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -373,17 +451,11 @@ def build_regularizers(cfg, parts: SDParts, *, adapters: bool) -> Regularizers:
                 "regularization.weight_constraint=l2sp with weight_constraint_lambda=0 has no "
                 "effect; set a positive lambda"
             )
+        modules = [parts.unet, *parts.text_encoders().values()]  # SDXL: both encoders
         if adapters:
-            terms["l2sp"] = LoRAL2SP(
-                [parts.unet, parts.text_encoder], cfg.regularization.weight_constraint_lambda
-            )
+            terms["l2sp"] = LoRAL2SP(modules, cfg.regularization.weight_constraint_lambda)
         else:
-            params = [
-                p
-                for m in (parts.unet, parts.text_encoder)
-                for p in m.parameters()
-                if p.requires_grad
-            ]
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
             terms["l2sp"] = L2SP(
                 params,
                 cfg.regularization.weight_constraint_lambda,

@@ -3,8 +3,9 @@
 diffusers does the work: each LoRA is loaded as its own adapter with its strength
 (personalize.inference.load, which reads our files and kohya/webui ones), then fuse_lora adds
 every adapter's scaled delta into the base weights and unload_lora_weights drops the peft
-layers, leaving a plain pipeline to save. Optionally also one original-layout (SD 1.x/2.x)
-`.safetensors` checkpoint for webui/ComfyUI (personalize/adapters/sd_single_file.py).
+layers, leaving a plain pipeline to save. Optionally also one original-layout (SD 1.x/2.x,
+or SDXL's SGM layout) `.safetensors` checkpoint for webui/ComfyUI
+(personalize/adapters/sd_single_file.py).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def write_single_file(pipe, path: Path, model: str, loads: list[tuple[str, float
     from personalize.adapters.sd_single_file import to_original_sd
     from personalize.io import atomic_save_safetensors
 
-    states = {name: getattr(pipe, name).state_dict() for name in ("unet", "vae", "text_encoder")}
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL
+    states = {n: getattr(pipe, n).state_dict() for n in names if getattr(pipe, n, None)}
     tensors = to_original_sd(
         pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, states, dtype=None
     )

@@ -50,7 +50,8 @@ def check_widths(widths: list[int], unet: nn.Module, where: str, strict: bool = 
         raise ArtifactError(
             f"{where}: widths {missing} have no attention layer of that width in this UNet. "
             f"Its attention context widths are {sorted(have)} (text context width {text}; "
-            "the webui's 768 is the SD1 text width, 1024 SD2's). Use a hypernetwork made for "
+            "the webui's 768 is the SD1 text width, 1024 SD2's, 2048 SDXL's). Use a hypernetwork "
+            "made for "
             "this base model"
             + (
                 ", or pass strict=False to ignore the extra widths"
