@@ -29,18 +29,39 @@ from personalize.models import SDParts
 logger = logging.getLogger(__name__)
 
 
-def _lora_config(
-    rank: int, alpha: float | None, dropout: float, targets: list[str], use_dora: bool
-):
+def _lora_config(c, targets: list[str]):
+    """peft's config for `lora.type`: LoraConfig, LoHaConfig or LoKrConfig (the LyCORIS
+    kinds, ported into peft from LyCORIS with the same parameter names and shapes)."""
+    alpha = c.alpha if c.alpha is not None else c.rank
+    if c.type == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(
+            r=c.rank,
+            alpha=alpha,
+            target_modules=targets,
+            use_effective_conv2d=c.use_effective_conv2d,
+        )
+    if c.type == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(
+            r=c.rank,
+            alpha=alpha,
+            target_modules=targets,
+            use_effective_conv2d=c.use_effective_conv2d,
+            decompose_both=c.decompose_both,
+            decompose_factor=c.decompose_factor,
+        )
     from peft import LoraConfig
 
     return LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=dropout,
+        r=c.rank,
+        lora_alpha=alpha,
+        lora_dropout=c.dropout,
         init_lora_weights="gaussian",
         target_modules=targets,
-        use_dora=use_dora,
+        use_dora=c.use_dora,
     )
 
 
@@ -60,9 +81,7 @@ class LoRA(prior.PriorPreservationHooks, Method):
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
         c = self.cfg.lora
         _check_targets_exist(parts.unet, c.unet_target_modules, "lora.unet_target_modules")
-        parts.unet.add_adapter(
-            _lora_config(c.rank, c.alpha, c.dropout, c.unet_target_modules, c.use_dora)
-        )
+        parts.unet.add_adapter(_lora_config(c, c.unet_target_modules))
         groups = [{"params": [p for p in parts.unet.parameters() if p.requires_grad]}]
         if c.train_text_encoder:
             _check_targets_exist(
@@ -76,8 +95,7 @@ class LoRA(prior.PriorPreservationHooks, Method):
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(
-                _lora_config(c.rank, c.alpha, c.dropout, c.text_encoder_target_modules, c.use_dora),
-                parts.text_encoder,
+                _lora_config(c, c.text_encoder_target_modules), parts.text_encoder
             )
             groups.append(
                 {
@@ -111,6 +129,12 @@ class LoRA(prior.PriorPreservationHooks, Method):
                 unet_targets=c.unet_target_modules,
                 text_encoder_targets=te_targets,
                 use_dora=c.use_dora,
+                type=c.type,
+                lokr_options={
+                    "decompose_both": c.decompose_both,
+                    "decompose_factor": c.decompose_factor,
+                    "use_effective_conv2d": c.use_effective_conv2d,
+                },
             ),
             step,
         )
