@@ -105,7 +105,8 @@ def _set_factors(layer, adapter: str, parts: dict, kind: str, where: str) -> Non
     weight = layer.get_base_layer().weight
     for part in LOHA_PARTS if kind == "loha" else LOKR_PARTS:
         store = getattr(layer, part)
-        store.pop(adapter, None)
+        if adapter in store:
+            del store[adapter]
         if part in parts:
             store[adapter] = torch.nn.Parameter(
                 parts[part].to(weight.device, weight.dtype), requires_grad=False
