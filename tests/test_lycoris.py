@@ -262,3 +262,29 @@ def test_l2sp_with_loha_is_refused(tiny_model_dir, instance_dir, tmp_path):
     )
     with pytest.raises(ConfigError, match="regularization.weight_constraint"):
         from_dict(cfg)
+
+
+def test_stock_diffusers_does_not_read_loha_lokr_files(run, tiny_model_dir):
+    """What docs/lycoris.md says: diffusers' load_lora_weights refuses these files (its
+    kohya converter knows lora_down/lora_up only); personalize.load reads them."""
+    kind, out, parts = run
+    pipe = _pipe(tiny_model_dir)
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        pipe.load_lora_weights(out, weight_name=LYCORIS_WEIGHTS)
+
+
+def test_toy_world_variants_are_the_lora_recipe_with_another_kind(tmp_path):
+    from personalize.toyworld import base_model_path
+    from personalize.toyworld.benchmark import RECIPES, variant_config
+    from personalize.toyworld.subjects import get_subject
+
+    subject = get_subject("striped_heart")
+    lora = variant_config("lora", subject, base_model_path(), tmp_path / "d", tmp_path / "o")
+    for kind in ("loha", "lokr"):
+        cfg = variant_config(kind, subject, base_model_path(), tmp_path / "d", tmp_path / "o")
+        assert cfg["lora"].pop("type") == kind
+        assert {k: v for k, v in cfg.items() if k != "lora"} == {
+            k: v for k, v in lora.items() if k != "lora"
+        }
+        assert from_dict(dict(cfg, lora=dict(cfg["lora"], type=kind))).lora.type == kind
+    assert RECIPES["loha"]["steps"] == RECIPES["lora"]["steps"]

@@ -75,6 +75,28 @@ def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) 
         )
 
 
+def _warn_full_lokr_scale(models: list[torch.nn.Module]) -> None:
+    """LyCORIS applies a LoKr layer of two full matrices at scale 1 whatever its alpha;
+    peft at alpha / rank. A LyCORIS recipe ("full dimension": rank 100000, alpha 1) would
+    train at scale 1e-5 here, so say so when that happens."""
+    full = [
+        layer
+        for model in models
+        for layer in model.modules()
+        if "default" in getattr(layer, "lokr_w1", {})
+        and "default" in getattr(layer, "lokr_w2", {})
+        and layer.scaling["default"] != 1.0
+    ]
+    if full:
+        logger.warning(
+            "lora.type lokr: %d layers are two full matrices, which peft scales by "
+            "alpha / rank = %g (LyCORIS would use 1.0 for them); leave lora.alpha unset "
+            "(= rank) for LyCORIS' 'full dimension' recipe",
+            len(full),
+            full[0].scaling["default"],
+        )
+
+
 class LoRA(prior.PriorPreservationHooks, Method):
     name = "lora"
 
@@ -103,6 +125,8 @@ class LoRA(prior.PriorPreservationHooks, Method):
                     "lr": c.text_encoder_lr or self.cfg.train.lr,
                 }
             )
+        if c.type == "lokr":
+            _warn_full_lokr_scale([parts.unet, parts.text_encoder])
         # DreamBooth-LoRA: the db section's prior preservation and regularizers, the same
         # code as method dreambooth (methods/prior.py, methods/regularizers.py).
         self.regularizers = build_regularizers(self.cfg, parts, adapters=True)
