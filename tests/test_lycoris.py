@@ -288,3 +288,15 @@ def test_toy_world_variants_are_the_lora_recipe_with_another_kind(tmp_path):
         }
         assert from_dict(dict(cfg, lora=dict(cfg["lora"], type=kind))).lora.type == kind
     assert RECIPES["loha"]["steps"] == RECIPES["lora"]["steps"]
+
+
+def test_end_of_training_line_sends_loha_lokr_to_the_uis_not_to_stock_diffusers():
+    from pathlib import Path
+
+    from personalize.adapters.clients import client_guide
+
+    line = client_guide(
+        "lora", Path("out"), kohya_file=Path("out") / LYCORIS_WEIGHTS, lycoris_kind="LoHa"
+    )
+    assert LYCORIS_WEIGHTS in line and "ComfyUI" in line and "does not read" in line
+    assert "\n" not in line

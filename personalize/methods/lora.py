@@ -162,7 +162,8 @@ class LoRA(prior.PriorPreservationHooks, Method):
             ),
             step,
         )
-        log_client_guide("lora", Path(out_dir), kohya_file=kohya)
+        kind = {"loha": "LoHa", "lokr": "LoKr"}.get(c.type)
+        log_client_guide("lora", Path(out_dir), kohya_file=kohya, lycoris_kind=kind)
         return file
 
     @classmethod
