@@ -300,3 +300,39 @@ def test_end_of_training_line_sends_loha_lokr_to_the_uis_not_to_stock_diffusers(
     )
     assert LYCORIS_WEIGHTS in line and "ComfyUI" in line and "does not read" in line
     assert "\n" not in line
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_resume_gives_the_same_file_as_a_straight_run(kind, tiny_model_dir, instance_dir, tmp_path):
+    from personalize.training.loop import Trainer
+
+    common = dict(
+        train={"max_steps": 4, "checkpoint_every": 2},
+        lora={"type": kind, "unet_target_modules": UNET_TARGETS},
+    )
+    train(from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "a", **common)))
+    first = base_config(tiny_model_dir, instance_dir, tmp_path / "b", **common)
+    first["train"] = dict(first["train"], max_steps=2)
+    train(from_dict(first))
+    resumed = base_config(tiny_model_dir, instance_dir, tmp_path / "b", resume="latest", **common)
+    Trainer(from_dict(resumed)).run()
+    a = load_file(tmp_path / "a" / LYCORIS_WEIGHTS)
+    b = load_file(tmp_path / "b" / LYCORIS_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_tools_say_they_do_not_rewrite_loha_lokr(tmp_path):
+    from personalize.errors import LoraFileError
+    from personalize.tools.lora_layers import read_lora
+
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file(
+        {f"{q}.lokr_w1": torch.zeros(2, 2), f"{q}.lokr_w2": torch.zeros(4, 4)},
+        tmp_path / "k.safetensors",
+    )
+    with pytest.raises(LoraFileError, match="LoHa/LoKr"):
+        read_lora(tmp_path / "k.safetensors")
+    (tmp_path / "run").mkdir()
+    save_file({f"{q}.lokr_w1": torch.zeros(2, 2)}, tmp_path / "run" / LYCORIS_WEIGHTS)
+    with pytest.raises(LoraFileError, match="LoHa/LoKr"):
+        read_lora(tmp_path / "run")
