@@ -16,6 +16,7 @@ from personalize.adapters.lora import LYCORIS_WEIGHTS
 from personalize.config import from_dict
 from personalize.errors import ArtifactError, ConfigError
 from personalize.models import load_parts
+from personalize.testing import TINY_TEXT_WIDTH
 from personalize.tools.lora_merge import merge
 
 # attention, a 3x3 resnet conv and a 1x1 proj_in ("LoCon"), and the text encoder
@@ -336,3 +337,22 @@ def test_lora_tools_say_they_do_not_rewrite_loha_lokr(tmp_path):
     save_file({f"{q}.lokr_w1": torch.zeros(2, 2)}, tmp_path / "run" / LYCORIS_WEIGHTS)
     with pytest.raises(LoraFileError, match="LoHa/LoKr"):
         read_lora(tmp_path / "run")
+
+
+def test_loha_stacks_on_a_lora_in_either_order(run, tiny_model_dir, instance_dir, tmp_path):
+    """A LoRA loaded first wraps the layers; the LoHa/LoKr still finds them by name, and
+    the pipeline's output is the base plus both deltas whichever came first."""
+    kind, out, parts = run
+    lora = tmp_path / "lora"
+    train(from_dict(base_config(tiny_model_dir, instance_dir, lora, train={"max_steps": 1})))
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, TINY_TEXT_WIDTH, generator=torch.Generator().manual_seed(1))
+    results = []
+    for order in ((lora, out), (out, lora)):
+        pipe = _pipe(tiny_model_dir)
+        for path in order:
+            load(pipe, path, strength=0.7)
+        assert len(pipe._personalize_lora_strengths) == 2
+        with torch.no_grad():
+            results.append(pipe.unet(latents, torch.tensor([500]), hidden).sample)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)

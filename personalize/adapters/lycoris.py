@@ -78,9 +78,16 @@ def client_scale(parts: dict) -> tuple[float, float]:
 
 
 def _module_paths(model: torch.nn.Module, text_encoder: bool) -> dict[str, str]:
-    """kohya name -> module path for every Linear / Conv2d of `model`."""
+    """kohya name -> module path for every Linear / Conv2d of `model`; a layer an adapter
+    loaded before wraps (peft's `<path>.base_layer`) keeps its own path."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     out = {}
     for path, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        elif ".base_layer" in path or path.endswith("base_layer"):
+            continue
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         if text_encoder:
