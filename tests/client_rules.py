@@ -328,6 +328,132 @@ def webui_sd2_attention_applied(matched: dict[str, dict]) -> dict[str, bool]:
     return {k: v == {"q_proj", "k_proj", "v_proj", "out_proj"} for k, v in layers.items()}
 
 
+# ------------------------------------------------------------------ LoHa / LoKr
+# ComfyUI comfy/weight_adapter/loha.py + lokr.py (LoHaAdapter/LoKrAdapter.load and
+# calculate_weight); webui extensions-builtin/Lora/network_hada.py, network_lokr.py,
+# lyco_helpers.py (make_weight_cp, rebuild_conventional), network.py (calc_scale,
+# finalize_updown); LyCORIS lycoris/modules/loha.py, lokr.py (make_module_from_state_dict,
+# __init__'s scale), read at KohakuBlueleaf/LyCORIS f49d30d.
+
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def comfyui_load_lycoris(sd: dict[str, torch.Tensor], key_map: dict[str, tuple]):
+    """load_lora with the LoHa/LoKr adapters: for each mapped name x, `x.alpha` and the
+    hada_* (when x.hada_w1_a is there) or lokr_* parts. -> ({target: parts}, not loaded)."""
+    patches, loaded = {}, set()
+    for x, target in key_map.items():
+        parts = {}
+        if f"{x}.alpha" in sd:
+            parts["alpha"] = sd[f"{x}.alpha"].item()
+            loaded.add(f"{x}.alpha")
+        names = LOHA_KEYS if f"{x}.hada_w1_a" in sd else LOKR_KEYS
+        for name in names:
+            if f"{x}.{name}" in sd:
+                parts[name] = sd[f"{x}.{name}"]
+                loaded.add(f"{x}.{name}")
+        if set(parts) - {"alpha"}:
+            patches[target] = parts
+    return patches, sorted(set(sd) - loaded)
+
+
+def _cp(t, wa, wb):
+    # einsum("i j k l, j r, i p -> p r k l", t, wb, wa): the Tucker rebuild of all three
+    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+
+
+def comfyui_lycoris_delta(parts: dict, shape, strength: float = 1.0) -> torch.Tensor:
+    """calculate_weight: LoHa scale alpha / hada_w1_b.shape[0]; LoKr scale alpha / dim with
+    dim = lokr_w1_b's rows when w1 is decomposed, overwritten by lokr_w2_b's when w2 is,
+    1.0 when neither (or no alpha)."""
+    alpha = parts.get("alpha")
+    if "hada_w1_a" in parts:
+        scale = alpha / parts["hada_w1_b"].shape[0] if alpha is not None else 1.0
+        if "hada_t1" in parts:
+            m1 = _cp(parts["hada_t1"], parts["hada_w1_a"], parts["hada_w1_b"])
+            m2 = _cp(parts["hada_t2"], parts["hada_w2_a"], parts["hada_w2_b"])
+        else:
+            m1 = parts["hada_w1_a"] @ parts["hada_w1_b"]
+            m2 = parts["hada_w2_a"] @ parts["hada_w2_b"]
+        return (strength * scale) * (m1 * m2).reshape(shape)
+    dim = None
+    w1, w2 = parts.get("lokr_w1"), parts.get("lokr_w2")
+    if w1 is None:
+        dim = parts["lokr_w1_b"].shape[0]
+        w1 = parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+    if w2 is None:
+        dim = parts["lokr_w2_b"].shape[0]
+        if "lokr_t2" in parts:
+            w2 = _cp(parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"])
+        else:
+            w2 = parts["lokr_w2_a"] @ parts["lokr_w2_b"]
+    if w2.dim() == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return (strength * scale) * torch.kron(w1, w2).reshape(shape)
+
+
+def webui_lycoris_delta(parts: dict, shape, multiplier: float = 1.0) -> torch.Tensor:
+    """NetworkModuleHada / NetworkModuleLokr calc_updown, then finalize_updown:
+    updown * multiplier * calc_scale (alpha / dim when both known, else 1.0); dim =
+    hada_w1_b.shape[0] (LoHa), lokr_w1_b's then lokr_w2_b's rows (LoKr), else None."""
+    alpha = parts.get("alpha")
+    if "hada_w1_a" in parts:
+        dim = parts["hada_w1_b"].shape[0]
+        w1a, w1b, w2a, w2b = (parts[k] for k in LOHA_KEYS[:4])
+        if "hada_t1" in parts:
+            up1 = _cp(parts["hada_t1"], w1a, w1b)
+        else:
+            up1 = (w1a.reshape(w1a.size(0), -1) @ w1b.reshape(w1b.size(0), -1)).reshape(
+                w1a.size(0), w1b.size(1)
+            )
+        if "hada_t2" in parts:
+            up2 = _cp(parts["hada_t2"], w2a, w2b)
+        else:
+            up2 = (w2a @ w2b).reshape(up1.shape)
+        updown = up1 * up2
+    else:
+        dim = None
+        if "lokr_w1_b" in parts:
+            dim = parts["lokr_w1_b"].shape[0]
+        if "lokr_w2_b" in parts:
+            dim = parts["lokr_w2_b"].shape[0]
+        w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+        if "lokr_w2" in parts:
+            w2 = parts["lokr_w2"]
+        elif "lokr_t2" in parts:
+            w2 = _cp(parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"])
+        else:
+            w2 = parts["lokr_w2_a"] @ parts["lokr_w2_b"]
+        if w2.dim() == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2.contiguous())
+    assert updown.numel() == torch.Size(shape).numel(), "finalize_updown cannot reshape"
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return updown.reshape(shape) * multiplier * scale
+
+
+def lycoris_delta(parts: dict, shape, multiplier: float = 1.0) -> torch.Tensor:
+    """LyCORIS' own modules built from a kohya file (make_module_from_state_dict):
+    scale alpha / lora_dim (no alpha or 0 -> lora_dim, i.e. 1.0); a LoKr of two full
+    matrices (use_w1 and use_w2) is forced to scale 1 whatever its alpha."""
+    alpha = parts.get("alpha")
+    if "hada_w1_a" in parts:
+        dim = parts["hada_w1_b"].shape[0]
+        scale = alpha / dim if alpha else 1.0
+        return comfyui_lycoris_delta(dict(parts, alpha=dim * scale), shape, multiplier)
+    if "lokr_w1_a" in parts:
+        dim = parts["lokr_w1_a"].shape[1]
+    elif "lokr_w2_a" in parts:
+        dim = parts["lokr_w2_a"].shape[1]
+    else:
+        dim = None  # full_matrix: scale 1
+    scale = alpha / dim if alpha and dim is not None else 1.0
+    unit = {k: v for k, v in parts.items() if k != "alpha"}
+    return comfyui_lycoris_delta(unit, shape, multiplier * scale)
+
+
 # ------------------------------------------------------------------ embeddings
 
 

@@ -18,13 +18,17 @@ from client_rules import (
     comfyui_hypernetwork,
     comfyui_key_map,
     comfyui_load_lora,
+    comfyui_load_lycoris,
+    comfyui_lycoris_delta,
     comfyui_sdxl_embedding,
     kohya_embedding,
     kohya_module_shapes,
     kohya_sdxl_embedding,
+    lycoris_delta,
     webui_embedding,
     webui_layer_mapping,
     webui_load_network,
+    webui_lycoris_delta,
     webui_safe_check,
     webui_sdxl_embedding,
 )
@@ -36,9 +40,10 @@ from personalize import train
 from personalize.adapters import embeddings as E
 from personalize.adapters import hypernetwork as H
 from personalize.adapters.clients import comfyui_hypernetwork_problems
-from personalize.adapters.kohya import KohyaExportError, peft_to_kohya
+from personalize.adapters.kohya import KohyaExportError, peft_lycoris_to_kohya, peft_to_kohya
 from personalize.adapters.sd_single_file import convert_text_encoder, convert_unet
 from personalize.config import from_dict
+from personalize.errors import ConfigError
 from personalize.io import atomic_write, default_file_mode
 from personalize.methods.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
 from personalize.models import load_parts
@@ -213,6 +218,124 @@ def test_sd15_lora_loads_exactly_under_each_clients_rules(unet_targets, te_targe
         if k.split(".", 1)[1] not in ("lora_down.weight", "lora_up.weight", "alpha")
     ]
     assert unexpected == []
+
+
+# ------------------------------------------------------------------ LoHa / LoKr
+
+# (peft config, what the file must hold): each branch of the clients' scale rules.
+LYCORIS_CASES = {
+    "loha": ("loha", {}, "hada_w1_a"),
+    "loha_tucker": ("loha", {"use_effective_conv2d": True}, "hada_t1"),
+    # r 2 vs SD's widths: w2 low-rank (lokr_w2_a/b), scale alpha / r in every client
+    "lokr_lowrank_w2": ("lokr", {"decompose_factor": 4}, "lokr_w2_a"),
+    "lokr_both": ("lokr", {"r": 1, "decompose_factor": 4, "decompose_both": True}, "lokr_w1_a"),
+    # r 64 >= the factors: two full matrices, scale 1 in the clients, peft's alpha/r baked
+    "lokr_full": ("lokr", {"r": 64}, "lokr_w2"),
+}
+
+
+def _with_lycoris(model, targets, kind, options, alpha=6.0):
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    options = dict(options)
+    r = options.pop("r", 2)
+    cls = LoHaConfig if kind == "loha" else LoKrConfig
+    # init_weights=False: random factors, so every delta is non-zero
+    config = cls(r=r, alpha=alpha, target_modules=targets, init_weights=False, **options)
+    inject_adapter_in_model(config, model)
+    return get_peft_model_state_dict(model), r
+
+
+def _lycoris_deltas(model, strength=1.0) -> dict[str, torch.Tensor]:
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LycorisLayer) and "default" in module._available_adapters:
+            module.set_scale("default", strength)
+            out[name] = module.get_delta_weight("default")
+    return out
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_CASES))
+def test_sd15_loha_lokr_load_exactly_under_each_clients_rules(case):
+    """SD 1.5 UNet (every LoCon layer) + CLIP-L, alpha 6: every key is taken by ComfyUI,
+    the webui and LyCORIS, and each one's delta (its own math, tests/client_rules.py) is
+    peft's, at strength 1 and 0.5."""
+    kind, options, must_hold = LYCORIS_CASES[case]
+    unet, te = sd15_unet(), clip_l_text_encoder()
+    base_unet = {k: v.clone() for k, v in unet.state_dict().items()}
+    base_te = {k: v.clone() for k, v in te.state_dict().items()}
+    unet_layers, r = _with_lycoris(unet, UNET_ALL_TARGETS, kind, options)
+    te_layers, _ = _with_lycoris(te, TE_ALL_TARGETS, kind, options)
+    kohya = peft_lycoris_to_kohya(unet_layers, te_layers, r, 6.0)
+    assert any(k.endswith("." + must_hold) for k in kohya)
+    assert _modules_of(kohya) == set(kohya_module_shapes(sd15_unet(), "lora_unet")) | set(
+        kohya_module_shapes(clip_l_text_encoder(), "lora_te", te=True)
+    )
+    original = convert_unet(base_unet, unet.config)
+    original.update(convert_text_encoder(base_te, te.config))
+    mapping = webui_layer_mapping(original)
+    for strength in (1.0, 0.5):
+        deltas = {("unet", n): d for n, d in _lycoris_deltas(unet, strength).items()}
+        deltas.update({("text_encoder", n): d for n, d in _lycoris_deltas(te, strength).items()})
+        assert len(deltas) == 278 + 72
+
+        # ComfyUI: every key loaded, the delta of each module is peft's.
+        patches, not_loaded = comfyui_load_lycoris(kohya, comfyui_key_map(unet, te))
+        assert not_loaded == [] and set(patches) == set(deltas)
+        for target, parts in patches.items():
+            want = deltas[target]
+            got = comfyui_lycoris_delta(parts, want.shape, strength)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            # LyCORIS' own loader (kohya's sd-scripts with network_module=lycoris.kohya)
+            torch.testing.assert_close(
+                lycoris_delta(parts, want.shape, strength), want, rtol=1e-4, atol=1e-6
+            )
+
+        # webui: every key matched to a module of the original-layout model, same delta.
+        matched, failed = webui_load_network(kohya, mapping)
+        assert failed == [] and len(matched) == len(deltas)
+        by_webui_name = {}
+        for (component, path), want in deltas.items():
+            prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+            name = prefix + path.replace("text_model.", "").replace(".", "_")
+            by_webui_name[name] = want
+        for name, parts in matched.items():
+            assert parts["hada_w1_a" if kind == "loha" else "alpha"] is not None
+            parts = {k: (v.item() if k == "alpha" else v) for k, v in parts.items()}
+            got = webui_lycoris_delta(parts, mapping[name], strength)
+            assert got.shape == mapping[name]
+        # and the values, module by module, through the kohya names
+        for key_name, want in by_webui_name.items():
+            parts = {
+                k.split(".", 1)[1]: (v.item() if k.endswith(".alpha") else v)
+                for k, v in kohya.items()
+                if k.split(".", 1)[0] == key_name
+            }
+            got = webui_lycoris_delta(parts, want.shape, strength)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_lokr_tucker_fails_in_comfyuis_rule_so_the_config_refuses_it():
+    """ComfyUI's LoKr rebuilds lokr_t2's w2 by einsum and hands it to torch.kron without
+    .contiguous() (the webui and peft add it): with this torch that raises, and ComfyUI
+    logs the error and leaves the layer unpatched. So lora.use_effective_conv2d is for
+    loha only."""
+    unet = sd15_unet()
+    layers, r = _with_lycoris(
+        unet, ["conv1"], "lokr", {"decompose_factor": 4, "use_effective_conv2d": True}
+    )
+    kohya = peft_lycoris_to_kohya(layers, None, r, 6.0)
+    patches, _ = comfyui_load_lycoris(kohya, comfyui_key_map(unet, clip_l_text_encoder()))
+    (target, parts), *_ = [(t, p) for t, p in patches.items() if "lokr_t2" in p]
+    shape = unet.get_submodule(target[1]).weight.shape
+    with pytest.raises(RuntimeError):
+        comfyui_lycoris_delta(parts, shape)
+    cfg = base_config("m", "d", "o", lora={"type": "lokr", "use_effective_conv2d": True})
+    with pytest.raises(ConfigError, match="use_effective_conv2d"):
+        from_dict(cfg)
 
 
 def test_unaddressable_text_encoder_module_and_dora_are_refused_clearly():

@@ -24,9 +24,17 @@ COMFYUI_HYPERNETWORK_ACTIVATIONS = (
 )
 
 
-def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
+def client_guide(method: str, out_dir: Path, **files: Path | str | None) -> str:
     """One line naming the file for ComfyUI, the webui, kohya and diffusers."""
     out = Path(out_dir)
+    if method == "lora" and files.get("lycoris_kind"):
+        kohya = files["kohya_file"]
+        return (
+            f"{files['lycoris_kind']} saved in {out}: {kohya.name} -> ComfyUI models/loras, "
+            "webui models/Lora, kohya sd-scripts with LyCORIS (network_module="
+            "lycoris.kohya), personalize.load; stock diffusers load_lora_weights does not "
+            "read LoHa/LoKr"
+        )
     if method == "lora":
         kohya = files.get("kohya_file")
         ui = (
@@ -74,7 +82,7 @@ def client_guide(method: str, out_dir: Path, **files: Path | None) -> str:
     raise ConfigError(f"no client guide for method {method!r}")
 
 
-def log_client_guide(method: str, out_dir: Path, **files: Path | None) -> None:
+def log_client_guide(method: str, out_dir: Path, **files: Path | str | None) -> None:
     logger.info(client_guide(method, out_dir, **files))
 
 

@@ -255,3 +255,90 @@ def sd2_webui_skipped_layers(kohya: dict[str, torch.Tensor]) -> list[str]:
         if m:
             adapted.setdefault(m.group(1), set()).add(m.group(2))
     return sorted(layer for layer, got in adapted.items() if set(SD2_WEBUI_ATTENTION) - got)
+
+
+# ------------------------------------------------------------------------------ LoHa / LoKr
+
+# The LyCORIS parameter names, the same in peft (LoHaLayer / LoKrLayer, ported from
+# LyCORIS) and in the kohya-layout files ComfyUI, the webui and LyCORIS read.
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_LYCORIS_KEY = re.compile(rf"^(.+)\.({'|'.join(LOHA_PARTS + LOKR_PARTS)})$")
+
+
+def lokr_is_decomposed(parts) -> bool:
+    """Whether the clients scale a LoKr module by alpha / dim: ComfyUI and the webui take
+    dim from lokr_w1_b or lokr_w2_b and use scale 1.0 when neither is there; LyCORIS
+    forces scale 1 when both w1 and w2 are full matrices."""
+    return "lokr_w1_b" in parts or "lokr_w2_b" in parts
+
+
+def lycoris_dim(parts) -> int | None:
+    """The `dim` the clients divide alpha by: hada_w1_b's rows (LoHa); for LoKr lokr_w2_b's,
+    else lokr_w1_b's (ComfyUI's order; the same r when both are there); None: scale 1."""
+    for name in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if name in parts:
+            return int(parts[name].shape[0])
+    return None
+
+
+def _lycoris_modules(layers: dict[str, torch.Tensor], where: str) -> dict[str, dict]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in layers.items():
+        m = _LYCORIS_KEY.match(key)
+        if not m:
+            raise KohyaExportError(f"{where}: unexpected LoHa/LoKr adapter key {key!r}")
+        out.setdefault(m.group(1), {})[m.group(2)] = tensor
+    return out
+
+
+def peft_lycoris_to_kohya(
+    unet_layers: dict[str, torch.Tensor],
+    text_encoder_layers: dict[str, torch.Tensor] | None,
+    rank: int,
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """peft LoHa/LoKr state dicts (keys `<module>.hada_w1_a`, `<module>.lokr_w1`, ...) ->
+    kohya/LyCORIS tensors `lora_unet_<module>.<part>` with one `.alpha` per module.
+
+    peft scales every module by alpha / r. The clients do the same for LoHa (dim =
+    hada_w1_b's rows = r) and for a LoKr module with a low-rank factor (dim = r), but
+    apply a LoKr module of two full matrices at scale 1: its alpha / r is multiplied into
+    lokr_w2 here (and `.alpha` written as r, as LyCORIS writes it), so every client
+    applies what peft trained."""
+    named: list[tuple[str, dict[str, torch.Tensor]]] = []
+    for path, parts in _lycoris_modules(unet_layers, "unet").items():
+        named.append((unet_module_name(path), parts))
+    for path, parts in _lycoris_modules(text_encoder_layers or {}, "text_encoder").items():
+        named.append((text_encoder_module_name(path), parts))
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in named:
+        if f"{name}.alpha" in out:
+            raise KohyaExportError(f"two adapted modules map to the same kohya name {name}")
+        parts = {k: v.float().contiguous() for k, v in parts.items()}
+        module_alpha = float(alpha)
+        if any(k.startswith("lokr_") for k in parts) and not lokr_is_decomposed(parts):
+            parts["lokr_w2"] = (parts["lokr_w2"].double() * (alpha / rank)).float()
+            module_alpha = float(rank)
+        for part, tensor in parts.items():
+            out[f"{name}.{part}"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(module_alpha)
+    return out
+
+
+def lycoris_metadata(
+    kind: str, rank: int, alpha: float, options: dict, cross_attention_dim: int, step: int
+) -> dict:
+    """kohya_metadata for a LyCORIS network (`ss_network_module: lycoris.kohya`, the algo
+    and its options in `ss_network_args`, as LyCORIS' kohya wrapper records them)."""
+    import json
+
+    meta = kohya_metadata(rank, alpha, cross_attention_dim, step)
+    args = {"algo": kind}
+    if kind == "lokr":
+        args["factor"] = str(options.get("decompose_factor", -1))
+        args["decompose_both"] = str(bool(options.get("decompose_both")))
+    args["use_tucker"] = str(bool(options.get("use_effective_conv2d")))
+    meta["ss_network_module"] = "lycoris.kohya"
+    meta["ss_network_args"] = json.dumps(args)
+    return meta

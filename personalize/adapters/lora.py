@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
+# LoHa / LoKr (lora.type): one file, kohya/LyCORIS layout, read by every client and by
+# personalize.load (diffusers' load_lora_weights reads no LoHa/LoKr; docs/lycoris.md).
+LYCORIS_WEIGHTS = "lycoris_kohya.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class LoraShape:
     unet_targets: list[str]
     text_encoder_targets: list[str] | None  # None: the text encoder has no adapters
     use_dora: bool = False
+    type: str = "lora"  # lora | loha | lokr
+    lokr_options: dict | None = None  # loha/lokr: use_effective_conv2d, decompose_*
 
 
 # ------------------------------------------------------------------------------ save
@@ -70,8 +75,13 @@ def save_lora(
 ) -> tuple[Path, Path | None]:
     """Write both files into `out_dir`; return (the diffusers file, the kohya file or None).
     SDXL parts: `StableDiffusionXLPipeline.save_lora_weights`' layout (keys `unet.`,
-    `text_encoder.`, `text_encoder_2.`) and kohya's `lora_te1_`/`lora_te2_` names."""
+    `text_encoder.`, `text_encoder_2.`) and kohya's `lora_te1_`/`lora_te2_` names.
+    LoHa/LoKr write their one kohya-layout file, returned twice."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if shape.type != "lora":
+        file = save_lycoris(out_dir, parts, shape, step)
+        return file, file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,13 +176,33 @@ def save_kohya(
     return atomic_save_safetensors(kohya, out_dir / KOHYA_WEIGHTS, metadata)
 
 
+def save_lycoris(out_dir: str | Path, parts: SDParts, shape: LoraShape, step: int) -> Path:
+    """LoHa/LoKr: the kohya/LyCORIS layout (`lora_unet_<module>.hada_w1_a`, `.lokr_w1`,
+    ..., `.alpha`; adapters/kohya.py), which ComfyUI, the webui, LyCORIS and
+    personalize.load read."""
+    from personalize.adapters.kohya import lycoris_metadata, peft_lycoris_to_kohya
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet_layers, te_layers = peft_layers(parts, shape.text_encoder_targets is not None)
+    tensors = peft_lycoris_to_kohya(unet_layers, te_layers, shape.rank, shape.alpha)
+    width = parts.unet.config.cross_attention_dim
+    metadata = lycoris_metadata(
+        shape.type, shape.rank, shape.alpha, shape.lokr_options or {}, width, step
+    )
+    metadata.update(personalize_base_model=parts.source, personalize_cross_attention_dim=str(width))
+    return atomic_save_safetensors(tensors, out_dir / LYCORIS_WEIGHTS, metadata)
+
+
 # ------------------------------------------------------------------------------ detect, load
 
 
 def detect_lora(path: Path) -> Path | None:
     """Our output folder's file, or a .safetensors whose keys are a LoRA's."""
-    if path.is_dir() and (path / LORA_WEIGHTS).is_file():
-        return path / LORA_WEIGHTS
+    if path.is_dir():
+        for name in (LORA_WEIGHTS, LYCORIS_WEIGHTS):
+            if (path / name).is_file():
+                return path / name
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -216,8 +246,16 @@ def _has_text_encoder_keys(file: Path) -> bool:
         return any(k.startswith(("text_encoder", "lora_te")) for k in f.keys())
 
 
+def _adapter_keys(pipe) -> int:
+    """The UNet's adapter weights (peft's lora_A/B, hada_*, lokr_*)."""
+    return sum(1 for k in pipe.unet.state_dict() if any(p in k for p in ("lora", "hada_", "lokr_")))
+
+
 def load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> None:
     file = detect_lora(path)
+    from personalize.adapters.lycoris import is_lycoris_file, load_lycoris
+
+    lycoris = is_lycoris_file(file)
     # Several LoRAs can be stacked; remember each one's strength and file on the pipeline.
     weights: dict[str, float] = getattr(pipe, "_personalize_lora_strengths", {})
     sources: dict[str, str] = getattr(pipe, "_personalize_lora_sources", {})
@@ -228,7 +266,7 @@ def load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> No
         pipe.delete_adapters(name)
         weights.pop(name, None)
         sources.pop(name, None)
-    n_before = sum(1 for k in pipe.unet.state_dict() if "lora" in k)
+    n_before = _adapter_keys(pipe)
     # A UNet-only LoRA makes diffusers warn that the text encoder got no keys; that is
     # expected then, and only then worth a line.
     quiet_te = (
@@ -240,14 +278,17 @@ def load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> No
         with quiet_te, warnings.catch_warnings():
             # peft warns on every adapter after the first; stacking is what we do here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            if lycoris:
+                load_lycoris(pipe, file, name)
+            else:
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as e:
         why = str(e).strip().rstrip(".")
         raise ArtifactError(
             f"{file} does not fit this pipeline's UNet/text encoder: {why}. It "
             "was made for another base model; use a LoRA trained on this one."
         ) from e
-    if sum(1 for k in pipe.unet.state_dict() if "lora" in k) == n_before:
+    if _adapter_keys(pipe) == n_before:
         raise ArtifactError(
             f"{file}: no LoRA key matched this pipeline's UNet modules; it was "
             "made for another base model (e.g. SDXL) or only for modules this "

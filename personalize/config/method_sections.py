@@ -28,6 +28,9 @@ def _changed(section: Any) -> list[str]:
     ]
 
 
+LORA_TYPES = ("lora", "loha", "lokr")
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 4
@@ -45,9 +48,62 @@ class LoRAConfig:
     # this LR. None = text_encoder_lr.
     text_encoder_2_lr: float | None = None
     use_dora: bool = False
+    # lora | loha | lokr (the LyCORIS kinds, through peft's LoHaConfig / LoKrConfig;
+    # docs/lycoris.md). Conv layers ("LoCon") by naming them in unet_target_modules.
+    type: str = "lora"
+    # loha/lokr on 3x3 convs: the Tucker form (hada_t1/t2, lokr_t2; LyCORIS' use_tucker).
+    use_effective_conv2d: bool = False
+    # lokr: the Kronecker factor (-1 = near the square root of each dimension) and whether
+    # the small factor w1 is low-rank too.
+    decompose_factor: int = -1
+    decompose_both: bool = False
 
     def check(self, cfg) -> None:
         need(self.rank > 0, "lora.rank", "must be > 0")
+        need(
+            self.type in LORA_TYPES,
+            "lora.type",
+            f"must be one of {', '.join(LORA_TYPES)}, got {self.type!r}",
+        )
+        if self.type != "lora":
+            need(
+                not self.use_dora,
+                "lora.use_dora",
+                f"DoRA is a lora.type: lora option; {self.type} has none (set use_dora: false)",
+            )
+            need(
+                self.dropout == 0.0,
+                "lora.dropout",
+                f"is LoRA's input dropout; peft's {self.type} has none (set it to 0)",
+            )
+            need(
+                cfg.regularization.weight_constraint is None,
+                "regularization.weight_constraint",
+                f"l2sp is implemented for lora.type: lora only, not {self.type}",
+            )
+        else:
+            need(
+                not self.use_effective_conv2d,
+                "lora.use_effective_conv2d",
+                "applies to lora.type loha or lokr only",
+            )
+        need(
+            not (self.type == "lokr" and self.use_effective_conv2d),
+            "lora.use_effective_conv2d",
+            "is for loha only: ComfyUI fails on LoKr's Tucker form (lokr_t2) and leaves "
+            "those layers unpatched",
+        )
+        if self.type != "lokr":
+            need(
+                self.decompose_factor == -1 and not self.decompose_both,
+                "lora.decompose_factor" if self.decompose_factor != -1 else "lora.decompose_both",
+                "applies to lora.type: lokr only",
+            )
+        need(
+            self.decompose_factor == -1 or self.decompose_factor >= 2,
+            "lora.decompose_factor",
+            f"must be -1 (automatic) or >= 2, got {self.decompose_factor}",
+        )
         for key in ("text_encoder_lr", "text_encoder_2_lr"):
             lr = getattr(self, key)
             need(

@@ -31,25 +31,44 @@ from personalize.models import SDParts
 logger = logging.getLogger(__name__)
 
 
-def _lora_config(
-    rank: int,
-    alpha: float | None,
-    dropout: float,
-    targets: list[str],
-    use_dora: bool,
-    layers: list[int] | None = None,
-):
+def _lora_config(c, targets: list[str], layers: list[int] | None = None):
+    """peft's config for `lora.type`: LoraConfig, LoHaConfig or LoKrConfig (the LyCORIS
+    kinds, ported into peft from LyCORIS with the same parameter names and shapes);
+    `layers`: only these encoder layers (see _conditioning_layers)."""
+    where = {"layers_to_transform": layers, "layers_pattern": "layers" if layers is not None else None}
+    alpha = c.alpha if c.alpha is not None else c.rank
+    if c.type == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(
+            r=c.rank,
+            alpha=alpha,
+            target_modules=targets,
+            use_effective_conv2d=c.use_effective_conv2d,
+            **where,
+        )
+    if c.type == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(
+            r=c.rank,
+            alpha=alpha,
+            target_modules=targets,
+            use_effective_conv2d=c.use_effective_conv2d,
+            decompose_both=c.decompose_both,
+            decompose_factor=c.decompose_factor,
+            **where,
+        )
     from peft import LoraConfig
 
     return LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=dropout,
+        r=c.rank,
+        lora_alpha=alpha,
+        lora_dropout=c.dropout,
         init_lora_weights="gaussian",
         target_modules=targets,
-        use_dora=use_dora,
-        layers_to_transform=layers,
-        layers_pattern="layers" if layers is not None else None,
+        use_dora=c.use_dora,
+        **where,
     )
 
 
@@ -73,15 +92,37 @@ def _check_targets_exist(module: torch.nn.Module, targets: list[str], key: str) 
         )
 
 
+def _warn_full_lokr_scale(models: list[torch.nn.Module]) -> None:
+    """LyCORIS applies a LoKr layer of two full matrices at scale 1 whatever its alpha;
+    peft at alpha / rank. A LyCORIS recipe ("full dimension": rank 100000, alpha 1) would
+    train at scale 1e-5 here, so say so when that happens."""
+    full = [
+        layer
+        for model in models
+        for layer in model.modules()
+        if "default" in getattr(layer, "lokr_w1", {})
+        and "default" in getattr(layer, "lokr_w2", {})
+        and layer.scaling["default"] != 1.0
+    ]
+    if full:
+        logger.warning(
+            "lora.type lokr: %d layers are two full matrices, which peft scales by "
+            "alpha / rank = %g (LyCORIS would use 1.0 for them); leave lora.alpha unset "
+            "(= rank) for LyCORIS' 'full dimension' recipe",
+            len(full),
+            full[0].scaling["default"],
+        )
+
+
+
+
 class LoRAAdapters(prior.PriorPreservationHooks, Method):
     """method lora without pivotal tuning (`LoRA` below adds it as the outer layer)."""
 
     def setup(self, parts: SDParts) -> list[dict[str, Any]]:
         c = self.cfg.lora
         _check_targets_exist(parts.unet, c.unet_target_modules, "lora.unet_target_modules")
-        parts.unet.add_adapter(
-            _lora_config(c.rank, c.alpha, c.dropout, c.unet_target_modules, c.use_dora)
-        )
+        parts.unet.add_adapter(_lora_config(c, c.unet_target_modules))
         groups = [{"params": [p for p in parts.unet.parameters() if p.requires_grad]}]
         if c.train_text_encoder:
             # peft itself, not transformers' add_adapter: transformers gates its peft
@@ -99,14 +140,7 @@ class LoRAAdapters(prior.PriorPreservationHooks, Method):
                 )
                 layers = _conditioning_layers(parts, name)
                 inject_adapter_in_model(
-                    _lora_config(
-                        c.rank,
-                        c.alpha,
-                        c.dropout,
-                        c.text_encoder_target_modules,
-                        c.use_dora,
-                        layers,
-                    ),
+                    _lora_config(c, c.text_encoder_target_modules, layers),
                     text_encoder,
                 )
                 groups.append(
@@ -115,6 +149,8 @@ class LoRAAdapters(prior.PriorPreservationHooks, Method):
                         "lr": lrs[name],
                     }
                 )
+        if c.type == "lokr":
+            _warn_full_lokr_scale([parts.unet, *parts.text_encoders().values()])
         # DreamBooth-LoRA: the db section's prior preservation and regularizers, the same
         # code as method dreambooth (methods/prior.py, methods/regularizers.py).
         self.regularizers = build_regularizers(self.cfg, parts, adapters=True)
@@ -141,10 +177,17 @@ class LoRAAdapters(prior.PriorPreservationHooks, Method):
                 unet_targets=c.unet_target_modules,
                 text_encoder_targets=te_targets,
                 use_dora=c.use_dora,
+                type=c.type,
+                lokr_options={
+                    "decompose_both": c.decompose_both,
+                    "decompose_factor": c.decompose_factor,
+                    "use_effective_conv2d": c.use_effective_conv2d,
+                },
             ),
             step,
         )
-        log_client_guide("lora", Path(out_dir), kohya_file=kohya)
+        kind = {"loha": "LoHa", "lokr": "LoKr"}.get(c.type)
+        log_client_guide("lora", Path(out_dir), kohya_file=kohya, lycoris_kind=kind)
         return file
 
     @classmethod

@@ -31,6 +31,10 @@ PEFT = "peft"
 KOHYA = "kohya"
 COMPONENTS = ("unet", "text_encoder")
 _METADATA_KEY = "lora_adapter_metadata"
+_LYCORIS_ONLY = (
+    "lora resize/extract rewrite LoRA files only (their factors are not a product of two "
+    "low-rank matrices); personalize merge bakes LoHa/LoKr"
+)
 
 
 @dataclass
@@ -68,13 +72,15 @@ class LoraFile:
 
 def find_lora_file(path: str | Path) -> Path:
     """The LoRA file of `path`: the file itself, or our file in a training output folder."""
-    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
+    from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS, LYCORIS_WEIGHTS
 
     path = Path(path)
     if path.is_dir():
         for name in (LORA_WEIGHTS, KOHYA_WEIGHTS):
             if (path / name).is_file():
                 return path / name
+        if (path / LYCORIS_WEIGHTS).is_file():
+            raise LoraFileError(f"{path} holds a LoHa/LoKr ({LYCORIS_WEIGHTS}): {_LYCORIS_ONLY}")
         raise LoraFileError(f"{path} holds no {LORA_WEIGHTS} or {KOHYA_WEIGHTS}")
     if not path.is_file():
         raise ArtifactNotFoundError(f"LoRA {path} does not exist")
@@ -97,6 +103,8 @@ def read_lora(path: str | Path) -> LoraFile:
         return LoraFile(_read_kohya(tensors, file), KOHYA, metadata)
     if any(".lora_A." in k for k in tensors):
         return LoraFile(_read_peft(tensors, metadata, file), PEFT, metadata)
+    if any(".hada_" in k or ".lokr_" in k for k in tensors):
+        raise LoraFileError(f"{file} is a LoHa/LoKr: {_LYCORIS_ONLY}")
     raise LoraFileError(
         f"{file}: no lora_A/lora_B (diffusers/peft) or lora_down/lora_up (kohya) keys"
     )

@@ -112,6 +112,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "steps": 600,
         "config": {"train": {"lr": 1e-3}, "lora": {"rank": 8}},
     },
+    # LoHa / LoKr: the lora recipe with only the kind (and its size) changed, sized as
+    # LyCORIS recommends (its example configs and docs/Guidelines.md), not tuned here:
+    # LoHa dim 8, alpha 4 (example loha_config.toml); LoKr "low factor (4 to 8), full
+    # dimension" with factor 4: a rank above every factor's half makes both Kronecker
+    # factors full matrices, and alpha = rank gives the scale 1 LyCORIS uses for them.
+    "loha": {
+        "method": "lora",
+        "steps": 600,
+        "config": {"train": {"lr": 1e-3}, "lora": {"type": "loha", "rank": 8, "alpha": 4.0}},
+    },
+    "lokr": {
+        "method": "lora",
+        "steps": 600,
+        "config": {
+            "train": {"lr": 1e-3},
+            "lora": {"type": "lokr", "rank": 10000, "decompose_factor": 4},
+        },
+    },
     "hypernetwork": {"method": "hypernetwork", "steps": 600, "config": {"train": {"lr": 1e-3}}},
 }
 GENERATION = {"steps": 20, "guidance_scale": 5.0}
@@ -281,6 +299,15 @@ def _train_here(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         if torch.cuda.is_available()
         else None,
     }
+
+
+def _adapter_file_kb(run_dir: Path) -> float | None:
+    """The size of the adapter file personalize.load reads (LoRA/LoHa/LoKr); None for
+    other methods."""
+    from personalize.adapters.lora import detect_lora
+
+    file = detect_lora(run_dir)
+    return round(file.stat().st_size / 1024, 1) if file else None
 
 
 def train_variant(cfg_dict: dict[str, Any], work: Path, isolated: bool) -> dict[str, Any]:
@@ -495,6 +522,7 @@ def run(
                     "train_seconds": trained["train_seconds"],
                     "peak_rss_mb": trained["peak_rss_mb"],
                     "peak_cuda_mb": trained["peak_cuda_mb"],
+                    "file_kb": _adapter_file_kb(Path(trained["run_dir"])),
                     "steps": cfg["train"]["max_steps"],
                     "sample_seconds": round(time.perf_counter() - t, 1),
                 }
@@ -561,7 +589,7 @@ QUALITY_KEYS = (
     "class_subject_match",
     "div",
 )
-METRIC_KEYS = (*QUALITY_KEYS, "train_seconds", "peak_rss_mb")
+METRIC_KEYS = (*QUALITY_KEYS, "train_seconds", "peak_rss_mb", "file_kb")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
