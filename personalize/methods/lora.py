@@ -35,7 +35,10 @@ def _lora_config(c, targets: list[str], layers: list[int] | None = None):
     """peft's config for `lora.type`: LoraConfig, LoHaConfig or LoKrConfig (the LyCORIS
     kinds, ported into peft from LyCORIS with the same parameter names and shapes);
     `layers`: only these encoder layers (see _conditioning_layers)."""
-    where = {"layers_to_transform": layers, "layers_pattern": "layers" if layers is not None else None}
+    where = {
+        "layers_to_transform": layers,
+        "layers_pattern": "layers" if layers is not None else None,
+    }
     alpha = c.alpha if c.alpha is not None else c.rank
     if c.type == "loha":
         from peft import LoHaConfig
@@ -112,8 +115,6 @@ def _warn_full_lokr_scale(models: list[torch.nn.Module]) -> None:
             len(full),
             full[0].scaling["default"],
         )
-
-
 
 
 class LoRAAdapters(prior.PriorPreservationHooks, Method):
