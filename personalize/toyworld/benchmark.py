@@ -227,6 +227,11 @@ RECIPES["pivotal"] = _merge(
         },
     },
 )
+# Issue 20: the lora recipe with Prodigy (prodigyopt) instead of AdamW; lr 1.0 multiplies
+# its own step-size estimate, as Prodigy's authors and kohya's docs recommend. Set by rule.
+RECIPES["lora_prodigy"] = _merge(
+    copy.deepcopy(RECIPES["lora"]), {"config": {"train": {"optimizer": "prodigy", "lr": 1.0}}}
+)
 # Issue 18, EMA: the recommended recipes with an EMA of the trained weights (validated and
 # saved instead of the raw ones). 0.99 caps diffusers' ramp (1 + s) / (10 + s), which is
 # still ~0.98 at step 400: the average spans the last ~45 of the 400-600 steps.
