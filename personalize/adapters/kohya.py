@@ -155,6 +155,26 @@ def kohya_name(peft_key: str, sdxl_unet=None) -> str:
     raise KohyaExportError(f"{peft_key!r}: expected a unet.* or text_encoder.* module path")
 
 
+def kohya_named(
+    unet_modules: dict[str, dict],
+    text_encoder_modules: dict[str, dict],
+    text_encoder_2_modules: dict[str, dict] | None = None,
+    sdxl_unet=None,
+) -> list[tuple[str, dict]]:
+    """{module path: parts} per component -> [(kohya name, parts)]: the naming that LoRA
+    and LoHa/LoKr files share (SD 1.x/2.x: diffusers UNet names, `lora_te_`; SDXL, with its
+    UNet config `sdxl_unet`: original UNet names, `lora_te1_`/`lora_te2_`)."""
+    sdxl = sdxl_unet is not None
+    named = [(unet_module_name(p, sdxl_unet), parts) for p, parts in unet_modules.items()]
+    te_prefix = SDXL_TEXT_ENCODER_PREFIXES["text_encoder"] if sdxl else TEXT_ENCODER_PREFIX
+    for path, parts in text_encoder_modules.items():
+        named.append((text_encoder_module_name(path, te_prefix), parts))
+    te2_prefix = SDXL_TEXT_ENCODER_PREFIXES["text_encoder_2"]
+    for path, parts in (text_encoder_2_modules or {}).items():
+        named.append((text_encoder_module_name(path, te2_prefix), parts))
+    return named
+
+
 def _modules(layers: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in layers.items():
@@ -186,16 +206,12 @@ def peft_to_kohya(
     `get_peft_model_state_dict` returns them) -> kohya tensors with one `.alpha` per module,
     so every client applies `alpha / rank` as peft did. `sdxl_unet` (an SDXL UNet's config)
     switches to SDXL's names; `text_encoder_2_layers`: SDXL's second text encoder."""
-    sdxl = sdxl_unet is not None
-    named: list[tuple[str, dict[str, torch.Tensor]]] = []
-    for path, parts in _modules(unet_layers, "unet").items():
-        named.append((unet_module_name(path, sdxl_unet), parts))
-    te_prefix = SDXL_TEXT_ENCODER_PREFIXES["text_encoder"] if sdxl else TEXT_ENCODER_PREFIX
-    for path, parts in _modules(text_encoder_layers or {}, "text_encoder").items():
-        named.append((text_encoder_module_name(path, te_prefix), parts))
-    for path, parts in _modules(text_encoder_2_layers or {}, "text_encoder_2").items():
-        prefix = SDXL_TEXT_ENCODER_PREFIXES["text_encoder_2"]
-        named.append((text_encoder_module_name(path, prefix), parts))
+    named = kohya_named(
+        _modules(unet_layers, "unet"),
+        _modules(text_encoder_layers or {}, "text_encoder"),
+        _modules(text_encoder_2_layers or {}, "text_encoder_2"),
+        sdxl_unet,
+    )
     out: dict[str, torch.Tensor] = {}
     for name, parts in named:
         if set(parts) != {"lora_A.weight", "lora_B.weight"}:
@@ -297,20 +313,25 @@ def peft_lycoris_to_kohya(
     text_encoder_layers: dict[str, torch.Tensor] | None,
     rank: int,
     alpha: float,
+    *,
+    text_encoder_2_layers: dict[str, torch.Tensor] | None = None,
+    sdxl_unet=None,
 ) -> dict[str, torch.Tensor]:
     """peft LoHa/LoKr state dicts (keys `<module>.hada_w1_a`, `<module>.lokr_w1`, ...) ->
-    kohya/LyCORIS tensors `lora_unet_<module>.<part>` with one `.alpha` per module.
+    kohya/LyCORIS tensors `lora_unet_<module>.<part>` with one `.alpha` per module, named
+    as the LoRA file is (`kohya_named`: SDXL's with `sdxl_unet` and text_encoder_2).
 
     peft scales every module by alpha / r. The clients do the same for LoHa (dim =
     hada_w1_b's rows = r) and for a LoKr module with a low-rank factor (dim = r), but
     apply a LoKr module of two full matrices at scale 1: its alpha / r is multiplied into
     lokr_w2 here (and `.alpha` written as r, as LyCORIS writes it), so every client
     applies what peft trained."""
-    named: list[tuple[str, dict[str, torch.Tensor]]] = []
-    for path, parts in _lycoris_modules(unet_layers, "unet").items():
-        named.append((unet_module_name(path), parts))
-    for path, parts in _lycoris_modules(text_encoder_layers or {}, "text_encoder").items():
-        named.append((text_encoder_module_name(path), parts))
+    named = kohya_named(
+        _lycoris_modules(unet_layers, "unet"),
+        _lycoris_modules(text_encoder_layers or {}, "text_encoder"),
+        _lycoris_modules(text_encoder_2_layers or {}, "text_encoder_2"),
+        sdxl_unet,
+    )
     out: dict[str, torch.Tensor] = {}
     for name, parts in named:
         if f"{name}.alpha" in out:
@@ -327,13 +348,20 @@ def peft_lycoris_to_kohya(
 
 
 def lycoris_metadata(
-    kind: str, rank: int, alpha: float, options: dict, cross_attention_dim: int, step: int
+    kind: str,
+    rank: int,
+    alpha: float,
+    options: dict,
+    cross_attention_dim: int,
+    step: int,
+    family: str | None = None,
+    v_prediction: bool = False,
 ) -> dict:
     """kohya_metadata for a LyCORIS network (`ss_network_module: lycoris.kohya`, the algo
     and its options in `ss_network_args`, as LyCORIS' kohya wrapper records them)."""
     import json
 
-    meta = kohya_metadata(rank, alpha, cross_attention_dim, step)
+    meta = kohya_metadata(rank, alpha, cross_attention_dim, step, family, v_prediction)
     args = {"algo": kind}
     if kind == "lokr":
         args["factor"] = str(options.get("decompose_factor", -1))

@@ -139,7 +139,7 @@ def save_kohya(
     """The kohya layout (lora_unet_*, lora_te_*, .alpha; SDXL: lora_te1_/lora_te2_ and the
     original UNet's module names) that ComfyUI, the webui and sd-scripts load
     (adapters/kohya.py); None, with a warning, when the adapters have no such form (DoRA)."""
-    from personalize.adapters.kohya import kohya_metadata, peft_to_kohya, sd2_webui_skipped_layers
+    from personalize.adapters.kohya import kohya_metadata, peft_to_kohya
 
     try:
         kohya = peft_to_kohya(
@@ -156,19 +156,8 @@ def save_kohya(
             stale.unlink()
         return None
     width = parts.unet.config.cross_attention_dim
-    v_pred = parts.noise_scheduler.config.prediction_type == "v_prediction"
-    metadata = kohya_metadata(shape.rank, shape.alpha, width, step, parts.family, v_pred)
-    skipped = sd2_webui_skipped_layers(kohya) if parts.family == "sd2" else []
-    if skipped:
-        logger.warning(
-            "%s on SD 2.x: the webui applies text-encoder attention LoRA only where q_proj, "
-            "k_proj, v_proj and out_proj are all trained (%d layers are not, e.g. %s); "
-            "ComfyUI and diffusers apply it. Add the missing ones to "
-            "lora.text_encoder_target_modules for the webui",
-            KOHYA_WEIGHTS,
-            len(skipped),
-            skipped[0],
-        )
+    metadata = kohya_metadata(shape.rank, shape.alpha, width, step, *_family_of(parts))
+    _warn_sd2_webui_attention(kohya, parts, KOHYA_WEIGHTS)
     metadata.update(
         personalize_base_model=parts.source,
         personalize_cross_attention_dim=str(width),
@@ -176,20 +165,58 @@ def save_kohya(
     return atomic_save_safetensors(kohya, out_dir / KOHYA_WEIGHTS, metadata)
 
 
+def _family_of(parts: SDParts) -> tuple[str, bool]:
+    """(family, v-prediction): what the `ss_*` metadata records of the base model."""
+    return parts.family, parts.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def _warn_sd2_webui_attention(tensors: dict, parts: SDParts, file_name: str) -> None:
+    """The webui's SD 2.x rule, the same for LoRA and LoHa/LoKr modules (its
+    network_apply_weights looks the q/k/v/out modules of a fused attention up by name)."""
+    from personalize.adapters.kohya import sd2_webui_skipped_layers
+
+    skipped = sd2_webui_skipped_layers(tensors) if parts.family == "sd2" else []
+    if skipped:
+        logger.warning(
+            "%s on SD 2.x: the webui applies text-encoder attention LoRA only where q_proj, "
+            "k_proj, v_proj and out_proj are all trained, LoHa/LoKr alike (%d layers are "
+            "not, e.g. %s); ComfyUI and personalize.load apply them. Add the missing ones to "
+            "lora.text_encoder_target_modules for the webui",
+            file_name,
+            len(skipped),
+            skipped[0],
+        )
+
+
 def save_lycoris(out_dir: str | Path, parts: SDParts, shape: LoraShape, step: int) -> Path:
     """LoHa/LoKr: the kohya/LyCORIS layout (`lora_unet_<module>.hada_w1_a`, `.lokr_w1`,
-    ..., `.alpha`; adapters/kohya.py), which ComfyUI, the webui, LyCORIS and
-    personalize.load read."""
+    ..., `.alpha`; adapters/kohya.py), named as the LoRA kohya file is (SDXL: original UNet
+    names, lora_te1_/lora_te2_), which ComfyUI, the webui, LyCORIS and personalize.load read."""
     from personalize.adapters.kohya import lycoris_metadata, peft_lycoris_to_kohya
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet_layers, te_layers = peft_layers(parts, shape.text_encoder_targets is not None)
-    tensors = peft_lycoris_to_kohya(unet_layers, te_layers, shape.rank, shape.alpha)
+    with_te = shape.text_encoder_targets is not None
+    unet_layers, te_layers = peft_layers(parts, with_te)
+    tensors = peft_lycoris_to_kohya(
+        unet_layers,
+        te_layers,
+        shape.rank,
+        shape.alpha,
+        text_encoder_2_layers=peft_layers_2(parts, with_te),
+        sdxl_unet=parts.unet.config if parts.is_sdxl else None,
+    )
     width = parts.unet.config.cross_attention_dim
     metadata = lycoris_metadata(
-        shape.type, shape.rank, shape.alpha, shape.lokr_options or {}, width, step
+        shape.type,
+        shape.rank,
+        shape.alpha,
+        shape.lokr_options or {},
+        width,
+        step,
+        *_family_of(parts),
     )
+    _warn_sd2_webui_attention(tensors, parts, LYCORIS_WEIGHTS)
     metadata.update(personalize_base_model=parts.source, personalize_cross_attention_dim=str(width))
     return atomic_save_safetensors(tensors, out_dir / LYCORIS_WEIGHTS, metadata)
 

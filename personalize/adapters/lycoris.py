@@ -2,7 +2,8 @@
 
 Ours (`lycoris_kohya.safetensors`) and ones from kohya's sd-scripts + LyCORIS share one
 layout: `lora_unet_<module>.hada_w1_a ...` / `.lokr_w1 ...` and `.alpha`
-(adapters/kohya.py). Stock diffusers' load_lora_weights reads none of it, so each module
+(adapters/kohya.py; on SDXL the original UNet names and lora_te1_/lora_te2_ for the two
+text encoders, as for LoRA). Stock diffusers' load_lora_weights reads none of it, so each module
 gets a peft LoHa/LoKr layer (peft's LoHaConfig / LoKrConfig, injected like diffusers
 injects LoRA) whose factors are then replaced by the file's own tensors: peft computes
 the delta from whichever factors a layer holds (full lokr_w1 or lokr_w1_a/b, Tucker
@@ -21,6 +22,7 @@ import torch
 from personalize.adapters.kohya import (
     LOHA_PARTS,
     LOKR_PARTS,
+    SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     lycoris_dim,
@@ -77,9 +79,10 @@ def client_scale(parts: dict) -> tuple[float, float]:
     return float(dim), float(alpha)
 
 
-def _module_paths(model: torch.nn.Module, text_encoder: bool) -> dict[str, str]:
-    """kohya name -> module path for every Linear / Conv2d of `model`; a layer an adapter
-    loaded before wraps (peft's `<path>.base_layer`) keeps its own path."""
+def _module_paths(model: torch.nn.Module, name_of) -> dict[str, str]:
+    """kohya name -> module path for every Linear / Conv2d of `model` that `name_of`
+    names; a layer an adapter loaded before wraps (peft's `<path>.base_layer`) keeps its
+    own path."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     out = {}
@@ -90,14 +93,48 @@ def _module_paths(model: torch.nn.Module, text_encoder: bool) -> dict[str, str]:
             continue
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        if text_encoder:
+        for name in name_of(path):
+            out[name] = path
+    return out
+
+
+def _names(*namers):
+    """path -> the kohya names the namers give it (one that has none for it is skipped)."""
+
+    def name_of(path: str) -> list[str]:
+        names = []
+        for namer in namers:
             try:
-                out[text_encoder_module_name(path)] = path
+                names.append(namer(path))
             except KohyaExportError:
                 continue
-        else:
-            out[unet_module_name(path)] = path
-    return out
+        return names
+
+    return name_of
+
+
+def _components(pipe) -> list[tuple[str, tuple[str, ...], torch.nn.Module, object]]:
+    """(component, the name prefixes it reads, model, path -> names) for `pipe`. SD 1.x/2.x:
+    lora_unet_ (diffusers block names) and lora_te_. SDXL, as our files and sd-scripts'
+    name it: lora_unet_ with the original UNet names, lora_te1_ / lora_te2_; also what
+    ComfyUI accepts besides (lora_unet_ with diffusers names, lora_te_ for CLIP-L)."""
+    unet = pipe.unet
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return [
+            ("unet", (UNET_PREFIX,), unet, _names(unet_module_name)),
+            ("text_encoder", (TEXT_ENCODER_PREFIX,), pipe.text_encoder,
+             _names(text_encoder_module_name)),
+        ]  # fmt: skip
+    te1 = SDXL_TEXT_ENCODER_PREFIXES["text_encoder"]
+    te2 = SDXL_TEXT_ENCODER_PREFIXES["text_encoder_2"]
+    return [
+        ("unet", (UNET_PREFIX,), unet,
+         _names(lambda p: unet_module_name(p, unet.config), unet_module_name)),
+        ("text_encoder", (te1, TEXT_ENCODER_PREFIX), pipe.text_encoder,
+         _names(lambda p: text_encoder_module_name(p, te1), text_encoder_module_name)),
+        ("text_encoder_2", (te2,), pipe.text_encoder_2,
+         _names(lambda p: text_encoder_module_name(p, te2))),
+    ]  # fmt: skip
 
 
 def _peft_config(kind: str, targets: list[str], tucker: bool):
@@ -130,7 +167,7 @@ def _set_factors(layer, adapter: str, parts: dict, kind: str, where: str) -> Non
 
 
 def load_lycoris(pipe, file: Path, adapter_name: str) -> None:
-    """Load `file` as adapter `adapter_name` into pipe.unet (and pipe.text_encoder)."""
+    """Load `file` as adapter `adapter_name` into pipe.unet (and its text encoders)."""
     from peft import inject_adapter_in_model
 
     modules = read_modules(file)
@@ -139,26 +176,29 @@ def load_lycoris(pipe, file: Path, adapter_name: str) -> None:
         raise ArtifactError(f"{file}: mixes LoHa and LoKr modules; load one kind per file")
     kind = next(iter(kinds.values()))
     tucker = any("hada_t1" in p or "lokr_t2" in p for p in modules.values())
-    components = [("unet", UNET_PREFIX, pipe.unet, False)]
-    te_names = [n for n in modules if n.startswith(TEXT_ENCODER_PREFIX)]
-    if te_names:
-        components.append(("text_encoder", TEXT_ENCODER_PREFIX, pipe.text_encoder, True))
-    unknown = [n for n in modules if not n.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX))]
+    components = _components(pipe)
+    prefixes = tuple(p for _, pre, _, _ in components for p in pre)
+    unknown = [n for n in modules if not n.startswith(prefixes)]
     if unknown:
         raise ArtifactError(
-            f"{file}: module names this SD 1.x/2.x pipeline has no part for, e.g. {unknown[0]} "
-            "(lora_unet_* and lora_te_* are read)"
+            f"{file}: module names this pipeline has no part for, e.g. {unknown[0]} "
+            f"({', '.join(p + '*' for p in prefixes)} are read)"
         )
-    for component, prefix, model, te in components:
-        paths = _module_paths(model, te)
+    for component, prefix, model, name_of in components:
         mine = {n: p for n, p in modules.items() if n.startswith(prefix)}
+        if not mine:
+            continue
+        paths = _module_paths(model, name_of)
         missing = [n for n in mine if n not in paths]
         if missing:
             raise ArtifactError(
                 f"{file}: {len(missing)} modules match nothing in this pipeline's {component} "
                 f"(e.g. {missing[0]}); it was made for another base model"
             )
-        config = _peft_config(kind, [paths[n] for n in mine], tucker)
+        targets = sorted({paths[n] for n in mine})
+        if len(targets) < len(mine):
+            raise ArtifactError(f"{file}: two module names address one {component} layer")
+        config = _peft_config(kind, targets, tucker)
         if component == "unet":
             model.add_adapter(config, adapter_name=adapter_name)
         else:
