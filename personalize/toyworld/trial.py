@@ -26,8 +26,6 @@ from personalize.errors import TrainingError
 from personalize.toyworld.recipes import subject_phrase
 from personalize.toyworld.variants import GENERATION, variant_config
 
-logger = logging.getLogger(__name__)
-
 # ------------------------------------------------------------------------------ training
 
 
