@@ -100,7 +100,7 @@ def toy_overrides(method: str, subject_name: str, out: Path) -> dict[str, Any]:
     # LoRA and DreamBooth learn with the recipes that keep the class (prior preservation with
     # the text encoder trained; docs/benchmarks.md, "Keeping the class"), as the shipped
     # configs do, so "a heart" stays a plain heart in the before/after grid.
-    from personalize.toyworld.benchmark import RECIPES
+    from personalize.toyworld.variants import RECIPES
 
     recommended = RECIPES.get(f"{method}_recommended", {}).get("config", {})
     return merge_layers(cfg, toy_recipe(method, subject, model)["config"], recommended)

@@ -193,9 +193,9 @@ def test_method_list_is_read_from_the_methods_package():
 def test_demo_and_benchmark_share_the_methods_toy_world_recipe(method, tmp_path):
     from personalize.demo import demo_config
     from personalize.toyworld import base_model_path
-    from personalize.toyworld.benchmark import ALL_RECIPES, variant_config
     from personalize.toyworld.recipes import subject_phrase, toy_recipe
     from personalize.toyworld.subjects import get_subject
+    from personalize.toyworld.variants import ALL_RECIPES, variant_config
 
     heart = get_subject("striped_heart")
     recipe = toy_recipe(method, heart, base_model_path())

@@ -304,8 +304,8 @@ def test_bad_decay_is_one_line(decay):
 @pytest.mark.parametrize("method", ["dreambooth", "lora"])
 def test_benchmark_ema_variants_are_the_recommended_recipes_with_ema(method, tmp_path):
     from personalize.toyworld import base_model_path
-    from personalize.toyworld.benchmark import variant_config
     from personalize.toyworld.subjects import get_subject
+    from personalize.toyworld.variants import variant_config
 
     subject = get_subject("striped_heart")
     cfgs = [

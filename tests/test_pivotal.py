@@ -261,9 +261,9 @@ def test_client_guide_says_which_file_goes_where(tmp_path):
 
 def test_benchmark_variant_names_the_subject_with_a_token(tmp_path):
     from personalize.toyworld import base_model_path
-    from personalize.toyworld.benchmark import VARIANTS, variant_config
     from personalize.toyworld.recipes import subject_phrase
     from personalize.toyworld.subjects import get_subject
+    from personalize.toyworld.variants import VARIANTS, variant_config
 
     assert "pivotal" in VARIANTS
     cfg_dict = variant_config(

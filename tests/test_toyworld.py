@@ -219,7 +219,8 @@ def test_shipped_model_loads_unchanged_and_follows_prompts():
 
 
 def test_quality_benchmark_short_run_on_one_subject(tmp_path):
-    from personalize.toyworld.benchmark import merge_results, run, write_docs
+    from personalize.toyworld.benchmark import run
+    from personalize.toyworld.results import merge_results, write_docs
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -284,7 +285,8 @@ def test_quality_benchmark_short_run_on_one_subject(tmp_path):
 
 
 def test_follow_up_variants_are_kept_apart_from_the_comparison():
-    from personalize.toyworld.benchmark import DIAGNOSTICS, RECIPES, markdown_table, summarize
+    from personalize.toyworld.results import markdown_table, summarize
+    from personalize.toyworld.variants import DIAGNOSTICS, RECIPES
 
     assert not set(DIAGNOSTICS) & set(RECIPES)
     for name, recipe in DIAGNOSTICS.items():  # one change to a benchmark recipe each
@@ -306,8 +308,8 @@ def test_recommended_recipes_train_the_text_encoder_with_prior_preservation(tmp_
     prompt (here "a heart") must reach LoRA's prior preservation too, or its config fails."""
     from personalize.config import from_dict
     from personalize.toyworld import base_model_path
-    from personalize.toyworld.benchmark import RECIPES, variant_config
     from personalize.toyworld.subjects import get_subject
+    from personalize.toyworld.variants import RECIPES, variant_config
 
     cfg_dict = variant_config(
         variant, get_subject("striped_heart"), base_model_path(), tmp_path / "d", tmp_path / "o"
@@ -325,9 +327,10 @@ def test_textual_inversion_learns_what_the_model_can_draw(tmp_path):
     from personalize import load
     from personalize.models import load_pipeline
     from personalize.toyworld import base_model_path, load_classifier
-    from personalize.toyworld.benchmark import train_variant, variant_config
     from personalize.toyworld.evaluate import sample
     from personalize.toyworld.subjects import Subject
+    from personalize.toyworld.trial import train_variant
+    from personalize.toyworld.variants import variant_config
 
     red_heart = Subject("red_heart", "heart", "a solid red heart", Scene("heart", "red", "black"))
     data = tmp_path / "instances"

@@ -1,5 +1,5 @@
 """How each method learns a toy-world subject: the one place `personalize demo` and the
-quality benchmark (`benchmark.py`) get it from. Each method says it in its own
+quality benchmark (`variants.py`) get it from. Each method says it in its own
 `Method.toy_world_recipe` (steps, and how its config names the subject)."""
 
 from __future__ import annotations
