@@ -632,7 +632,7 @@ def main(argv=None) -> dict[str, Any]:
             for a in reference_command(args, model_dir, data_dir, work)[1:]
             if not a.startswith(str(work))
         ]
-        if args.reference
+        if args.reference and args.only != "ours"
         else None,
         "ours_overrides": base,
         "variants": {k: v for k, v in trainers.items() if v is not None and k != "ours"},
