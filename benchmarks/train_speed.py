@@ -7,6 +7,10 @@
     # GPU, SD1.5 architecture (random weights built in code, no download), 512 px:
     python benchmarks/train_speed.py --method lora --model sd15 --resolution 512 \\
         --batch-size 4 --mixed-precision bf16 --reference .../train_dreambooth_lora.py
+    # SDXL (tiny-sdxl, or sdxl: SDXL base's architecture, random weights), memory options:
+    python benchmarks/train_speed.py --method lora --model sdxl --resolution 1024 \\
+        --batch-size 1 --mixed-precision bf16 --gradient-checkpointing --cache all \\
+        --use-8bit-adam --reference .../train_dreambooth_lora_sdxl.py
 
 The reference scripts are not part of this repository: fetch diffusers' examples yourself.
 They import torchvision, so run this from an environment that has it (docs/benchmarks.md).
@@ -39,6 +43,7 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # sdxl_model, beside this file
 PROMPT = "a photo of sks disc"
 PLACEHOLDER, INITIALIZER = "<concept>", "o"  # one byte-level token in the tiny tokenizer
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' data sheets.
@@ -53,6 +58,15 @@ PEAK_BF16 = {
     "RTX 4090": 165e12,
 }
 LRS = {"lora": 1e-4, "dreambooth": 5e-6, "textual_inversion": 5e-4}
+SDXL_MODELS = ("tiny-sdxl", "sdxl")
+# What `--cache` caches in our trainer: (latents, text embeddings). Each cache also moves
+# its encoder off the GPU. "default" leaves our config's defaults (both on).
+CACHES = {
+    "none": (False, False),
+    "text": (False, True),
+    "latents": (True, False),
+    "all": (True, True),
+}
 
 
 # --------------------------------------------------------------------------- setup
@@ -119,12 +133,27 @@ def build_sd15(path: Path) -> Path:
     return path
 
 
+def build_model(model: str, path: Path) -> Path:
+    from personalize.testing import save_tiny_pipeline, save_tiny_sdxl_pipeline
+
+    if model == "sdxl":
+        from sdxl_model import build_sdxl
+
+        return build_sdxl(path)
+    builders = {
+        "tiny": save_tiny_pipeline,
+        "sd15": build_sd15,
+        "tiny-sdxl": save_tiny_sdxl_pipeline,
+    }
+    return builders[model](path)
+
+
 def prepare(work: Path, model: str, resolution: int, num_images: int) -> tuple[Path, Path]:
-    from personalize.testing import save_tiny_pipeline, write_synthetic_images
+    from personalize.testing import write_synthetic_images
 
     model_dir = work / f"model-{model}"
     if not (model_dir / "model_index.json").is_file():
-        (build_sd15 if model == "sd15" else save_tiny_pipeline)(model_dir)
+        build_model(model, model_dir)
     data_dir = work / f"data-{resolution}-{num_images}"
     if not data_dir.is_dir():
         # Exactly `resolution` square: the reference's resize/crop (random unless
@@ -164,6 +193,11 @@ def ours_config(
             "checkpoint_every": 0,
         },
     }
+    if args.cache != "default":
+        latents, text = CACHES[args.cache]
+        cfg["data"].update(cache_latents=latents, cache_text_embeddings=text)
+    if args.use_8bit_adam:
+        cfg["train"]["optimizer"] = "adamw8bit"
     if args.method == "lora":
         cfg["lora"] = {"rank": args.rank}
     if args.method == "textual_inversion":
@@ -215,6 +249,13 @@ def reference_command(args, model_dir: Path, data_dir: Path, out: Path) -> list[
     ]
     if args.gradient_checkpointing:
         common.append("--gradient_checkpointing")
+    if args.use_8bit_adam:
+        common.append("--use_8bit_adam")
+    # Only some diffusers examples can cache latents (not train_dreambooth_lora_sdxl.py);
+    # the others encode every step whatever ours does. Their text embeddings of the one
+    # instance prompt are computed once in any case (with the encoders left on the device).
+    if args.cache in ("latents", "all") and reference_accepts(args.reference, "--cache_latents"):
+        common.append("--cache_latents")
     if args.method == "textual_inversion":
         return [
             str(args.reference),
@@ -240,6 +281,11 @@ def reference_command(args, model_dir: Path, data_dir: Path, out: Path) -> list[
         "--instance_prompt",
         PROMPT,
     ]
+
+
+def reference_accepts(script: Path, flag: str) -> bool:
+    """Whether the reference script defines `flag` (read from its argparse source)."""
+    return f'"{flag}"' in Path(script).read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- one run
@@ -336,8 +382,16 @@ def unet_step_flops(
         requires_grad=method == "textual_inversion",
     )
     timesteps = torch.randint(0, 1000, (batch,), device=device)
+    added = None
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 time ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {
+            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+            "time_ids": torch.randn(batch, 6, device=device, dtype=dtype),
+        }
     with FlopCounterMode(display=False) as counter:
-        unet(latents, timesteps, text).sample.float().pow(2).mean().backward()
+        out = unet(latents, timesteps, text, added_cond_kwargs=added).sample
+        out.float().pow(2).mean().backward()
     return float(counter.get_total_flops())
 
 
@@ -395,7 +449,19 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=("lora", "textual_inversion", "dreambooth"), required=True)
     p.add_argument("--reference", type=Path, help="the reference training script")
     p.add_argument("--only", choices=("ours", "reference"))
-    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument(
+        "--model",
+        choices=("tiny", "sd15", *SDXL_MODELS),
+        default="tiny",
+        help="tiny / tiny-sdxl: the test pipelines; sd15 / sdxl: those architectures with "
+        "random weights, built in code",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="cpu: hide any GPU from both trainers (the CPU path of a GPU script)",
+    )
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
@@ -406,6 +472,19 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--use-8bit-adam",
+        action="store_true",
+        help="bitsandbytes AdamW8bit: ours train.optimizer=adamw8bit, reference --use_8bit_adam",
+    )
+    p.add_argument(
+        "--cache",
+        choices=("default", *CACHES),
+        default="default",
+        help="what our trainer caches (each cache moves its encoder off the GPU); the "
+        "reference gets --cache_latents where it has it",
+    )
+    p.add_argument("--no-flops", action="store_true", help="skip counting the UNet's FLOPs")
     p.add_argument(
         "--ours-set",
         action="append",
@@ -436,6 +515,8 @@ def parse_args(argv=None):
         p.error("--reference is required (or --only ours)")
     if args.reference is not None and not args.reference.is_file():
         p.error(f"--reference {args.reference} does not exist")
+    if args.model in SDXL_MODELS and args.method != "lora":
+        p.error(f"--model {args.model} benchmarks --method lora (train_dreambooth_lora_sdxl.py)")
     return args
 
 
@@ -453,11 +534,17 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both trainers and step_timer then see no GPU
+        device = "cpu"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cuda" and device != "cuda":
+            raise SystemExit("--device cuda: torch sees no GPU")
     work = args.work or Path(tempfile.mkdtemp(prefix="train-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data_dir = prepare(work, args.model, args.resolution, args.num_images)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -506,20 +593,24 @@ def main(argv=None) -> dict[str, Any]:
     device_name = next(
         (r["device_name"] for rs in runs.values() for r in rs if r.get("device_name")), None
     )
-    flops = unet_step_flops(
-        model_dir,
-        args.method,
-        args.batch_size,
-        args.resolution,
-        args.rank,
-        device,
-        args.mixed_precision,
+    flops = (
+        None
+        if args.no_flops
+        else unet_step_flops(
+            model_dir,
+            args.method,
+            args.batch_size,
+            args.resolution,
+            args.rank,
+            device,
+            args.mixed_precision,
+        )
     )
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device_name)
     for numbers in summary.values():
         its = numbers["steady_it_per_s"]
-        numbers["unet_tflop_per_s"] = flops * its / 1e12 if its else None
-        numbers["mfu"] = flops * its / peak if its and peak else None
+        numbers["unet_tflop_per_s"] = flops * its / 1e12 if its and flops else None
+        numbers["mfu"] = flops * its / peak if its and peak and flops else None
     add_ratios(summary)
     result = {
         "method": args.method,
@@ -532,7 +623,17 @@ def main(argv=None) -> dict[str, Any]:
         "repeats": args.repeats,
         "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "use_8bit_adam": args.use_8bit_adam,
+        "cache": args.cache,
         "reference": args.reference.name if args.reference else None,
+        # The reference's flags as run (paths left out): what it was asked to do.
+        "reference_flags": [
+            a
+            for a in reference_command(args, model_dir, data_dir, work)[1:]
+            if not a.startswith(str(work))
+        ]
+        if args.reference and args.only != "ours"
+        else None,
         "ours_overrides": base,
         "variants": {k: v for k, v in trainers.items() if v is not None and k != "ours"},
         "device": device_name

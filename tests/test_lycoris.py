@@ -276,8 +276,8 @@ def test_stock_diffusers_does_not_read_loha_lokr_files(run, tiny_model_dir):
 
 def test_toy_world_variants_are_the_lora_recipe_with_another_kind(tmp_path):
     from personalize.toyworld import base_model_path
-    from personalize.toyworld.variants import RECIPES, variant_config
     from personalize.toyworld.subjects import get_subject
+    from personalize.toyworld.variants import RECIPES, variant_config
 
     subject = get_subject("striped_heart")
     lora = variant_config("lora", subject, base_model_path(), tmp_path / "d", tmp_path / "o")

@@ -4,6 +4,7 @@ and that both trainers get the same settings (ours through a config that must pa
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 from helpers import ROOT
@@ -98,3 +99,83 @@ def test_both_trainers_get_the_same_settings(speed, method, tmp_path):
         )
     if method == "lora":
         assert flags["--rank"] == str(parsed.lora.rank)
+
+
+def test_memory_options_reach_both_trainers(speed, tmp_path):
+    """--use-8bit-adam and --cache map to our config and to the reference's flags; the
+    latent cache only to a reference that has --cache_latents (train_dreambooth_lora_sdxl.py
+    has not)."""
+    reference = tmp_path / "train_dreambooth_lora_sdxl.py"
+    reference.write_text('parser.add_argument("--use_8bit_adam")\n')
+    argv = ["--method", "lora", "--model", "tiny-sdxl", "--reference", str(reference)]
+    args = speed.parse_args([*argv, "--cache", "all", "--use-8bit-adam"])
+    # The raw dict: parsing it would ask for bitsandbytes, which tests do not need.
+    cfg = speed.ours_config(args, tmp_path / "m", tmp_path / "d", tmp_path / "o", {})
+    assert cfg["train"]["optimizer"] == "adamw8bit"
+    assert cfg["data"]["cache_latents"] and cfg["data"]["cache_text_embeddings"]
+    command = speed.reference_command(args, tmp_path / "m", tmp_path / "d", tmp_path / "o")
+    assert "--use_8bit_adam" in command and "--cache_latents" not in command
+    reference.write_text('parser.add_argument("--cache_latents")\n')
+    command = speed.reference_command(args, tmp_path / "m", tmp_path / "d", tmp_path / "o")
+    assert "--cache_latents" in command
+
+    args = speed.parse_args([*argv, "--cache", "none"])
+    cfg = from_dict(speed.ours_config(args, tmp_path / "m", tmp_path / "d", tmp_path / "o", {}))
+    assert cfg.train.optimizer == "adamw"
+    assert not cfg.data.cache_latents and not cfg.data.cache_text_embeddings
+    assert "--use_8bit_adam" not in speed.reference_command(
+        args, tmp_path / "m", tmp_path / "d", tmp_path / "o"
+    )
+    with pytest.raises(SystemExit):  # there is no SDXL DreamBooth reference to run against
+        speed.parse_args(["--method", "dreambooth", "--model", "sdxl", "--only", "ours"])
+
+
+def test_sdxl_architecture_is_sdxl_base(speed):
+    """The random-weight SDXL has SDXL base's parameter counts (known from its files)."""
+    import sdxl_model
+
+    counts = sdxl_model.estimate(rank=16)["parameters"]
+    assert counts["unet"] == 2_567_463_684
+    assert counts["text_encoder"] == 123_060_480
+    assert counts["text_encoder_2"] == 694_659_840
+    assert counts["vae"] == 83_653_863
+
+
+def test_tiny_sdxl_runs_ours_end_to_end(speed, tmp_path):
+    """Two steps of our trainer on the tiny SDXL through step_timer: the SDXL path of the
+    benchmark (model folder, config, FLOP count with SDXL's added conditioning) works."""
+    out = tmp_path / "result.json"
+    result = speed.main(
+        [
+            "--method",
+            "lora",
+            "--model",
+            "tiny-sdxl",
+            "--only",
+            "ours",
+            "--device",
+            "cpu",
+            "--resolution",
+            "32",
+            "--batch-size",
+            "1",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--num-images",
+            "2",
+            "--cache",
+            "none",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
+    ours = result["summary"]["ours"]
+    assert ours["failed_runs"] == 0 and result["runs"]["ours"][0]["steps"] == 2
+    assert ours["peak_memory_bytes"] > 0 and result["unet_step_flops"] > 0
+    assert json.loads(out.read_text())["model"] == "tiny-sdxl"
