@@ -3,8 +3,9 @@
 diffusers does the work: each LoRA is loaded as its own adapter with its strength
 (personalize.inference.load, which reads our files and kohya/webui ones), then fuse_lora adds
 every adapter's scaled delta into the base weights and unload_lora_weights drops the peft
-layers, leaving a plain pipeline to save. Optionally also one original-layout (SD 1.x/2.x)
-`.safetensors` checkpoint for webui/ComfyUI (personalize/adapters/sd_single_file.py).
+layers, leaving a plain pipeline to save; an SDXL pipeline fuses into its UNet and both
+text encoders. Optionally also one original-layout (SD 1.x/2.x) `.safetensors` checkpoint
+for webui/ComfyUI (personalize/adapters/sd_single_file.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def merge(
 
     from personalize.errors import ArtifactError
     from personalize.inference import detect_artifact, load
-    from personalize.models import load_pipeline
+    from personalize.models import SDXL, detect_family, load_pipeline, resolve_model_path
     from personalize.precision import precision_dtype
 
     if not loads:
@@ -54,6 +55,11 @@ def merge(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out} exists and is not empty; choose another --out")
+    if single_file and detect_family(resolve_model_path(model)) == SDXL:
+        raise ConfigError(
+            "--single-file is not supported for SDXL yet (only SD 1.x/2.x have an "
+            "original-layout writer); merge without it to get the diffusers folder"
+        )
     for path, _ in loads:  # all inputs checked before the model loads
         kind = detect_artifact(path)
         if kind != "lora":
