@@ -266,7 +266,7 @@ def test_a_lora_of_another_family_is_one_line_naming_both(
     assert "\n" not in message and len(message) < 400, message  # not peft's dump
     theirs = NAMES[lora_family]
     if model_family == SDXL and file == LORA_WEIGHTS:
-        # Told from SDXL by its names, SD 1.x from 2.x only by the real models' widths.
+        # Told from SDXL by its names, SD 1.x from 2.x only by a real model's width.
         theirs = "SD 1.x/2.x"
     assert f"is an {theirs} LoRA and this pipeline is {NAMES[model_family]}" in message
     assert not pipe.get_list_adapters()  # nothing half-loaded
@@ -304,6 +304,9 @@ def test_lora_family_reads_names_metadata_and_real_widths():
     assert _other_family(None, SDXL, 768, Pipe) == "an SD 1.x"
     assert _other_family(None, SDXL, 1024, Pipe) == "an SD 2.x"
     assert _other_family(None, SDXL, 2048, Pipe) is None
+    Pipe.unet.config.cross_attention_dim = 32  # a small test SD 1.x model: 768 is SD 1.x too
+    assert _other_family(None, SD1, 768, Pipe) is None  # peft's own error says which layer
+    assert _other_family(SD2, SD1, 768, Pipe) is None  # the width decides over a label
 
 
 # ------------------------------------------------------------------------------ hub ids

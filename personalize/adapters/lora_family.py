@@ -66,17 +66,24 @@ def check_lora_family(file: Path, pipe) -> None:
     )
 
 
+# The text context of the real models' cross-attention: CLIP-L, OpenCLIP-H, CLIP-L + bigG.
+_FAMILY_OF_WIDTH = {768: SD1, 1024: SD2, 2048: SDXL}
+
+
 def _other_family(said: str | None, mine: str, width: int | None, pipe) -> str | None:
-    """The family `file` is for, as "an SD 1.x" etc., when it is not `mine`; else None.
-    The text width decides where it is known: a mislabeled kohya file that fits is loaded."""
-    fits = width is None or width == pipe.unet.config.cross_attention_dim
+    """The family the file is for, as "an SD 1.x" etc., when it is not `mine`; else None.
+    A real model's text width decides over a kohya label; an SDXL mark over both."""
     if said == SDXL and mine != SDXL:
         return "an SDXL"
-    if said is not None and said != mine and not fits:
-        return f"an {FAMILY_NAMES[said]}"
+    fits = width is None or width == pipe.unet.config.cross_attention_dim
+    by_width = _FAMILY_OF_WIDTH.get(width)
+    if by_width is not None:
+        return None if by_width == mine or fits else f"an {FAMILY_NAMES[by_width]}"
     if fits or said == mine:
         return None  # the same family (other widths: peft's own error names the layer)
-    if mine == SDXL:  # no SDXL mark: SD 1.x or 2.x, told apart by the real models' widths
-        other = {768: SD1, 1024: SD2}.get(width)
-        return f"an {FAMILY_NAMES[other]}" if other else "an SD 1.x/2.x"
+    if said is not None:
+        return f"an {FAMILY_NAMES[said]}"
+    # Widths of no real model (small test models): no SDXL mark, so SD 1.x or 2.x.
+    if mine == SDXL:
+        return "an SD 1.x/2.x"
     return f"an {FAMILY_NAMES[SD2 if mine == SD1 else SD1]}"
