@@ -172,21 +172,13 @@ _FAMILY_OF_TYPE = {
 }
 
 
-def detect_family(path: str) -> str:
+def detect_family(path: str, revision: str | None = None) -> str:
     """The model family of a diffusers folder (model_index.json's `_class_name`), a single
-    file (diffusers' single-file detection) or a hub id (sd1 unless its name says XL)."""
-    import json
-
+    file (diffusers' single-file detection) or a hub id (its model_index.json from the hub
+    cache, or fetched when online; else sd1 unless its name says XL)."""
     p = Path(path).expanduser()
     if p.is_dir() and (p / "model_index.json").is_file():
-        try:
-            index = json.loads((p / "model_index.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return SD1  # resolve_model_path reports an unreadable index
-        name = str(index.get("_class_name", ""))
-        if "XL" in name:
-            return SDXL
-        return _family_of_unet_folder(p / "unet")
+        return _family_of_index(p / "model_index.json", p / "unet" / "config.json")
     if p.is_file():
         model_type = _single_file_model_type(p)
         if model_type == "xl_refiner":
@@ -195,18 +187,67 @@ def detect_family(path: str) -> str:
                 "its own; point model.path at the SDXL base model"
             )
         return _FAMILY_OF_TYPE.get(model_type or "", SD1)
-    return SDXL if "xl" in path.lower() else SD1
+    family = _hub_family(path, revision) if _looks_like_hub_id(path) else None
+    if family is None:
+        family = SDXL if "xl" in path.lower() else SD1
+        logger.info("model family of %s guessed from its name: %s", path, family)
+    return family
 
 
-def _family_of_unet_folder(unet_dir: Path) -> str:
-    """SD 2.x's UNet attends to 1024-wide text (OpenCLIP-H); SD 1.x's to 768."""
+def _family_of_index(index_file: Path, unet_config: Path | None) -> str:
+    """SDXL from model_index.json's pipeline class; else SD 2.x when the UNet attends to
+    1024-wide text (OpenCLIP-H), SD 1.x's 768."""
     import json
 
     try:
-        config = json.loads((unet_dir / "config.json").read_text(encoding="utf-8"))
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return SD1  # resolve_model_path reports an unreadable index
+    if "XL" in str(index.get("_class_name", "")):
+        return SDXL
+    try:
+        config = json.loads(unet_config.read_text(encoding="utf-8")) if unet_config else {}
     except (OSError, ValueError):
         return SD1
     return SD2 if config.get("cross_attention_dim") == 1024 else SD1
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """A hub repo's file from the local hub cache (HF_HUB_CACHE), else downloaded unless
+    offline (HF_HUB_OFFLINE); None when neither works."""
+    import os
+
+    from huggingface_hub import constants, hf_hub_download
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import
+    for local_only in (True, False):
+        if not local_only and constants.HF_HUB_OFFLINE:
+            break
+        try:
+            found = hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_only,
+            )
+            return Path(found)
+        except Exception as e:  # not cached, offline, no such repo/file, no network
+            logger.debug("no %s of %s (local_files_only=%s): %s", filename, repo_id, local_only, e)
+    return None
+
+
+def _hub_family(repo_id: str, revision: str | None) -> str | None:
+    """The family of a hub id from its model_index.json (and unet/config.json), as for a
+    folder; None when the file cannot be had."""
+    index = _hub_file(repo_id, "model_index.json", revision)
+    if index is None:
+        return None
+    family = _family_of_index(index, None)
+    if family == SDXL:
+        return SDXL
+    unet_config = _hub_file(repo_id, "unet/config.json", revision)
+    return _family_of_index(index, unet_config)
 
 
 def pipeline_class(family: str):
@@ -247,7 +288,7 @@ def load_pipeline(
     """A StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL model, from a
     diffusers folder, single file, or hub id; `vae_path` replaces its VAE."""
     path = resolve_model_path(path)
-    family = detect_family(path)
+    family = detect_family(path, revision)
     cls = pipeline_class(family)
     kwargs: dict[str, Any] = (
         {} if family == SDXL else {"safety_checker": None, "requires_safety_checker": False}

@@ -1003,8 +1003,8 @@ def _(env):
     "lora-sdxl-text-encoder",
     "an SDXL LoRA for the second text encoder only",
     raises=ArtifactError,
-    message=r"{tmp}/xl_te2\.safetensors: no LoRA key matched this pipeline's UNet modules; it "
-    r"was made for another base model \(e\.g\. SDXL\)",
+    message=r"{tmp}/xl_te2\.safetensors is an SDXL LoRA and this pipeline is SD 1\.x: a LoRA "
+    r"loads only into the model family it was trained for",
 )
 def _(env):
     prefix = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personalize.adapters.lora_family import check_lora_family
 from personalize.errors import ArtifactError, KohyaExportError
 from personalize.io import atomic_save_safetensors, atomic_write
 from personalize.logs import dropping
@@ -293,6 +294,7 @@ def load_lora(pipe, path: Path, strength: float, adapter_name: str | None) -> No
         pipe.delete_adapters(name)
         weights.pop(name, None)
         sources.pop(name, None)
+    check_lora_family(file, pipe)  # one line, not peft's size mismatch of every layer
     n_before = _adapter_keys(pipe)
     # A UNet-only LoRA makes diffusers warn that the text encoder got no keys; that is
     # expected then, and only then worth a line.

@@ -76,7 +76,8 @@ def add_tool_commands(sub) -> None:
     p.add_argument(
         "--single-file",
         action="store_true",
-        help="also write OUT/<OUT name>.safetensors in the original SD 1.x layout",
+        help="also write OUT/<OUT name>.safetensors in the original SD 1.x/2.x layout "
+        "(not for SDXL yet)",
     )
     p.add_argument(
         "--dtype",

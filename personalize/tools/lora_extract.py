@@ -1,9 +1,10 @@
 """`personalize lora extract`: a LoRA from the weight difference of a fine-tuned pipeline
 (e.g. a DreamBooth output) and its base.
 
-Every Linear and Conv2d layer of the UNet, and of the text encoder when it differs, whose
-weight changed gets the best rank-k approximation of the change (SVD). What a LoRA cannot
-carry (biases, norms, embeddings) is counted and logged, so the user knows what is lost.
+Every Linear and Conv2d layer of the UNet, and of the text encoder(s) when they differ
+(SDXL: text_encoder and text_encoder_2), whose weight changed gets the best rank-k
+approximation of the change (SVD). What a LoRA cannot carry (biases, norms, embeddings) is
+counted and logged, so the user knows what is lost.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _SCOPE = {
     "unet": ("down_blocks.", "mid_block.", "up_blocks."),
     "text_encoder": ("encoder.layers.", "text_model.encoder.layers."),
 }
+_SCOPE["text_encoder_2"] = _SCOPE["text_encoder"]
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
@@ -79,20 +81,22 @@ def extract_module(
     return layers, energies, lost
 
 
-def _keep_text_encoder_loadable(layers: dict[str, LoraLayer], text_encoder) -> None:
+def _keep_text_encoder_loadable(
+    layers: dict[str, LoraLayer], text_encoder, component: str = "text_encoder"
+) -> None:
     """diffusers' loaders guess a text-encoder LoRA's naming from its attention layers and
     drop or refuse one whose encoder layers lack some of q/k/v/out_proj (e.g. only the MLP
     changed). Pad each such encoder layer with zero rank-1 projections: they change nothing.
     """
     modules = dict(text_encoder.named_modules())
-    for key in [k for k in layers if k.startswith("text_encoder.")]:
+    for key in [k for k in layers if k.startswith(component + ".")]:
         block = key.partition(".")[2].rsplit(".", 2)[0]  # encoder.layers.N
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             name = f"{block}.self_attn.{proj}"
             linear = modules.get(name)
-            if f"text_encoder.{name}" not in layers and isinstance(linear, torch.nn.Linear):
+            if f"{component}.{name}" not in layers and isinstance(linear, torch.nn.Linear):
                 down, up = torch.zeros(1, linear.in_features), torch.zeros(linear.out_features, 1)
-                layers[f"text_encoder.{name}"] = LoraLayer(down, up, 1.0)
+                layers[f"{component}.{name}"] = LoraLayer(down, up, 1.0)
 
 
 def extract(
@@ -106,13 +110,21 @@ def extract(
 ) -> tuple[list[Path], RankSummary]:
     """Write `out/pytorch_lora_weights.safetensors` and its kohya copy; return the files
     and the summary."""
+    from personalize.adapters.kohya import kohya_metadata
     from personalize.adapters.lora import KOHYA_WEIGHTS, LORA_WEIGHTS
-    from personalize.models import load_pipeline
+    from personalize.models import SDXL, load_pipeline, model_family
 
     check_target(rank, energy)
     base, tuned = load_pipeline(base_path), load_pipeline(tuned_path)
+    family = model_family(base.unet, base.text_encoder)
+    if model_family(tuned.unet, tuned.text_encoder) != family:
+        raise ModelLoadError(
+            f"{tuned_path} is {model_family(tuned.unet, tuned.text_encoder)} and {base_path} "
+            f"is {family}: extract needs the base the model was tuned from"
+        )
+    components = ["unet", "text_encoder"] + (["text_encoder_2"] if family == SDXL else [])
     layers, energies, lost = {}, [], []
-    for component in ("unet", "text_encoder"):
+    for component in components:
         got, kept, missed = extract_module(
             component,
             getattr(base, component),
@@ -126,6 +138,8 @@ def extract(
         energies += kept
         lost += missed
     _keep_text_encoder_loadable(layers, tuned.text_encoder)
+    if family == SDXL:
+        _keep_text_encoder_loadable(layers, tuned.text_encoder_2, "text_encoder_2")
     if not layers:
         raise ArtifactError(
             f"{tuned_path} has the same Linear/Conv weights as {base_path}: nothing to extract"
@@ -144,10 +158,16 @@ def extract(
         "personalize_cross_attention_dim": str(cross),
     }
     out = Path(out)
-    version = {768: "sd_v1", 1024: "sd_v2"}.get(cross, "unknown")
+    version = kohya_metadata(1, 1, cross, 0, family)["ss_base_model_version"]
+    sdxl_unet = base.unet.config if family == SDXL else None
     written = [
         write_peft(layers, out / LORA_WEIGHTS, meta),
-        write_kohya(layers, out / KOHYA_WEIGHTS, {**meta, "ss_base_model_version": version}),
+        write_kohya(
+            layers,
+            out / KOHYA_WEIGHTS,
+            {**meta, "ss_base_model_version": version},
+            sdxl_unet=sdxl_unet,
+        ),
     ]
     summary = RankSummary(len(layers), [layer.rank for layer in layers.values()], energies)
     summary.bytes_after = written[0].stat().st_size

@@ -9,6 +9,10 @@ Two layouts are read and written:
   [r, in(, k, k)], `.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (scale alpha / r); the text
   encoder's layers as `lora_te_text_model_encoder_layers_{i}_...` (SD 1/2).
 
+SDXL (adapters/kohya.py): ours adds `text_encoder_2.`; kohya names the UNet by the original
+module tree (`lora_unet_input_blocks_4_1_...`) and the encoders `lora_te1_` / `lora_te2_`.
+Kohya names read from a file are written back unchanged.
+
 Writers move each layer's scale into its weights: ours declares alpha == rank (scale 1)
 per module, kohya one alpha for all layers, so a file means the same to every client
 whatever its handling of alphas and patterns.
@@ -23,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-from personalize.adapters.kohya import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from personalize.adapters.kohya import kohya_name
+from personalize.adapters.lora_family import lora_family
 from personalize.errors import ArtifactNotFoundError, LoraFileError
 from personalize.io import atomic_save_safetensors
+from personalize.models import SD1, SD2, SDXL
 
 PEFT = "peft"
 KOHYA = "kohya"
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _METADATA_KEY = "lora_adapter_metadata"
 _LYCORIS_ONLY = (
     "lora resize/extract rewrite LoRA files only (their factors are not a product of two "
@@ -60,11 +66,16 @@ class LoraLayer:
 
 @dataclass
 class LoraFile:
-    """Layers keyed `unet.<module>` / `text_encoder.<module>` (peft) or by kohya base name."""
+    """Layers keyed `unet.<module>` / `text_encoder.<module>` / `text_encoder_2.<module>`
+    (peft) or by kohya base name."""
 
     layers: dict[str, LoraLayer]
     layout: str
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str | None:
+        return lora_family(self.layers, self.metadata)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -154,7 +165,9 @@ def _read_peft(
         base = key[: -len(".lora_A.weight")]
         component, _, module = base.partition(".")
         if component not in COMPONENTS:
-            raise LoraFileError(f"{file}: key {key} is neither unet.* nor text_encoder.*")
+            raise LoraFileError(
+                f"{file}: key {key} is not under unet., text_encoder. or text_encoder_2."
+            )
         down, up = tensors[key], tensors.get(base + ".lora_B.weight")
         if up is None:
             raise LoraFileError(f"{file}: {base} has lora_A but no lora_B")
@@ -191,21 +204,40 @@ def _most_common(values: list[int]) -> int:
     return max(set(values), key=values.count)
 
 
+class _SdxlUnetLayout:
+    """What SDXL's original UNet names depend on (adapters/kohya.py sdxl_unet_path), for a
+    file written without the model at hand: SDXL base's 2 layers per down block and
+    cross-attention up blocks but the last (which has no upsampler to name)."""
+
+    layers_per_block = 2
+    up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+SDXL_UNET_LAYOUT = _SdxlUnetLayout()
+_KOHYA_VERSION_OF = {SD1: "sd_v1", SD2: "sd_v2", SDXL: "sdxl_base_v1-0"}
+
+
 def write_kohya(
     layers: dict[str, LoraLayer],
     path: str | Path,
     metadata: dict[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    sdxl_unet=None,
 ) -> Path:
-    """Layers keyed by kohya base name, or by peft key (renamed), as a kohya file.
+    """Layers keyed by kohya base name (kept), or by peft key (renamed), as a kohya file.
+    An SDXL LoRA's peft keys get SDXL's names: from `sdxl_unet` (the UNet's config) when
+    given, else SDXL base's layout.
 
     Every layer gets the same alpha (the most common rank) and the weights carry the rest
     of its scale: diffusers' kohya loader mis-maps per-layer alphas of some blocks
     (mid_block), and one alpha reads the same in every client."""
+    family = lora_family(layers, metadata)
+    if family == SDXL and sdxl_unet is None:
+        sdxl_unet = SDXL_UNET_LAYOUT
     alpha = _most_common([layer.rank for layer in layers.values()])
     tensors = {}
     for key, layer in layers.items():
-        name = key if key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)) else kohya_name(key)
+        name = key if key.startswith("lora_") else kohya_name(key, sdxl_unet)
         down, up = _with_scale(layer, alpha / layer.rank, dtype)
         tensors[f"{name}.lora_down.weight"] = down
         tensors[f"{name}.lora_up.weight"] = up
@@ -219,7 +251,7 @@ def write_kohya(
             "ss_network_alpha": str(alpha),
         }
     )
-    meta.setdefault("ss_base_model_version", "sd_v1")
+    meta.setdefault("ss_base_model_version", _KOHYA_VERSION_OF.get(family or SD1, "sd_v1"))
     return atomic_save_safetensors(tensors, path, meta)
 
 
@@ -229,7 +261,8 @@ def write_peft(
     extra_metadata: dict[str, str] | None = None,
     dtype: torch.dtype | None = torch.float32,
 ) -> Path:
-    """Layers keyed `unet.<module>` / `text_encoder.<module>` as our diffusers-format file,
+    """Layers keyed `unet.<module>` / `text_encoder.<module>` / `text_encoder_2.<module>` as
+    our diffusers-format file (SDXL's: StableDiffusionXLPipeline.save_lora_weights' keys),
     with per-module ranks spelled out in the metadata (peft's rank_pattern/alpha_pattern)."""
     tensors, info = {}, {}
     for component in COMPONENTS:

@@ -3,9 +3,9 @@
 diffusers does the work: each LoRA is loaded as its own adapter with its strength
 (personalize.inference.load, which reads our files and kohya/webui ones), then fuse_lora adds
 every adapter's scaled delta into the base weights and unload_lora_weights drops the peft
-layers, leaving a plain pipeline to save. Optionally also one original-layout (SD 1.x/2.x,
-or SDXL's SGM layout) `.safetensors` checkpoint for webui/ComfyUI
-(personalize/adapters/sd_single_file.py).
+layers, leaving a plain pipeline to save; an SDXL pipeline fuses into its UNet and both
+text encoders. Optionally also one original-layout (SD 1.x/2.x, or SDXL's SGM layout)
+`.safetensors` checkpoint for webui/ComfyUI (personalize/adapters/sd_single_file.py).
 """
 
 from __future__ import annotations
