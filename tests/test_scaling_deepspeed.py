@@ -111,9 +111,12 @@ def test_zero3_partitions_the_unet_and_text_encoder(zero3_dreambooth):
 
 def test_zero3_dreambooth_matches_ddp(zero3_dreambooth):
     _assert_losses_match(zero3_dreambooth.ds, zero3_dreambooth.ddp)
-    for name in (UNET, TEXT_ENCODER):
+    # ZeRO-3 reduce-scatters gradients where DDP all-reduces them: the sums differ in the
+    # last bits, and AdamW's m/sqrt(v) blows that up for weights whose gradient is near zero
+    # (a handful of the UNet's 0.8M weights moved up to 8e-5 by step 4, at lr 1e-3).
+    for name, atol in ((UNET, 2e-4), (TEXT_ENCODER, 1e-5)):
         _assert_close(
-            load_file(zero3_dreambooth.ds / name), load_file(zero3_dreambooth.ddp / name), 1e-5
+            load_file(zero3_dreambooth.ds / name), load_file(zero3_dreambooth.ddp / name), atol
         )
 
 
