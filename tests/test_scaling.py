@@ -321,6 +321,65 @@ def test_deepspeed_configs_are_what_accelerate_accepts(name, stage):
         assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "textual_inversion"}, "method textual_inversion does not run under DeepSpeed"),
+        ({"train": {"ema_decay": 0.99}}, "EMA is not supported under DeepSpeed"),
+        ({"validation": {"prompts": ["a"], "every_steps": 2}}, "under DeepSpeed set validation"),
+    ],
+)
+def test_deepspeed_refuses_what_fsdp_refuses(
+    tiny_model_dir, instance_dir, tmp_path, overrides, message
+):
+    cfg = from_dict(base_config(tiny_model_dir, instance_dir, tmp_path / "o", **overrides))
+    with pytest.raises(ConfigError, match=message):
+        check_fsdp_config(cfg, SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+
+
+def test_deepspeed_launch_on_cpu_asks_for_gloo(monkeypatch):
+    """Without a backend accelerate runs each DeepSpeed rank alone as process 0."""
+    from personalize.training.accelerator import _deepspeed_on_cpu
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert _deepspeed_on_cpu() == {"backend": "gloo"}
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert _deepspeed_on_cpu() == {}  # a GPU machine: accelerate picks nccl itself
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert _deepspeed_on_cpu() == {}
+
+
+def test_deepspeed_models_load_whole_and_zero3_init_is_refused(monkeypatch):
+    """transformers would load text encoders partitioned (zero.Init) that no engine gathers."""
+    import weakref
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from personalize.training.accelerator import _no_zero3_init
+
+    class Zero3Config:  # stands in for HfDeepSpeedConfig, which needs deepspeed installed
+        def is_zero3(self):
+            return True
+
+    def accelerator(init_flag: bool):
+        plugin = SimpleNamespace(zero3_init_flag=init_flag)
+        return SimpleNamespace(
+            distributed_type=DistributedType.DEEPSPEED,
+            state=SimpleNamespace(deepspeed_plugin=plugin),
+        )
+
+    with pytest.raises(ConfigError, match="zero3_init_flag: false"):
+        _no_zero3_init(accelerator(True))
+    keep = Zero3Config()  # what accelerate sets up under DeepSpeed, zero3_init_flag or not
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(keep))
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    _no_zero3_init(accelerator(False))
+    assert not hf_deepspeed.is_deepspeed_zero3_enabled()
+
+
 @pytest.mark.parametrize("name", ["fsdp.yaml", "multi_gpu.yaml", "single_gpu.yaml"])
 def test_other_launch_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file

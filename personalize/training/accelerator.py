@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from accelerate.utils import (
 )
 
 from personalize.config import PersonalizeConfig
+from personalize.errors import ConfigError
 from personalize.models import SDParts
 from personalize.precision import precision_dtype, runtime_precision
 
@@ -38,7 +40,7 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
     # warning (from the main process) instead of failing on fp16 weights at step 1.
     # PartialState as AcceleratorState would make it (`accelerate launch --cpu` sets the flag);
     # a bare PartialState() would miss the gloo ranks of a CPU multi-process launch.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **_deepspeed_on_cpu())
     mixed_precision = runtime_precision(
         t.mixed_precision, state.device, "train.mixed_precision", warn=state.is_main_process
     )
@@ -55,7 +57,38 @@ def make_accelerator(cfg: PersonalizeConfig) -> Accelerator:
         ),
     )
     _fsdp_on_cpu_ranks(accelerator)
+    _no_zero3_init(accelerator)
     return accelerator
+
+
+def _no_zero3_init(accelerator: Accelerator) -> None:
+    """Under DeepSpeed, accelerate tells transformers that ZeRO-3 is on even with
+    `zero3_init_flag: false`, and transformers then loads every text encoder partitioned
+    (`zero.Init`), frozen ones included, which no engine gathers: they fail at their first
+    forward. personalize loads all modules whole and lets the engine partition the trained
+    ones when it is prepared."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if accelerator.state.deepspeed_plugin.zero3_init_flag:
+        raise ConfigError(
+            "zero3_init_flag: true is not supported: personalize loads the model whole and "
+            "DeepSpeed partitions the trained modules when they are prepared; set "
+            "zero3_init_flag: false in the accelerate config (launch/deepspeed_zero3.yaml)"
+        )
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def _deepspeed_on_cpu() -> dict:
+    """accelerate finds no process-group backend for a DeepSpeed launch on a machine without
+    an accelerator and then runs every rank as a lone process 0 (each training alone, with
+    no error). deepspeed's CPU accelerator (`DS_ACCELERATOR=cpu`) runs on gloo: name it, which
+    is how the CPU tests run DeepSpeed."""
+    launched = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and "LOCAL_RANK" in os.environ
+    if not launched or torch.accelerator.is_available():
+        return {}
+    return {"backend": "gloo"}
 
 
 def _fsdp_on_cpu_ranks(accelerator: Accelerator) -> None:

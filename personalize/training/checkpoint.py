@@ -9,6 +9,7 @@ complete; `latest` only ever picks folders whose `state.json` exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -177,6 +178,13 @@ class TrainableState:
         if sharding.is_fsdp(self.accelerator):
             # Sharded weights are gathered by every rank (a collective), saved by the main one.
             state = sharding.full_state(self.method.trainable_state_dict(self.parts))
+        elif sharding.is_deepspeed(self.accelerator):
+            # ZeRO-3 partitions: gathered by every rank (a collective), copied out inside.
+            with sharding.full_weights(self.accelerator, self._modules()):
+                state = {
+                    k: v.detach().float().cpu().clone()
+                    for k, v in self.method.trainable_state_dict(self.parts).items()
+                }
         if self.accelerator.is_main_process:
             state = state or self.method.trainable_state_dict(self.parts)
             save_file(
@@ -184,6 +192,9 @@ class TrainableState:
                 str(Path(output_dir) / TRAINABLE_FILE),
             )
         weights.clear()
+
+    def _modules(self) -> list:
+        return list(self.parts.modules().values())
 
     def _load(self, models, input_dir) -> None:
         path = Path(input_dir) / TRAINABLE_FILE
@@ -193,7 +204,15 @@ class TrainableState:
                 # Each rank keeps its own shard of the full weights in the file.
                 like = self.method.trainable_state_dict(self.parts)
                 state = sharding.shard_like(state, like)
-            self.method.load_trainable_state_dict(self.parts, state)
+            # DeepSpeed's engine checkpoint already restored its weights (and fp32 masters);
+            # the same values are written again, through a ZeRO-3 gather.
+            gathered = (
+                sharding.full_weights(self.accelerator, self._modules(), modify=True)
+                if sharding.is_deepspeed(self.accelerator)
+                else contextlib.nullcontext()
+            )
+            with gathered:
+                self.method.load_trainable_state_dict(self.parts, state)
         except (ValueError, OSError, SafetensorError) as e:
             raise CheckpointMismatch(str(e)) from e
         models.clear()

@@ -150,7 +150,13 @@ class Trainer:
         lr_scheduler = make_lr_scheduler(self.cfg, optimizer, acc.num_processes)
         trained = {name: m for name, m in self.parts.modules().items() if self.trains[name]}
         trained, self.optimizer, self.dataloader, self.lr_scheduler = sharding.prepare_modules(
-            acc, trained, optimizer, self.dataloader, lr_scheduler, report_dir=self.out / "logs"
+            acc,
+            trained,
+            optimizer,
+            self.dataloader,
+            lr_scheduler,
+            report_dir=self.out / "logs",
+            micro_batch_size=self.cfg.train.batch_size,
         )
         if sharding.is_fsdp(acc):  # the optimizer holds new (sharded) parameters: clip those
             self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
