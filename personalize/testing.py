@@ -55,10 +55,12 @@ def tiny_tokenizer(model_max_length: int = 77):
     return tok
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0):
+def tiny_text_encoder(vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer CLIPTextModel, CLIP-L's kind at a tiny width; `overrides`: other config
+    values (SD 2.x's OpenCLIP-style encoder)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(
+    config = dict(
         vocab_size=vocab_size,
         hidden_size=TINY_TEXT_WIDTH,
         intermediate_size=64,
@@ -70,15 +72,16 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0):
         pad_token_id=vocab_size - 1,
         projection_dim=TINY_TEXT_WIDTH,
     )
+    config.update(overrides)
     torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(CLIPTextConfig(**config)).eval()
 
 
-def tiny_unet(seed: int = 0):
+def tiny_unet(seed: int = 0, **overrides):
+    """A two-level UNet2DConditionModel; `overrides`: other config values (SD 2.x's)."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=TINY_RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
@@ -90,6 +93,9 @@ def tiny_unet(seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=16,
     )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config)
 
 
 def tiny_vae(seed: int = 0):
@@ -123,23 +129,33 @@ def tiny_scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
-    """A complete StableDiffusionPipeline with random tiny weights (deterministic in seed)."""
+def _sd_pipeline(tokenizer, text_encoder, unet, vae, scheduler):
     from diffusers import StableDiffusionPipeline
 
-    tokenizer = tiny_tokenizer()
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=tiny_text_encoder(len(tokenizer), seed),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=tiny_unet(seed),
-        scheduler=tiny_scheduler(prediction_type),
+        unet=unet,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A complete StableDiffusionPipeline with random tiny weights (deterministic in seed)."""
+    tokenizer = tiny_tokenizer()
+    return _sd_pipeline(
+        tokenizer,
+        tiny_text_encoder(len(tokenizer), seed),
+        tiny_unet(seed),
+        tiny_vae(seed),
+        tiny_scheduler(prediction_type),
+    )
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
@@ -161,65 +177,40 @@ def tiny_sd2_text_encoder(vocab_size: int, seed: int = 0):
     """OpenCLIP-H as diffusers ships it for SD 2.x, at a tiny width: a CLIPTextModel with
     `gelu` (not CLIP-L's quick_gelu) whose last hidden state is used. diffusers keeps 23 of
     OpenCLIP's 24 layers (the webui's "penultimate" layer), so the last state is SD2's."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
+    return tiny_text_encoder(
+        vocab_size,
+        seed,
         hidden_size=TINY_SD2_TEXT_WIDTH,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
         hidden_act="gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
         pad_token_id=0,
         projection_dim=TINY_SD2_TEXT_WIDTH,
     )
-    torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
 
 
 def tiny_sd2_unet(seed: int = 0):
     """SD 2.1's UNet options at tiny widths: linear proj_in/proj_out, a per-block
     attention_head_dim tuple, attention upcast to fp32, a 48-wide text context."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    return tiny_unet(
+        seed,
         cross_attention_dim=TINY_SD2_TEXT_WIDTH,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         upcast_attention=True,
-        norm_num_groups=16,
     )
 
 
 def tiny_sd2_pipeline(seed: int = 0, prediction_type: str = "v_prediction"):
     """A StableDiffusionPipeline shaped like SD 2.x (768-v): v-prediction scheduler,
     OpenCLIP-style text encoder of another width than SD1's tiny, SD2's UNet options."""
-    from diffusers import StableDiffusionPipeline
-
     tokenizer = tiny_sd2_tokenizer()
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=tiny_sd2_text_encoder(len(tokenizer), seed),
-        tokenizer=tokenizer,
-        unet=tiny_sd2_unet(seed),
-        scheduler=tiny_scheduler(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return _sd_pipeline(
+        tokenizer,
+        tiny_sd2_text_encoder(len(tokenizer), seed),
+        tiny_sd2_unet(seed),
+        tiny_vae(seed),
+        tiny_scheduler(prediction_type),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def save_tiny_sd2_pipeline(path: str | Path, seed: int = 0) -> Path:
