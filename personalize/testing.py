@@ -55,10 +55,10 @@ def tiny_tokenizer(model_max_length: int = 77):
     return tok
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0, **overrides):
-    """A 2-layer CLIPTextModel, CLIP-L's kind at a tiny width; `overrides`: other config
-    values (SD 2.x's OpenCLIP-style encoder)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_config(vocab_size: int, **overrides):
+    """A 2-layer CLIPTextConfig, CLIP-L's kind at a tiny width; `overrides`: other values
+    (SD 2.x's OpenCLIP-style encoder, SDXL's pair)."""
+    from transformers import CLIPTextConfig
 
     config = dict(
         vocab_size=vocab_size,
@@ -73,8 +73,15 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0, **overrides):
         projection_dim=TINY_TEXT_WIDTH,
     )
     config.update(overrides)
+    return CLIPTextConfig(**config)
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0, **overrides):
+    """A CLIPTextModel of `tiny_text_config(vocab_size, **overrides)`."""
+    from transformers import CLIPTextModel
+
     torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(**config)).eval()
+    return CLIPTextModel(tiny_text_config(vocab_size, **overrides)).eval()
 
 
 def tiny_unet(seed: int = 0, **overrides):
@@ -98,11 +105,11 @@ def tiny_unet(seed: int = 0, **overrides):
     return UNet2DConditionModel(**config)
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, **overrides):
+    """A two-level AutoencoderKL; `overrides`: other config values (SDXL's flags)."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32),
@@ -113,6 +120,9 @@ def tiny_vae(seed: int = 0):
         norm_num_groups=16,
         sample_size=TINY_RESOLUTION,
     )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return AutoencoderKL(**config)
 
 
 def tiny_scheduler(prediction_type: str = "epsilon"):
@@ -260,41 +270,24 @@ TINY_SDXL_TIME_EMBED_DIM = 8
 
 def tiny_sdxl_text_encoders(vocab_size: int, seed: int = 0):
     """(CLIPTextModel, CLIPTextModelWithProjection) of two widths, as SDXL's pair."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    def config(width: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-            projection_dim=width,
-            hidden_act="gelu",
+    def overrides(width: int) -> dict:
+        return dict(
+            hidden_size=width, intermediate_size=2 * width, projection_dim=width, hidden_act="gelu"
         )
 
-    torch.manual_seed(seed)
-    first = CLIPTextModel(config(TINY_SDXL_TEXT_WIDTH)).eval()
+    first = tiny_text_encoder(vocab_size, seed, **overrides(TINY_SDXL_TEXT_WIDTH))
     torch.manual_seed(seed + 1)
-    second = CLIPTextModelWithProjection(config(TINY_SDXL_TEXT_WIDTH_2)).eval()
-    return first, second
+    config_2 = tiny_text_config(vocab_size, **overrides(TINY_SDXL_TEXT_WIDTH_2))
+    return first, CLIPTextModelWithProjection(config_2).eval()
 
 
 def tiny_sdxl_unet(seed: int = 0):
     """SDXL's UNet shape in miniature: text_time added conditioning, 2 layers per down
     block (3 per up block), a transformer depth of 2 in the inner block."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
+    return tiny_unet(
+        seed,
         layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -305,28 +298,12 @@ def tiny_sdxl_unet(seed: int = 0):
         addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_TEXT_WIDTH_2,
         cross_attention_dim=TINY_SDXL_TEXT_WIDTH + TINY_SDXL_TEXT_WIDTH_2,
-        norm_num_groups=16,
     )
 
 
 def tiny_sdxl_vae(seed: int = 0):
     """The tiny VAE with SDXL's config flags (`force_upcast`, its scaling factor)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    return tiny_vae(seed, scaling_factor=0.13025, force_upcast=True)
 
 
 def tiny_sdxl_scheduler():
